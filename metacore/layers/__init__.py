@@ -1,0 +1,1 @@
+"""Layers as plain forward / backward / R-forward / R-backward functions, one module each."""

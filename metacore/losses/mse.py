@@ -1,0 +1,25 @@
+"""Mean squared error per task: L_t = (1 / (N O)) sum_{n,o} (y - target)^2.
+
+Shapes: T tasks, N points, O outputs per point.  y, target: (T, N, O) -> L: (T,)
+The loss is quadratic in y, so R{dy} = (2 / (N O)) R{y} exactly.
+"""
+
+
+def mse_forward(y, target):
+    """-> loss (T,), cache = (diff, scale) with diff = y - target, scale = 2 / (N O)."""
+    diff = y - target                                      # (T, N, O)
+    count = diff[0].size
+    loss = (diff * diff).reshape(diff.shape[0], -1).mean(axis=1)   # (T,)
+    return loss, (diff, 2.0 / count)
+
+
+def mse_backward(cache):
+    """dy = 2 (y - target) / (N O)."""
+    diff, scale = cache
+    return diff * scale
+
+
+def mse_rbackward(ry, cache):
+    """R{dy} = 2 R{y} / (N O)."""
+    _, scale = cache
+    return ry * scale
