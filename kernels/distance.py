@@ -1,0 +1,159 @@
+"""Episodic distances and the ProtoNet loss: one entry point per op, backends side by side.
+
+Shape letters (this module):
+    T tasks, Q queries per task, N supports (or prototypes) per task, D features.
+
+Ops (each checks its inputs, then calls the chosen backend):
+    pairwise_sqeuclidean(q, s)            -> d: (T, Q, N)   sum_k (q - s)^2
+    pairwise_sqeuclidean_backward(g, q, s) -> dq: (T, Q, D), ds: (T, N, D)
+    pairwise_l1(q, s), pairwise_l1_backward(g, q, s)          sign(0) = 0
+    pairwise_cosine(q, s), pairwise_cosine_backward(g, q, s)  norms clamped at EPS = 1e-8
+    protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0)
+                                          -> loss: (T,), dq, ds, pred: (T, Q) int64
+All take backend="auto" | "reference" | "numba"; conventions are in the docstring of
+`metacore.reference.distance`.
+
+Backends:
+    reference  metacore.reference.distance   float64 NumPy, direct formulas; the ground truth.
+    numba      metacore.kernels.distance_numba  Numba CPU, parallel over tasks x queries,
+               direct difference formula (no |q|^2+|s|^2-2q.s), input-dtype accumulation.
+    auto       the first importable of AUTO_ORDER.
+
+Adding a backend (e.g. "numba-cuda", "cupy") is one line in BACKENDS, naming a module that
+defines the seven functions above with the reference's signatures, and the package it needs.
+Device backends should not join AUTO_ORDER: they take device arrays, so the caller must ask.
+"""
+import importlib
+
+import numpy as np
+
+from metacore.validate import check_float_array, check_int_array
+
+EPS = 1e-8
+METRICS = ("sqeuclidean", "l1", "cosine")
+
+# name -> (module implementing the ops, the optional package it needs or None)
+BACKENDS = {
+    "reference": ("metacore.reference.distance", None),
+    "numba": ("metacore.kernels.distance_numba", "numba"),
+}
+AUTO_ORDER = ("numba", "reference")
+
+_loaded = {}
+
+
+def _backend(op, name):
+    """The module for backend `name`, imported on first use (so numba stays optional)."""
+    if name == "auto":
+        for cand in AUTO_ORDER:
+            try:
+                return _backend(op, cand)
+            except ImportError:
+                continue
+        raise ImportError(f"{op}: no backend importable among {AUTO_ORDER}")
+    if name not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {name!r}; choose 'auto' or one of "
+                         f"{sorted(BACKENDS)}")
+    if name not in _loaded:
+        module, needs = BACKENDS[name]
+        try:
+            _loaded[name] = importlib.import_module(module)
+        except ImportError as err:
+            if needs is None:
+                raise
+            raise ImportError(f"{op}: backend {name!r} needs the package {needs!r}, which "
+                              f"could not be imported ({err}); install it (pip install "
+                              f"{needs}) or use backend='reference'") from err
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends that import on this machine."""
+    names = []
+    for name in BACKENDS:
+        try:
+            _backend("available_backends", name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+# ---------------------------------------------------------------- input checks
+def _check_pair(op, q, s):
+    """q: (T, Q, D), s: (T, N, D), same float dtype, finite."""
+    check_float_array(op, "q", q, ndim=3)
+    T, _, D = q.shape
+    check_float_array(op, "s", s, ndim=3, dtype=q.dtype)
+    if s.shape[0] != T or s.shape[2] != D:
+        raise ValueError(f"{op}: s must have shape ({T}, *, {D}) to match q of shape "
+                         f"{q.shape} (same tasks T and features D), got {s.shape}")
+
+
+def _check_grad(op, g, q, s):
+    _check_pair(op, q, s)
+    check_float_array(op, "g", g, shape=(q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
+
+
+# ---------------------------------------------------------------- ops
+def pairwise_sqeuclidean(q, s, backend="auto"):
+    """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k (q_ik - s_jk)^2."""
+    _check_pair("pairwise_sqeuclidean", q, s)
+    return _backend("pairwise_sqeuclidean", backend).pairwise_sqeuclidean(q, s)
+
+
+def pairwise_sqeuclidean_backward(g, q, s, backend="auto"):
+    """g: (T, Q, N) upstream -> dq: (T, Q, D), ds: (T, N, D)."""
+    _check_grad("pairwise_sqeuclidean_backward", g, q, s)
+    return _backend("pairwise_sqeuclidean_backward", backend).pairwise_sqeuclidean_backward(
+        g, q, s)
+
+
+def pairwise_l1(q, s, backend="auto"):
+    """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k |q_ik - s_jk|."""
+    _check_pair("pairwise_l1", q, s)
+    return _backend("pairwise_l1", backend).pairwise_l1(q, s)
+
+
+def pairwise_l1_backward(g, q, s, backend="auto"):
+    """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D); subgradient sign(0) = 0."""
+    _check_grad("pairwise_l1_backward", g, q, s)
+    return _backend("pairwise_l1_backward", backend).pairwise_l1_backward(g, q, s)
+
+
+def pairwise_cosine(q, s, backend="auto"):
+    """q: (T, Q, D), s: (T, N, D) -> c: (T, Q, N) = q.s / (max(|q|,EPS) max(|s|,EPS))."""
+    _check_pair("pairwise_cosine", q, s)
+    return _backend("pairwise_cosine", backend).pairwise_cosine(q, s)
+
+
+def pairwise_cosine_backward(g, q, s, backend="auto"):
+    """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D)."""
+    _check_grad("pairwise_cosine_backward", g, q, s)
+    return _backend("pairwise_cosine_backward", backend).pairwise_cosine_backward(g, q, s)
+
+
+def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend="auto"):
+    """ProtoNet loss: softmax over logits = -scale*d (sqeuclidean, l1) or +scale*c (cosine),
+    cross-entropy against y, mean over the Q queries of each task.
+
+    q: (T, Q, D), s: (T, N, D), y: (T, Q) ints in [0, N), gloss: (T,) upstream gradient of
+    the losses (None = ones, i.e. the gradient of loss.sum()).
+    Returns loss: (T,), dq: (T, Q, D), ds: (T, N, D) (gradients of sum_t gloss_t loss_t),
+    pred: (T, Q) int64 argmax of the logits (first index on ties); accuracy = pred == y."""
+    op = "protonet_loss"
+    _check_pair(op, q, s)
+    T, Q, _ = q.shape
+    N = s.shape[1]
+    if Q < 1 or N < 1:
+        raise ValueError(f"{op}: needs at least one query and one prototype per task, got "
+                         f"q of shape {q.shape} and s of shape {s.shape}")
+    check_int_array(op, "y", y, shape=(T, Q), low=0, high=N)
+    if metric not in METRICS:
+        raise ValueError(f"{op}: unknown metric {metric!r}; choose one of {METRICS}")
+    if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if gloss is not None:
+        check_float_array(op, "gloss", gloss, shape=(T,), dtype=q.dtype)
+    return _backend(op, backend).protonet_loss(q, s, y, gloss=gloss, metric=metric,
+                                               scale=float(scale))
