@@ -297,7 +297,8 @@ def _check_dtype(op, dtype):
 class EpisodeSampler:
     """Seeded sampler of N-way K-shot tasks with Q queries per class.
 
-    images: (C, D, H, W) float32/float64, e.g. load_omniglot().images.
+    images: (C, D, H, W) float32/float64, e.g. load_omniglot().images; kept by reference,
+        not copied, so don't edit it while sampling (the loader's arrays are read-only).
     char_indices: 1-D distinct ints into images axis 0, the characters to draw from
         (e.g. split_characters(data, "vinyals", "train")).
     rotate: True makes each (character, quarter turn) its own class, so the pool holds
@@ -313,7 +314,7 @@ class EpisodeSampler:
     def __init__(self, images, char_indices, n_way, k_shot, q_query, *, rotate=True, seed,
                  dtype=np.float32):
         op = "EpisodeSampler"
-        check_float_array(op, "images", images, ndim=4, finite=False)   # (C, D, H, W)
+        check_float_array(op, "images", images, ndim=4)    # (C, D, H, W)
         chars = np.asarray(char_indices)
         if chars.ndim != 1 or chars.size == 0:
             raise ValueError(f"{op}: char_indices must be a non-empty 1-D array, "
