@@ -1,0 +1,405 @@
+"""Episodic distances and the ProtoNet loss: reference vs float64 finite differences,
+Numba vs reference with per-dtype bounds, identities, ugly shapes, cancellation, errors.
+
+Shape letters: T tasks, Q queries, N supports/prototypes, D features.
+
+Tolerances (kernel a against the float64 reference r of the same inputs):
+    |a - r| <= atol + mag * eps(dtype) * c
+where mag is the sum of the absolute values of the summed terms (so cancellation cannot hide
+behind a small result) and c is the number of rounding steps per output plus a margin: a
+recursive sum of B terms has error at most about B eps times the sum of |terms|.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
+from metacore import gradcheck
+from metacore.kernels import distance as K
+from metacore.reference import distance as R
+
+OPS = ("sqeuclidean", "l1", "cosine")
+HAS_NUMBA = "numba" in K.available_backends()
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = [  # (T, Q, N, D)
+    (1, 1, 1, 1),
+    (2, 7, 13, 17),
+    (3, 5, 1, 64),
+    (1, 1, 11, 3),
+    (4, 13, 7, 1),
+    (2, 0, 3, 4),     # no queries: legal, empty result
+]
+
+
+def fwd(op):
+    return getattr(K, "pairwise_" + op)
+
+
+def bwd(op):
+    return getattr(K, "pairwise_" + op + "_backward")
+
+
+def data(shape, dtype, seed):
+    T, Q, N, D = shape
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((T, Q, D)).astype(dtype)      # (T, Q, D)
+    s = rng.standard_normal((T, N, D)).astype(dtype)      # (T, N, D)
+    g = rng.standard_normal((T, Q, N)).astype(dtype)      # (T, Q, N)
+    return q, s, g
+
+
+def assert_close(name, a, ref, mag, dtype, c, atol=0.0):
+    """|a - ref| <= atol + mag * eps(dtype) * c elementwise; prints the first mismatches."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
+    bound = atol + np.broadcast_to(mag, ref.shape) * np.finfo(dtype).eps * c
+    bad = ~(np.abs(a - ref) <= bound)
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        lines = [f"  at {tuple(i)}: got {a[tuple(i)]!r}, ref {ref[tuple(i)]!r}, "
+                 f"bound {bound[tuple(i)]:.3g}" for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} entries out of bounds\n"
+                             + "\n".join(lines))
+
+
+def magnitudes(op, g, q, s):
+    """Sum of |terms| behind each output of forward and backward, in float64:
+    -> mag_out: (T, Q, N), mag_dq: (T, Q, D), mag_ds: (T, N, D)."""
+    g, q, s = (np.asarray(x, dtype=np.float64) for x in (g, q, s))
+    diff = q[:, :, None, :] - s[:, None, :, :]            # (T, Q, N, D)
+    ag = np.abs(g)[..., None]                             # (T, Q, N, 1)
+    if op == "sqeuclidean":
+        t = 2 * ag * np.abs(diff)
+        return (diff ** 2).sum(-1), t.sum(2), t.sum(1)
+    if op == "l1":
+        t = np.broadcast_to(ag, diff.shape)
+        return np.abs(diff).sum(-1), t.sum(2), t.sum(1)
+    qn = np.maximum(np.sqrt((q * q).sum(-1)), R.EPS)      # (T, Q)
+    sn = np.maximum(np.sqrt((s * s).sum(-1)), R.EPS)      # (T, N)
+    inv = 1 / (qn[:, :, None] * sn[:, None, :])           # (T, Q, N)
+    mag_out = (np.abs(q)[:, :, None, :] * np.abs(s)[:, None, :, :]).sum(-1) * inv
+    gi = ag[..., 0] * inv
+    gc = ag[..., 0] * mag_out
+    mag_dq = (gi[..., None] * np.abs(s)[:, None]).sum(2) + (gc.sum(2) / qn)[..., None] \
+        * np.abs(q) / qn[..., None]
+    mag_ds = (gi[..., None] * np.abs(q)[:, :, None]).sum(1) + (gc.sum(1) / sn)[..., None] \
+        * np.abs(s) / sn[..., None]
+    return mag_out, mag_dq, mag_ds
+
+
+def steps(op, shape):
+    """Rounding steps per output (forward, dq, ds) plus a margin of 8."""
+    T, Q, N, D = shape
+    extra = 2 * D if op == "cosine" else 0    # norms feed every cosine output
+    return D + 8 + extra, N + D + 8 + extra, Q + D + 8 + extra
+
+
+# ---------------------------------------------------------------- reference vs finite differences
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1, 1), (1, 2, 3, 1)])
+def test_reference_backward_matches_finite_differences(op, shape):
+    q, s, g = data(shape, np.float64, seed=1)
+    dq, ds = R.__dict__["pairwise_" + op + "_backward"](g, q, s)
+
+    def f():
+        return float((R.__dict__["pairwise_" + op](q, s) * g).sum())
+
+    assert gradcheck.rel_error(dq, gradcheck.numerical_gradient(f, q)) <= 1e-7
+    assert gradcheck.rel_error(ds, gradcheck.numerical_gradient(f, s)) <= 1e-7
+
+
+@needs_numba
+@pytest.mark.parametrize("op", OPS)
+def test_numba_backward_matches_finite_differences(op):
+    q, s, g = data((2, 5, 3, 7), np.float64, seed=2)
+    dq, ds = bwd(op)(g, q, s, backend="numba")
+
+    def f():
+        return float((fwd(op)(q, s, backend="numba") * g).sum())
+
+    assert gradcheck.rel_error(dq, gradcheck.numerical_gradient(f, q)) <= 1e-7
+    assert gradcheck.rel_error(ds, gradcheck.numerical_gradient(f, s)) <= 1e-7
+
+
+# ---------------------------------------------------------------- identities
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+@pytest.mark.parametrize("op", OPS)
+def test_homogeneity_identity(op, backend):
+    """Euler's theorem on sum(out * g): sqeuclidean is 2-homogeneous in (q, s), L1 is
+    1-homogeneous, cosine is 0-homogeneous in q and in s separately. Both distances are
+    also translation invariant, so sum_i dq_i + sum_j ds_j = 0 per task."""
+    q, s, g = data((3, 6, 5, 9), np.float64, seed=3)
+    out = fwd(op)(q, s, backend=backend)
+    dq, ds = bwd(op)(g, q, s, backend=backend)
+    total = float((out * g).sum())
+    if op == "cosine":
+        assert abs(float((q * dq).sum())) <= 1e-12 * np.abs(g).sum()
+        assert abs(float((s * ds).sum())) <= 1e-12 * np.abs(g).sum()
+    else:
+        degree = 2.0 if op == "sqeuclidean" else 1.0
+        lhs = float((q * dq).sum() + (s * ds).sum())
+        assert abs(lhs - degree * total) <= 1e-12 * (np.abs(out * g).sum())
+        shift = dq.sum(axis=1) + ds.sum(axis=1)           # (T, D)
+        assert np.abs(shift).max() <= 1e-12 * (np.abs(dq).sum() + np.abs(ds).sum())
+
+
+# ---------------------------------------------------------------- numba vs reference
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("op", OPS)
+def test_numba_matches_reference(op, shape, dtype):
+    q, s, g = data(shape, dtype, seed=4)
+    c_out, c_dq, c_ds = steps(op, shape)
+    m_out, m_dq, m_ds = magnitudes(op, g, q, s)
+    # the oracle is the reference on the same values, in float64
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    out = fwd(op)(q, s, backend="numba")
+    dq, ds = bwd(op)(g, q, s, backend="numba")
+    assert out.dtype == dq.dtype == ds.dtype == dtype
+    assert out.shape == shape[:2] + shape[2:3] and dq.shape == q.shape and ds.shape == s.shape
+    assert_close(f"{op} forward", out, R.__dict__["pairwise_" + op](q64, s64), m_out, dtype,
+                 c_out)
+    rdq, rds = R.__dict__["pairwise_" + op + "_backward"](g64, q64, s64)
+    assert_close(f"{op} dq", dq, rdq, m_dq, dtype, c_dq)
+    assert_close(f"{op} ds", ds, rds, m_ds, dtype, c_ds)
+
+
+@needs_numba
+@pytest.mark.parametrize("op", OPS)
+def test_noncontiguous_inputs(op):
+    rng = np.random.default_rng(5)
+    big_q = rng.standard_normal((2, 14, 11))
+    big_s = rng.standard_normal((11, 7, 2))
+    q = big_q[:, ::2, :]                                  # (2, 7, 11) strided
+    s = big_s.transpose(2, 1, 0)                          # (2, 7, 11) transposed
+    g = np.asfortranarray(rng.standard_normal((2, 7, 7)))
+    assert not (q.flags.c_contiguous or s.flags.c_contiguous or g.flags.c_contiguous)
+    qc, sc, gc = (np.ascontiguousarray(x) for x in (q, s, g))
+    # numba copies to contiguous first, so it must agree bit for bit; NumPy's pairwise
+    # summation depends on the memory layout, so the reference agrees to rounding
+    for backend, check in (("numba", np.testing.assert_array_equal),
+                           ("reference", lambda a, b: np.testing.assert_allclose(a, b,
+                                                                                 rtol=1e-13))):
+        check(fwd(op)(q, s, backend=backend), fwd(op)(qc, sc, backend=backend))
+        for a, b in zip(bwd(op)(g, q, s, backend=backend), bwd(op)(gc, qc, sc, backend=backend)):
+            check(a, b)
+
+
+def test_reference_returns_input_dtype_and_fresh_arrays():
+    q, s, g = data((2, 3, 4, 5), np.float32, seed=6)
+    for op in OPS:
+        out = fwd(op)(q, s, backend="reference")
+        dq, ds = bwd(op)(g, q, s, backend="reference")
+        assert out.dtype == dq.dtype == ds.dtype == np.float32
+        assert not np.shares_memory(dq, q) and not np.shares_memory(ds, s)
+
+
+@needs_numba
+def test_auto_is_numba_when_installed():
+    assert K._backend("test", "auto") is K._backend("test", "numba")
+
+
+# ---------------------------------------------------------------- cancellation
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+def test_sqeuclidean_no_cancellation_far_from_origin(backend):
+    """Points near 1e4, separated by about 1e-2, in float32: the result must agree with the
+    float64 direct formula to (D + 8) eps relative; the expansion |q|^2+|s|^2-2q.s does not."""
+    T, Q, N, D = 2, 9, 5, 64
+    rng = np.random.default_rng(7)
+    centre = 1e4 + rng.standard_normal((T, 1, D))
+    q = (centre + 1e-2 * rng.standard_normal((T, Q, D))).astype(np.float32)   # (T, Q, D)
+    s = (centre + 1e-2 * rng.standard_normal((T, N, D))).astype(np.float32)   # (T, N, D)
+    g = rng.standard_normal((T, Q, N)).astype(np.float32)                       # (T, Q, N)
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    ref = ((q64[:, :, None] - s64[:, None]) ** 2).sum(-1)                       # (T, Q, N)
+    assert 1e-3 < ref.min() and ref.max() < 1e-1           # separations really are ~1e-2
+    c_out, c_dq, c_ds = steps("sqeuclidean", (T, Q, N, D))
+    m_out, m_dq, m_ds = magnitudes("sqeuclidean", g, q, s)
+    out = K.pairwise_sqeuclidean(q, s, backend=backend)
+    assert_close("sqeuclidean far from origin", out, ref, m_out, np.float32, c_out)
+    dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend=backend)
+    rdq, rds = R.pairwise_sqeuclidean_backward(g64, q64, s64)
+    assert_close("dq far from origin", dq, rdq, m_dq, np.float32, c_dq)
+    assert_close("ds far from origin", ds, rds, m_ds, np.float32, c_ds)
+    # the same bound rejects the BLAS expansion, so this test can fail
+    blas = ((q * q).sum(-1)[:, :, None] + (s * s).sum(-1)[:, None, :]
+            - 2 * np.matmul(q, s.transpose(0, 2, 1)))
+    with pytest.raises(AssertionError):
+        assert_close("expansion", blas, ref, m_out, np.float32, c_out)
+
+
+# ---------------------------------------------------------------- cosine near zero vectors
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+def test_cosine_zero_vectors(backend, dtype):
+    """A zero vector has similarity 0 with everything; its gradient is g s/(EPS |s|)."""
+    q, s, g = data((2, 4, 3, 5), dtype, seed=8)
+    q[0, 1] = 0
+    s[1, 2] = 0
+    c = K.pairwise_cosine(q, s, backend=backend)
+    assert np.all(c[0, 1] == 0) and np.all(c[1, :, 2] == 0)
+    dq, ds = K.pairwise_cosine_backward(g, q, s, backend=backend)
+    assert np.isfinite(dq).all() and np.isfinite(ds).all()
+    sn = np.linalg.norm(s[0].astype(np.float64), axis=-1)            # (N,)
+    want = (g[0, 1].astype(np.float64) / (R.EPS * sn)) @ s[0].astype(np.float64)   # (D,)
+    np.testing.assert_allclose(dq[0, 1], want, rtol=50 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+def test_cosine_below_eps_gradient_matches_finite_differences(backend):
+    """Inside the clamp (|q| <= EPS) the similarity is linear in q; check that branch with
+    steps small enough to stay inside it."""
+    q, s, g = data((1, 3, 4, 5), np.float64, seed=9)
+    q[0, 0] = 0.0
+    q[0, 2] *= 1e-10 / np.linalg.norm(q[0, 2])
+    dq, _ = K.pairwise_cosine_backward(g, q, s, backend=backend)
+
+    def f():
+        return float((K.pairwise_cosine(q, s, backend=backend) * g).sum())
+
+    num = gradcheck.numerical_gradient(f, q, h=1e-12)
+    for i in (0, 2):
+        assert gradcheck.rel_error(dq[0, i], num[0, i]) <= 1e-7
+
+
+# ---------------------------------------------------------------- ProtoNet loss
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+@pytest.mark.parametrize("metric", OPS)
+def test_protonet_gradient_matches_finite_differences(metric, backend):
+    T, Q, N, D = 2, 7, 3, 5
+    q, s, _ = data((T, Q, N, D), np.float64, seed=10)
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, N, (T, Q))
+    gloss = rng.standard_normal(T)
+    scale = 0.7
+    loss, dq, ds, pred = K.protonet_loss(q, s, y, gloss, metric=metric, scale=scale,
+                                         backend=backend)
+
+    def f():
+        return float(K.protonet_loss(q, s, y, gloss, metric=metric, scale=scale,
+                                     backend=backend)[0] @ gloss)
+
+    assert gradcheck.rel_error(dq, gradcheck.numerical_gradient(f, q)) <= 1e-7
+    assert gradcheck.rel_error(ds, gradcheck.numerical_gradient(f, s)) <= 1e-7
+    sign = 1.0 if metric == "cosine" else -1.0
+    logits = sign * fwd(metric)(q, s, backend="reference")
+    np.testing.assert_array_equal(pred, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+def test_protonet_closed_forms(backend):
+    """Equal distances to every prototype give loss log N exactly and zero gradient on the
+    queries; a prototype placed on each query gives a loss and accuracy we can write down."""
+    T, Q, N, D = 2, 5, 4, 3
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((T, Q, D))
+    s = np.repeat(rng.standard_normal((T, 1, D)), N, axis=1)             # (T, N, D) equal
+    y = rng.integers(0, N, (T, Q))
+    loss, dq, ds, _ = K.protonet_loss(q, s, y, backend=backend)
+    np.testing.assert_allclose(loss, np.log(N), rtol=1e-15)
+    assert np.abs(dq).max() <= 1e-15
+    # one query per task, prototype 0 on it, the others at squared distance 1 and 4:
+    q1 = np.zeros((1, 1, 2))
+    s1 = np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])
+    loss1, _, _, pred1 = K.protonet_loss(q1, s1, np.array([[0]]), backend=backend)
+    np.testing.assert_allclose(loss1, [np.log(1 + np.exp(-1) + np.exp(-4))], rtol=1e-15)
+    assert pred1[0, 0] == 0
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("metric", OPS)
+def test_protonet_numba_matches_reference(metric, dtype):
+    """Loss is an average of log-sum-exps of O(1) logits: bound 8 (N + D) eps on the loss,
+    relative to max|ref| on the gradients (their entries mix signs after the softmax)."""
+    T, Q, N, D = 3, 11, 5, 13
+    q, s, _ = data((T, Q, N, D), dtype, seed=13)
+    y = np.random.default_rng(14).integers(0, N, (T, Q))
+    got = K.protonet_loss(q, s, y, metric=metric, backend="numba")
+    ref = R.protonet_loss(q.astype(np.float64), s.astype(np.float64), y, metric=metric)
+    c = 8 * (N + D + Q)
+    for name, a, r in zip(("loss", "dq", "ds"), got[:3], ref[:3]):
+        assert a.dtype == dtype
+        scale = np.abs(r).max() + np.abs(ref[0]).max()
+        assert_close(f"protonet {metric} {name}", a, r, scale, dtype, c)
+    np.testing.assert_array_equal(got[3], ref[3])
+
+
+# ---------------------------------------------------------------- bad input
+def _raises(exc, match, fn, *args, **kw):
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    for part in match:
+        assert part in msg, f"{part!r} not in error message {msg!r}"
+
+
+def test_bad_inputs_name_the_problem():
+    q = np.zeros((2, 3, 4))
+    s = np.zeros((2, 5, 4))
+    g = np.zeros((2, 3, 5))
+    y = np.zeros((2, 3), dtype=np.int64)
+    _raises(ValueError, ["pairwise_sqeuclidean", "q", "3 dimensions", "(3, 4)"],
+            K.pairwise_sqeuclidean, q[0], s)
+    _raises(ValueError, ["pairwise_l1", "s", "(2, *, 4)", "(3, 5, 4)"],
+            K.pairwise_l1, q, np.zeros((3, 5, 4)))
+    _raises(ValueError, ["pairwise_cosine", "(2, *, 4)", "(2, 5, 6)"],
+            K.pairwise_cosine, q, np.zeros((2, 5, 6)))
+    _raises(TypeError, ["pairwise_sqeuclidean", "s", "float32", "float64"],
+            K.pairwise_sqeuclidean, q, s.astype(np.float32))
+    _raises(TypeError, ["pairwise_sqeuclidean", "q", "int64"],
+            K.pairwise_sqeuclidean, q.astype(np.int64), s)
+    bad = q.copy()
+    bad[1, 2, 3] = np.nan
+    _raises(ValueError, ["pairwise_sqeuclidean", "q", "1 non-finite"],
+            K.pairwise_sqeuclidean, bad, s)
+    _raises(ValueError, ["pairwise_l1_backward", "g", "(2, 3, 5)", "(2, 5, 3)"],
+            K.pairwise_l1_backward, np.zeros((2, 5, 3)), q, s)
+    _raises(ValueError, ["protonet_loss", "y", "5", "< 5"],
+            K.protonet_loss, q, s, y + 5)
+    _raises(ValueError, ["protonet_loss", "y", "below", "0"], K.protonet_loss, q, s, y - 1)
+    _raises(TypeError, ["protonet_loss", "y", "integer"], K.protonet_loss, q, s, y * 1.0)
+    _raises(ValueError, ["protonet_loss", "y", "(2, 3)", "(3, 2)"],
+            K.protonet_loss, q, s, y.T.copy())
+    _raises(ValueError, ["protonet_loss", "gloss", "(2)"],
+            K.protonet_loss, q, s, y, np.ones(3))
+    _raises(ValueError, ["protonet_loss", "metric", "'hamming'"],
+            K.protonet_loss, q, s, y, metric="hamming")
+    _raises(ValueError, ["protonet_loss", "at least one query"],
+            K.protonet_loss, q[:, :0], s, y[:, :0])
+    _raises(ValueError, ["pairwise_sqeuclidean", "unknown backend", "'cuda'"],
+            K.pairwise_sqeuclidean, q, s, backend="cuda")
+    _raises(TypeError, ["pairwise_cosine", "numpy.ndarray", "list"],
+            K.pairwise_cosine, q.tolist(), s)
+
+
+def test_works_without_numba():
+    """With numba blocked, the module imports, auto falls back to the reference, and asking
+    for numba says what is missing."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import numpy as np\n"
+        "import metacore.kernels.distance as K\n"
+        "assert K.available_backends() == ['reference'], K.available_backends()\n"
+        "q = np.ones((1, 2, 3)); s = np.zeros((1, 4, 3))\n"
+        "assert (K.pairwise_sqeuclidean(q, s) == 3).all()\n"
+        "try:\n"
+        "    K.pairwise_l1(q, s, backend='numba')\n"
+        "except ImportError as err:\n"
+        "    print('ERR', err)\n"
+        "else:\n"
+        "    raise SystemExit('numba backend did not fail')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERR pairwise_l1: backend 'numba' needs the package 'numba'" in res.stdout
+    assert "backend='reference'" in res.stdout
