@@ -1,0 +1,5 @@
+import sys
+
+from metacore.cli import main
+
+sys.exit(main())
