@@ -302,6 +302,22 @@ def test_reference_op_against_finite_differences(op):
         assert a.dtype == np.float64 and np.all(np.isfinite(a))
 
 
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_reference_op_returns_fresh_arrays_and_keeps_inputs(op):
+    rng = np.random.default_rng(2)
+    fwd, bwd, rfwd, rbwd = op.ref
+    ins, rins = _inputs(op, rng)
+    y = fwd(ins)
+    dy, rdy = rng.standard_normal(y.shape), rng.standard_normal(y.shape)
+    given = [a.copy() for a in [*ins.values(), *rins.values(), dy, rdy]]
+    outs = [y, rfwd(ins, rins), *bwd(dy, ins).values(), *rbwd(dy, rdy, ins, rins).values()]
+    for a, b in zip([*ins.values(), *rins.values(), dy, rdy], given):
+        np.testing.assert_array_equal(a, b)
+    for o in outs:
+        for a in [*ins.values(), *rins.values(), dy, rdy]:
+            assert not np.shares_memory(o, a), f"{op}: an output aliases an input"
+
+
 # ============================================================================ (b) fast vs ref
 def _reference_all(op, ins, rins, dy, rdy):
     """The reference on every task -> {"y", "d<k>", "ry", "rd<k>"}: (T, ...) float64."""
@@ -530,3 +546,154 @@ def _loss_scales(name, z, target, rz):
     terms = np.logaddexp(0.0, z) + np.abs(t * z)
     return {"loss": terms.reshape(len(z), -1).mean(axis=1), "dz": (s + t) / n,
             "rdz": s * (1.0 + s) * np.abs(rz) / n}
+
+
+# ============================================================================ (c) models
+def _running_bn_mlp():
+    model = bn_mlp(in_features=7, hidden=(6, 5), bn_mode="running")
+    rng = np.random.default_rng(8)
+    for layer in model.layers:
+        if isinstance(layer, network.BatchNorm):
+            layer.running_mean = rng.standard_normal(layer.channels)
+            layer.running_var = rng.uniform(0.3, 2.0, layer.channels)
+    return model
+
+
+# name -> (constructor, T, N, seed). Batch-mode BN with N = 1 is left to the op tests
+# (bn_op((1, 4))): in a model it makes every later activation constant (y = beta).
+MODELS = {
+    "sinusoid": (lambda: sinusoid_mlp(hidden=(5, 3)), 2, 5, 0),
+    "sinusoid T1 N1": (lambda: sinusoid_mlp(hidden=(5, 3)), 1, 1, 0),
+    "bn_mlp": (lambda: bn_mlp(in_features=7, hidden=(6, 5)), 2, 6, 0),
+    "bn_mlp running": (_running_bn_mlp, 2, 4, 0),
+    "bn_mlp images": (lambda: bn_mlp(n_way=3, in_features=(3, 2, 2), hidden=(4,)), 2, 5, 0),
+    "conv4_maml": (lambda: conv4_maml(image_shape=(9, 9, 2), channels=3, depth=2), 2, 4, 0),
+    "conv4_maml 7x5 T1": (lambda: conv4_maml(n_way=2, image_shape=(7, 5, 1), channels=2,
+                                             depth=2), 1, 3, 0),
+    "conv4_protonet": (lambda: conv4_protonet(image_shape=(7, 6, 2), channels=3, depth=2),
+                       2, 3, 0),
+}
+
+
+def _probe(T, N, D, rng):
+    """A fixed random quadratic loss on an embedding, L = sum(a out + b out^2 / 2), b > 0:
+    target[t] = (a_t, b_t), each (N, D). -> (target, one-task loss triple)."""
+    target = np.stack([rng.standard_normal((T, N, D)), rng.uniform(0.5, 1.5, (T, N, D))], 1)
+    triple = (lambda out, tg: float((tg[0] * out + 0.5 * tg[1] * out * out).sum()),
+              lambda out, tg: tg[0] + tg[1] * out,
+              lambda rout, out, tg: tg[1] * rout)
+    return target, triple
+
+
+def _model_case(name):
+    """-> model, theta (T, P), x, target, v, u, probe triple or None; all float64."""
+    make, T, N, seed = MODELS[name]
+    model = make()
+    rng = np.random.default_rng(seed)
+    theta = np.stack([model.init_params(rng) for _ in range(T)])
+    theta += 0.3 * rng.standard_normal(theta.shape)           # tasks differ, biases nonzero
+    x = rng.standard_normal((T, N) + model.in_shape)
+    probe = None
+    if model.loss_name == "mse":
+        target = rng.standard_normal((T, N) + model.out_shape)
+    elif model.loss_name == "softmax_ce":
+        target = rng.integers(0, model.out_shape[-1], (T, N))
+    else:
+        target, probe = _probe(T, N, model.out_shape[-1], rng)
+    v, u = rng.standard_normal(theta.shape), rng.standard_normal(theta.shape)
+    return model, theta, x, target, v, u, probe
+
+
+def _fast_loss_grad_hvp(model, theta, x, target, v, probe):
+    """Model.hvp (and loss_and_grad), or for a model without a loss the four passes with the
+    probe loss: forward, backward, rforward, backward_and_rbackward."""
+    T = theta.shape[0]
+    if probe is None:
+        loss, grad, hv = model.hvp(theta, x, target, v)
+        loss2, grad2 = model.loss_and_grad(theta, x, target)
+        np.testing.assert_array_equal(loss2, loss)
+        np.testing.assert_array_equal(grad2, grad)
+        return loss, grad, hv
+    out, caches = model.forward(theta, x)
+    a, b = target[:, 0], target[:, 1]
+    loss = (a * out + 0.5 * b * out * out).reshape(T, -1).sum(axis=1)
+    dout = a + b * out
+    grad1 = model.backward(dout, caches, T)
+    rout, rcaches = model.rforward(v, caches)
+    grad, hv = model.backward_and_rbackward(dout, b * rout, caches, rcaches, T)
+    np.testing.assert_array_equal(grad1, grad)
+    return loss, grad, hv
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_matches_reference(name):
+    model, theta, x, target, v, _, probe = _model_case(name)
+    loss, grad, hv = _fast_loss_grad_hvp(model, theta, x, target, v, probe)
+    rloss_, rgrad, rhv = reference_loss_grad_hvp(model, theta, x, target, v, loss=probe)
+    out, _ = model.forward(theta, x)
+    assert rel_error(out, reference_forward(model, theta, x)) <= FAST64
+    for what, a, b in (("loss", loss, rloss_), ("grad", grad, rgrad), ("hvp", hv, rhv)):
+        assert a.shape == b.shape and a.dtype == np.float64
+        assert rel_error(a, b) <= FAST64, f"{name} {what}: {rel_error(a, b):.3e}"
+
+
+def test_model_noncontiguous_theta_x_v_match_reference():
+    model, theta, x, target, v, _, _ = _model_case("conv4_maml")
+    ref = reference_loss_grad_hvp(model, theta, x, target, v)
+    fast = model.hvp(_noncontiguous(theta), _noncontiguous(x), target, _noncontiguous(v))
+    for a, b in zip(fast, ref):
+        assert rel_error(a, b) <= FAST64
+
+
+def _kink_margin(model, theta, x):
+    """Smallest distance of any ReLU input from 0, and of any max-pool window's maximum from
+    its runner-up, over all tasks (the FD steps below must not cross either)."""
+    _, inputs = reference_forward(model, theta, x, return_inputs=True)
+    margin = np.inf
+    for hs in inputs:
+        for layer, h in zip(model.layers, hs):
+            if isinstance(layer, network.ReLU):
+                margin = min(margin, np.abs(h).min())
+            if isinstance(layer, network.MaxPool2d):
+                B, H, W, C = h.shape
+                win = h[:, :H // 2 * 2, :W // 2 * 2].reshape(B, H // 2, 2, W // 2, 2, C)
+                top2 = np.sort(win.transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4), axis=1)[:, 2:]
+                # a window whose maximum is an exact 0 from the ReLU before it stays 0 under
+                # the FD step whichever entry wins (each has derivative 0 there): no kink
+                live = top2[:, 1] != 0.0
+                margin = min(margin, (top2[live, 1] - top2[live, 0]).min(initial=np.inf))
+    return margin
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reference_model_against_finite_differences(name):
+    """The reference model itself: d/dr [loss, grad](theta + r v) = [grad . v, H v] by FD,
+    and the symmetry u . (H v) = v . (H u) of each task's Hessian."""
+    model, theta, x, target, v, u, probe = _model_case(name)
+    assert _kink_margin(model, theta, x) > 1e-4, "pick another seed: input too near a kink"
+    loss, grad, hv = reference_loss_grad_hvp(model, theta, x, target, v, loss=probe)
+    T, P = theta.shape
+
+    def loss_and_grad(th):
+        L, g, _ = reference_loss_grad_hvp(model, th.reshape(T, P), x, target, v, loss=probe)
+        return np.concatenate([L, g.ravel()])
+    num = _directional(loss_and_grad, [theta], [v])
+    assert rel_error((grad * v).sum(axis=1), num[:T]) <= FD_GRAD, f"{name} grad"
+    assert rel_error(hv.ravel(), num[T:]) <= FD_R, f"{name} hvp"
+    _, _, hu = reference_loss_grad_hvp(model, theta, x, target, u, loss=probe)
+    assert rel_error((u * hv).sum(axis=1), (v * hu).sum(axis=1)) <= 1e-12
+
+
+def test_reference_model_bad_arguments_are_named():
+    model, theta, x, _, v, _, _ = _model_case("conv4_protonet")
+    with pytest.raises(ValueError, match="conv4_protonet has no loss; pass loss="):
+        reference_loss_grad_hvp(model, theta, x, None, v)
+
+    class Doubler:                          # a layer type the reference does not know
+        params = []
+
+        def out_shape(self, shape):
+            return shape
+    weird = network.Model("weird", [Doubler()], in_shape=(2,), loss="mse")
+    with pytest.raises(TypeError, match="no reference for layer type Doubler"):
+        reference_forward(weird, np.zeros((1, 0)), np.zeros((1, 1, 2)))
