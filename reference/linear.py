@@ -6,7 +6,8 @@ Shape letters (this module):
     y[n, h] = b[h] + sum_d x[n, d] w[d, h]
 
 Backward, with dy = dL/dy:
-    dx[n, d] = sum_h dy[n, h] w[d, h]      dw[d, h] = sum_n x[n, d] dy[n, h]      db[h] = sum_n dy[n, h]
+    dx[n, d] = sum_h dy[n, h] w[d, h]      dw[d, h] = sum_n x[n, d] dy[n, h]
+    db[h] = sum_n dy[n, h]
 
 R-operator (Pearlmutter 1994, R{f} = d/dr f(x + r rx, w + r rw, b + r rb) at r = 0). The map is
 bilinear in (x, w), so both R-passes are the product rule written with the maps above:

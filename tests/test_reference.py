@@ -409,11 +409,12 @@ def test_maxpool_ties_and_relu_zero_route_like_the_reference():
         np.testing.assert_array_equal(y[t], rmp.maxpool_forward(x[t]))
         np.testing.assert_array_equal(dx[t], rmp.maxpool_backward(dy[t], x[t]))
     # a hand-made window with all four equal routes to its top-left entry
-    ones = np.ones((1, 1, 2, 2, 1))
+    ones = np.ones((1, 1, 2, 2, 1))                                  # (T, B, 2, 2, C)
     _, c1 = fmp.maxpool_forward(ones)
-    np.testing.assert_array_equal(fmp.maxpool_backward(np.full((1, 1, 1, 1, 1), 5.0), c1)[0, 0, :, :, 0],
+    five = np.full((1, 1, 1, 1, 1), 5.0)
+    np.testing.assert_array_equal(fmp.maxpool_backward(five, c1)[0, 0, :, :, 0],
                                   [[5.0, 0.0], [0.0, 0.0]])
-    np.testing.assert_array_equal(rmp.maxpool_backward(np.full((1, 1, 1, 1), 5.0), ones[0])[0, :, :, 0],
+    np.testing.assert_array_equal(rmp.maxpool_backward(five[0], ones[0])[0, :, :, 0],
                                   [[5.0, 0.0], [0.0, 0.0]])
     z = np.array([[-1.0, 0.0, 2.0]])
     g = np.array([[3.0, 3.0, 3.0]])
@@ -454,7 +455,8 @@ def test_reference_bad_arguments_are_named():
     with pytest.raises(ValueError, match="'valid' needs size >= 3, got 2"):
         rcv.conv2d_forward(np.zeros((1, 2, 5, 1)), np.zeros((3, 3, 1, 1)), np.zeros(1), 1,
                            "valid")
-    with pytest.raises(ValueError, match=r"maxpool: needs \(B, H>=2, W>=2, C\), got \(1, 1, 4, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"maxpool: needs \(B, H>=2, W>=2, C\), got \(1, 1, 4, 2\)"):
         rmp.maxpool_forward(np.zeros((1, 1, 4, 2)))
 
 
@@ -488,7 +490,6 @@ def test_reference_loss_against_finite_differences(name, N, O, scale):
     fwd, bwd, rbwd = rloss.LOSSES[name]
     z, target = _loss_case(name, N, O, scale, rng)
     rz = rng.standard_normal(z.shape)
-    # FD step relative to the logit scale keeps h^2 f''' small for the large-logit cases
     dz = bwd(z, target)
     num = numerical_gradient(lambda: fwd(z, target), z)
     assert rel_error(dz, num) <= FD_GRAD
