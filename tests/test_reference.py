@@ -698,3 +698,18 @@ def test_reference_model_bad_arguments_are_named():
     weird = network.Model("weird", [Doubler()], in_shape=(2,), loss="mse")
     with pytest.raises(TypeError, match="no reference for layer type Doubler"):
         reference_forward(weird, np.zeros((1, 0)), np.zeros((1, 1, 2)))
+
+
+def test_batchnorm_running_update_matches_reference():
+    """(1 - m) old + m batch, biased batch variance; momentum 1 gives the batch statistics."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 2, 2, 3))                       # (T, B, H, W, C)
+    old_m, old_v = rng.standard_normal((2, 3)), rng.uniform(0.5, 2.0, (2, 3))
+    _, cache = fbn.batchnorm_forward(x, np.ones((2, 3)), np.zeros((2, 3)))
+    for m in (0.1, 1.0):
+        new_m, new_v = fbn.batchnorm_running_update(old_m, old_v, cache, momentum=m)
+        for t in range(2):
+            ref_m, ref_v = rbn.batchnorm_running_update(old_m[t], old_v[t], x[t], momentum=m)
+            assert rel_error(new_m[t], ref_m) <= FAST64 and rel_error(new_v[t], ref_v) <= FAST64
+    rows = x[1].reshape(-1, 3)
+    assert rel_error(new_v[1], rows.var(axis=0)) <= FAST64          # momentum 1: batch var
