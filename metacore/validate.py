@@ -47,3 +47,16 @@ def check_int_array(op, name, x, shape=None, low=None, high=None):
     if x.size and high is not None and x.max() >= high:
         raise ValueError(f"{op}: {name} has value {x.max()}, must be < {high}")
     return x
+
+
+def check_same(op, name, a, ref_name, ref):
+    """An R-operator or gradient argument must match the array it perturbs."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.shape != ref.shape:
+        raise ValueError(f"{op}: {name} must have the shape of {ref_name}, {ref.shape}, "
+                         f"got {a.shape}")
+    if a.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} "
+                        f"(the dtype of {ref_name})")
+    return a

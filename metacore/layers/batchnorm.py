@@ -20,6 +20,8 @@ and R{rstd} = -rstd^2 * mean(xhat * rx). See docs/DERIVATIONS.md for R{dx}.
 """
 import numpy as np
 
+from metacore.validate import check_float_array, check_same
+
 
 def _middle_axes(x):
     return tuple(range(1, x.ndim - 1))
@@ -28,6 +30,15 @@ def _middle_axes(x):
 def _bc(p, ndim):
     """(T, C) -> (T, 1, ..., 1, C) broadcastable against x of rank ndim."""
     return p.reshape((p.shape[0],) + (1,) * (ndim - 2) + (p.shape[-1],))
+
+
+def _check_params(op, x, gamma, beta):
+    check_float_array(op, "x", x, finite=False)
+    if x.ndim < 3:
+        raise ValueError(f"{op}: x must be (T, ..., C) with at least 3 dimensions, got {x.shape}")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        check_float_array(op, name, p, shape=(x.shape[0], x.shape[-1]), dtype=x.dtype,
+                          finite=False)
 
 
 def _mean(a, axes):
@@ -39,6 +50,7 @@ def _mean(a, axes):
 
 def batchnorm_forward(x, gamma, beta, eps=1e-5):
     """x: (T, ..., C), gamma, beta: (T, C) -> y like x; cache = (xhat, rstd, gamma, mean, var)."""
+    _check_params("batchnorm", x, gamma, beta)
     axes = _middle_axes(x)
     mu = _mean(x, axes)                       # (T, 1.., C)
     xc = x - mu                               # (T, ..., C)
@@ -52,6 +64,7 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
 def batchnorm_backward(dy, cache):
     """dy: (T, ..., C) -> dx (T, ..., C), dgamma (T, C), dbeta (T, C)."""
     xhat, rstd, gamma, _, _ = cache
+    check_same("batchnorm backward", "dy", dy, "x", xhat)
     axes = _middle_axes(dy)
     g = dy * _bc(gamma, dy.ndim)              # d loss / d xhat
     dx = rstd * (g - _mean(g, axes) - xhat * _mean(g * xhat, axes))
@@ -64,6 +77,7 @@ def batchnorm_rforward(rx, rgamma, rbeta, cache):
     """R{y} = R{gamma} xhat + gamma R{xhat} + R{beta}; rx None means R{x} = 0.
     -> ry (T, ..., C); rcache = (rxhat, rrstd, rgamma)."""
     xhat, rstd, gamma, _, _ = cache
+    check_same("batchnorm rforward", "rgamma", rgamma, "gamma", gamma)
     nd = xhat.ndim
     if rx is None:
         rxhat, rrstd = np.zeros_like(xhat), np.zeros_like(rstd)
@@ -114,6 +128,12 @@ def batchnorm_running_update(running_mean, running_var, cache, momentum=0.1):
 def batchnorm_running_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
     """Fixed statistics: an affine map of x. running_mean, running_var: (T, C).
     -> y like x; cache = (xhat, rstd, gamma)."""
+    _check_params("batchnorm (running)", x, gamma, beta)
+    for name, s in (("running_mean", running_mean), ("running_var", running_var)):
+        check_float_array("batchnorm (running)", name, s, shape=gamma.shape, finite=True)
+    if running_var.min() < 0:
+        raise ValueError(f"batchnorm (running): running_var has a negative entry "
+                         f"{running_var.min()}")
     nd = x.ndim
     rstd = 1.0 / np.sqrt(_bc(running_var, nd) + eps)          # (T, 1.., C)
     xhat = (x - _bc(running_mean, nd)) * rstd

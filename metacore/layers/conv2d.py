@@ -21,6 +21,8 @@ The layer is bilinear in (x, w), so the R-operator is the product rule on the sa
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from metacore.validate import check_float_array, check_same
+
 KSIZE = 3
 
 
@@ -90,7 +92,11 @@ def _gemm_out(cols, w, c):
 
 def conv2d_forward(x, w, b, stride=1, padding="same"):
     """x: (T, B, H, W, C), w: (T, K, K, C, F), b: (T, F) -> y: (T, B, Ho, Wo, F), cache."""
+    check_float_array("conv2d", "x", x, ndim=5, finite=False)
     T, B, H, W, C = x.shape
+    check_float_array("conv2d", "w", w, shape=(T, KSIZE, KSIZE, C, None), dtype=x.dtype,
+                      finite=False)
+    check_float_array("conv2d", "b", b, shape=(T, w.shape[-1]), dtype=x.dtype, finite=False)
     Ho, Wo, pads_h, pads_w = conv2d_geometry(H, W, stride, padding)
     cache = Conv2dCache(x, w, stride, Ho, Wo, pads_h, pads_w)
     y = _gemm_out(cache.cols(x), w, cache)
@@ -113,6 +119,10 @@ def _conv_backward_parts(dy, x_cols, w, c, need_dx):
 def conv2d_backward(dy, cache, need_dx=True):
     """dx = col2im(dy W^T), dw = cols^T dy, db = sum over (B, Ho, Wo) of dy.
     -> dx (T, B, H, W, C) or None, dw (T, K, K, C, F), db (T, F)."""
+    x = cache.x
+    check_float_array("conv2d backward", "dy", dy,
+                      shape=(x.shape[0], x.shape[1], cache.Ho, cache.Wo, cache.w.shape[-1]),
+                      dtype=x.dtype, finite=False)
     dx, dw = _conv_backward_parts(dy, cache.cols(cache.x), cache.w, cache, need_dx)
     db = dy.sum(axis=(1, 2, 3))                                 # (T, F)
     return dx, dw, db
@@ -121,6 +131,9 @@ def conv2d_backward(dy, cache, need_dx=True):
 def conv2d_rforward(rx, rw, rb, cache):
     """R{y} = conv(R{x}, w) + conv(x, R{w}) + R{b}; rx None means R{x} = 0 (data input).
     rw: (T, K, K, C, F), rb: (T, F) -> ry (T, B, Ho, Wo, F), rcache = (rx, rw)."""
+    check_same("conv2d rforward", "rw", rw, "w", cache.w)
+    if rx is not None:
+        check_same("conv2d rforward", "rx", rx, "x", cache.x)
     ry = _gemm_out(cache.cols(cache.x), rw, cache)
     if rx is not None:
         ry += _gemm_out(cache.cols(rx), cache.w, cache)
@@ -135,6 +148,7 @@ def conv2d_rbackward(dy, rdy, cache, rcache, need_dx=True):
       R{db} = sum R{dy}
     -> rdx (T, B, H, W, C) or None, rdw (T, K, K, C, F), rdb (T, F)."""
     rx, rw = rcache
+    check_same("conv2d rbackward", "rdy", rdy, "dy", dy)
     rdx, rdw = _conv_backward_parts(rdy, cache.cols(cache.x), cache.w, cache, need_dx)
     if need_dx:
         T, F = rw.shape[0], rw.shape[-1]

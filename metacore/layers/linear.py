@@ -9,9 +9,15 @@ so every R-formula is the product rule applied once.
 """
 import numpy as np
 
+from metacore.validate import check_float_array, check_same
+
 
 def linear_forward(x, w, b):
     """x: (T, N, D), w: (T, D, H), b: (T, H) -> y: (T, N, H); cache = (x, w)."""
+    check_float_array("linear", "x", x, ndim=3, finite=False)
+    T, N, D = x.shape
+    check_float_array("linear", "w", w, ndim=3, shape=(T, D, None), dtype=x.dtype, finite=False)
+    check_float_array("linear", "b", b, shape=(T, w.shape[2]), dtype=x.dtype, finite=False)
     y = np.matmul(x, w)                       # (T, N, H)
     y += b[:, None, :]
     return y, (x, w)
@@ -23,6 +29,8 @@ def linear_backward(dy, cache, need_dx=True):
     dx = dy w^T,  dw = x^T dy,  db = sum_n dy.
     need_dx=False skips dx (a network's first layer, whose input is data)."""
     x, w = cache
+    check_float_array("linear backward", "dy", dy, shape=x.shape[:2] + w.shape[2:],
+                      dtype=x.dtype, finite=False)
     dx = np.matmul(dy, w.transpose(0, 2, 1)) if need_dx else None   # (T, N, D)
     dw = np.matmul(x.transpose(0, 2, 1), dy)                        # (T, D, H)
     db = dy.sum(axis=1)                                             # (T, H)
@@ -33,6 +41,9 @@ def linear_rforward(rx, rw, rb, cache):
     """R{y} = R{x} w + x R{w} + R{b}.  rx: (T, N, D) or None (input is data: R{x} = 0),
     rw: (T, D, H), rb: (T, H) -> ry: (T, N, H); rcache = (rx, rw)."""
     x, w = cache
+    check_same("linear rforward", "rw", rw, "w", w)
+    if rx is not None:
+        check_same("linear rforward", "rx", rx, "x", x)
     ry = np.matmul(x, rw)                     # (T, N, H)
     if rx is not None:
         ry += np.matmul(rx, w)
@@ -48,6 +59,7 @@ def linear_rbackward(dy, rdy, cache, rcache, need_dx=True):
     -> rdx (T, N, D) or None, rdw (T, D, H), rdb (T, H)."""
     x, w = cache
     rx, rw = rcache
+    check_same("linear rbackward", "rdy", rdy, "dy", dy)
     rdx = None
     if need_dx:
         rdx = np.matmul(rdy, w.transpose(0, 2, 1))                  # (T, N, D)

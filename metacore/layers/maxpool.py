@@ -10,6 +10,8 @@ derivative is zero almost everywhere.
 """
 import numpy as np
 
+from metacore.validate import check_float_array
+
 
 def _windows(x):
     """x: (T, B, H, W, C) -> (T, B, Ho, Wo, C, 4), a fresh array of each window's 4 entries."""
@@ -37,6 +39,7 @@ def _gather(a, argmax):
 
 def maxpool_forward(x):
     """x: (T, B, H, W, C) -> y: (T, B, Ho, Wo, C); cache = (argmax (T,B,Ho,Wo,C) int, x.shape)."""
+    check_float_array("maxpool2d", "x", x, ndim=5, finite=False)
     T, B, H, W, C = x.shape
     if H < 2 or W < 2:
         raise ValueError(f"maxpool2d: needs H, W >= 2, got input shape {x.shape}")

@@ -8,6 +8,8 @@ number of entries per task.
 """
 import numpy as np
 
+from metacore.validate import check_float_array
+
 
 def _sigmoid(z):
     # exp of a non-positive number only: no overflow for large |z|
@@ -17,6 +19,8 @@ def _sigmoid(z):
 
 def bce_logits_forward(z, target):
     """-> loss (T,), cache = (sigmoid(z), target, 1/n)."""
+    check_float_array("bce_logits", "z", z, finite=False)
+    check_float_array("bce_logits", "target", target, shape=z.shape, dtype=z.dtype)
     T = z.shape[0]
     softplus = np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
     per = (softplus - target * z).reshape(T, -1)

@@ -3,10 +3,13 @@
 Shapes: T tasks, N points, O outputs per point.  y, target: (T, N, O) -> L: (T,)
 The loss is quadratic in y, so R{dy} = (2 / (N O)) R{y} exactly.
 """
+from metacore.validate import check_float_array
 
 
 def mse_forward(y, target):
     """-> loss (T,), cache = (diff, scale) with diff = y - target, scale = 2 / (N O)."""
+    check_float_array("mse", "y", y, finite=False)
+    check_float_array("mse", "target", target, shape=y.shape, dtype=y.dtype)
     diff = y - target                                      # (T, N, O)
     count = diff[0].size
     loss = (diff * diff).reshape(diff.shape[0], -1).mean(axis=1)   # (T,)

@@ -7,9 +7,13 @@ The R-operator of softmax is R{p} = p * (R{z} - sum_k p R{z}), so R{dz} = R{p} /
 """
 import numpy as np
 
+from metacore.validate import check_float_array, check_int_array
+
 
 def softmax_ce_forward(z, labels):
     """-> loss (T,), cache = p (T, N, K) softmax probabilities and the labels."""
+    check_float_array("softmax_ce", "z", z, ndim=3, finite=False)
+    check_int_array("softmax_ce", "labels", labels, shape=z.shape[:2], low=0, high=z.shape[2])
     zmax = z.max(axis=-1, keepdims=True)
     e = np.exp(z - zmax)                                    # (T, N, K), shift for stability
     s = e.sum(axis=-1, keepdims=True)
