@@ -167,7 +167,7 @@ def reference_forward(model, theta, x, return_inputs=False):
 
 def reference_loss_grad_hvp(model, theta, x, target, v, loss=None):
     """theta, v: (T, P), x: (T, N, *in_shape), target: per-task targets (target[t] is passed
-    to the loss) -> loss (T,), grad (T, P), Hv (T, P), all float64.
+    to the loss) -> loss (T,), grad (T, P), Hv (T, P), all float64 (Hv None when v is None).
 
     loss: None for model.loss_name, or a triple of one-task functions
     (forward(out, target) -> L, backward(out, target) -> dout,
@@ -177,8 +177,9 @@ def reference_loss_grad_hvp(model, theta, x, target, v, loss=None):
             raise ValueError(f"reference model: {model.name} has no loss; pass loss=(f, df, rdf)")
         loss = losses.LOSSES[model.loss_name]
     lfwd, lbwd, lrbwd = loss
-    theta, v = np.asarray(theta, np.float64), np.asarray(v, np.float64)
-    x = np.asarray(x, np.float64)
+    with_hvp = v is not None
+    theta, x = np.asarray(theta, np.float64), np.asarray(x, np.float64)
+    v = np.asarray(v, np.float64) if with_hvp else np.zeros_like(theta)
     T = theta.shape[0]
     L = np.zeros(T)                                           # (T,)
     grad = np.zeros((T, model.num_params))                    # (T, P)
@@ -187,16 +188,26 @@ def reference_loss_grad_hvp(model, theta, x, target, v, loss=None):
         params, rparams = _unpack(model, theta[t]), _unpack(model, v[t])
         hs = _inputs_one_task(model, params, x[t])
         rhs = [np.zeros_like(hs[0])]
-        for layer, p, rp, h in zip(model.layers, params, rparams, hs):
-            rhs.append(_rforward(layer, h, p, rhs[-1], rp))
-        out, rout = hs[-1], rhs[-1]
+        if with_hvp:
+            for layer, p, rp, h in zip(model.layers, params, rparams, hs):
+                rhs.append(_rforward(layer, h, p, rhs[-1], rp))
+        out = hs[-1]
         L[t] = lfwd(out, target[t])
-        g, rg = lbwd(out, target[t]), lrbwd(rout, out, target[t])
+        g = lbwd(out, target[t])
+        rg = lrbwd(rhs[-1], out, target[t]) if with_hvp else None
         grads, hvs = [None] * len(model.layers), [None] * len(model.layers)
         for i in range(len(model.layers) - 1, -1, -1):
             layer, p, rp = model.layers[i], params[i], rparams[i]
-            rg_next, hvs[i] = _rbackward(layer, g, rg, hs[i], p, rhs[i], rp)
+            if with_hvp:
+                rg, hvs[i] = _rbackward(layer, g, rg, hs[i], p, rhs[i], rp)
             g, grads[i] = _backward(layer, g, hs[i], p)
-            rg = rg_next
-        grad[t], hv[t] = _pack(model, grads), _pack(model, hvs)
-    return L, grad, hv
+        grad[t] = _pack(model, grads)
+        if with_hvp:
+            hv[t] = _pack(model, hvs)
+    return L, grad, (hv if with_hvp else None)
+
+
+def reference_loss_and_grad(model, theta, x, target, loss=None):
+    """The same without the R-passes: -> loss (T,), grad (T, P), float64."""
+    L, grad, _ = reference_loss_grad_hvp(model, theta, x, target, None, loss)
+    return L, grad
