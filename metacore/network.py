@@ -270,6 +270,56 @@ class Model:
                 views[f"{lname}.{p}"][...] = g
         return flat
 
+    # ------------------------------------------------------------------ BN buffers
+    def batchnorm_layers(self):
+        return [(n, l) for n, l in zip(self.layer_names, self.layers) if isinstance(l, BatchNorm)]
+
+    def set_bn_mode(self, mode):
+        """'batch' (each task's own batch statistics) or 'running' (the buffers) for every
+        BatchNorm layer, e.g. 'batch' to train and 'running' to evaluate one query at a time."""
+        for _, layer in self.batchnorm_layers():
+            if mode not in ("batch", "running"):
+                raise ValueError(f"Model {self.name}: BN mode must be 'batch' or 'running', "
+                                 f"got {mode!r}")
+            layer.mode = mode
+
+    def update_running_stats(self, caches, momentum=0.1):
+        """After a batch-mode forward pass: running <- (1 - m) running + m batch statistic, the
+        batch statistic averaged over the T tasks (the variance biased, as normalised)."""
+        for (name, layer), cache in zip(self.batchnorm_layers(),
+                                        [c for l, c in zip(self.layers, caches)
+                                         if isinstance(l, BatchNorm)]):
+            if layer.mode != "batch":
+                raise ValueError(f"Model {self.name}: {name} is in running mode; its forward "
+                                 f"pass has no batch statistics")
+            _, _, _, mu, var = cache
+            C = layer.channels
+            layer.running_mean = ((1 - momentum) * layer.running_mean
+                                  + momentum * mu.reshape(-1, C).mean(axis=0))
+            layer.running_var = ((1 - momentum) * layer.running_var
+                                 + momentum * var.reshape(-1, C).mean(axis=0))
+
+    def buffers(self):
+        """{name: array} of the BN running statistics (float64 copies), for checkpoints."""
+        out = {}
+        for name, layer in self.batchnorm_layers():
+            out[f"{name}.running_mean"] = layer.running_mean.astype(np.float64)
+            out[f"{name}.running_var"] = layer.running_var.astype(np.float64)
+        return out
+
+    def load_buffers(self, buffers):
+        """Inverse of buffers(); every BN layer's two arrays must be present, shape (C,)."""
+        for name, layer in self.batchnorm_layers():
+            for key in ("running_mean", "running_var"):
+                full = f"{name}.{key}"
+                if full not in buffers:
+                    raise ValueError(f"Model {self.name}: buffer {full!r} missing")
+                a = np.asarray(buffers[full], np.float64)
+                if a.shape != (layer.channels,):
+                    raise ValueError(f"Model {self.name}: buffer {full!r} has shape {a.shape}, "
+                                     f"expected ({layer.channels},)")
+                setattr(layer, key, a.copy())
+
     # ------------------------------------------------------------------ validation
     def _check(self, theta, x, target=None, v=None):
         op = f"Model {self.name}"

@@ -166,3 +166,26 @@ def test_bad_layer_configuration():
         Model("m", [Conv2d(1, 2, padding="valid")], in_shape=(2, 2, 1))
     with pytest.raises(ValueError, match="mode must be 'batch' or 'running'"):
         models.bn_mlp(bn_mode="train")
+
+
+def test_running_stats_update_and_buffers_round_trip():
+    model = models.bn_mlp(n_way=3, in_features=4, hidden=(5,))
+    rng = np.random.default_rng(0)
+    theta = tile_tasks(model.init_params(rng), 2)
+    x = rng.standard_normal((2, 6, 4)) * 3 + 1
+    out, caches = model.forward(theta, x)
+    model.update_running_stats(caches, momentum=0.5)
+    (name, bn_layer), = model.batchnorm_layers()
+    pre = np.matmul(x, model.layout.views(theta)["0.linear.w"]) + model.layout.views(theta)["0.linear.b"][:, None]
+    np.testing.assert_allclose(bn_layer.running_mean, 0.5 * pre.mean(axis=1).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(bn_layer.running_var, 0.5 + 0.5 * pre.var(axis=1).mean(axis=0), rtol=1e-12)
+    saved = model.buffers()
+    other = models.bn_mlp(n_way=3, in_features=4, hidden=(5,))
+    other.load_buffers(saved)
+    other.set_bn_mode("running")
+    model.set_bn_mode("running")
+    np.testing.assert_array_equal(other.forward(theta, x)[0], model.forward(theta, x)[0])
+    with pytest.raises(ValueError, match="running mode; its forward pass has no batch statistics"):
+        model.update_running_stats(model.forward(theta, x)[1])
+    with pytest.raises(ValueError, match=r"buffer '1.batchnorm.running_var' missing"):
+        other.load_buffers({"1.batchnorm.running_mean": np.zeros(5)})
