@@ -1,0 +1,255 @@
+"""MAML (Finn, Abbeel & Levine 2017) with its exact second-order meta-gradient, first-order MAML,
+and Meta-SGD's learned per-parameter inner rate (Li, Zhou, Chen & Li 2017), for all tasks of a
+meta-batch at once and without autodiff.
+
+Shape letters (this module):
+    T tasks in the meta-batch, N points (or images) per task, P parameters.
+
+Inner loop (task t; step i uses support batch i, usually the same batch at every step):
+    theta_0 = theta,   theta_{i+1} = theta_i - alpha * g_i,   g_i = grad L_i(theta_i)
+alpha is a scalar (MAML) or a (P,) vector (Meta-SGD; `*` is then elementwise).
+Meta-objective: F(theta, alpha) = mean_t L_query_t(theta_k^t).
+
+Exact meta-gradient by reverse accumulation through the k inner steps. The Jacobian of one
+step is d theta_{i+1} / d theta_i = I - diag(alpha) H_i with H_i = hess L_i(theta_i)
+(symmetric), so with v_k = grad L_query(theta_k):
+    for i = k-1 .. 0:
+        dF/dalpha += -v_{i+1} * g_i          (d theta_{i+1} / d alpha = -g_i, elementwise)
+        v_i = v_{i+1} - H_i (alpha * v_{i+1})
+    dF/dtheta = mean_t v_0^t
+H_i u comes from Model.hvp (Pearlmutter's R-operator), which also returns g_i, so the
+backward sweep needs only theta_0 .. theta_{k-1}. For scalar alpha, dF/dalpha is the sum of
+the elementwise term over the parameters.
+
+Memory: besides the parameters, the sweep keeps the k iterates theta_0 .. theta_{k-1}
+((T, P) each, i.e. k parameter vectors per task) and the activations of ONE forward pass at a
+time; there is no graph. Extra memory therefore grows linearly in k by T*P numbers per step
+(measured in bench/bench_maml.py).
+
+First-order MAML drops the Hessian terms: v_i = v_{i+1}, so dF/dtheta = mean_t v_k^t
+(and dF/dalpha = -v_k * sum_i g_i, the same approximation).
+
+Relations (Nichol et al. 2018; notation of Weng 2018: g_j^(i) = grad L_j at theta_i,
+H_j^(i) its Hessian), k = 1, support batch 0, query batch 1:
+    g_FOMAML = g_1^(1),   g_MAML = g_1^(1) - alpha H_0^(0) g_1^(1).
+"""
+from dataclasses import dataclass
+import numbers
+
+import numpy as np
+
+from metacore.network import LOSSES, Model
+from metacore.params import tile_tasks
+from metacore.validate import check_float_array
+
+
+@dataclass
+class MetaGradient:
+    """Result of one meta-gradient evaluation over a meta-batch.
+
+    query_loss  (T,)   L_query_t(theta_k^t), the post-update losses (their mean is F)
+    support_loss (T,)  L_0,t(theta), the pre-update losses on the first support batch
+    grad        (P,)   dF/dtheta
+    alpha_grad  float or (P,): dF/dalpha, shaped like alpha
+    """
+    query_loss: np.ndarray
+    support_loss: np.ndarray
+    grad: np.ndarray
+    alpha_grad: object
+
+
+# ----------------------------------------------------------------------- unchecked passes
+# The public functions validate once; the inner loop then calls these, which skip Model's
+# per-call checks (finiteness scans and contiguity copies cost more than the math at
+# sinusoid sizes).
+
+def _loss(model, theta, x, y):
+    out, _ = model.forward(theta, x, _checked=True)
+    return LOSSES[model.loss_name][0](out, y)[0]
+
+
+def _loss_grad(model, theta, x, y):
+    """-> loss (T,), grad (T, P)."""
+    lfwd, lbwd, _ = LOSSES[model.loss_name]
+    out, caches = model.forward(theta, x, _checked=True)
+    loss, lcache = lfwd(out, y)
+    return loss, model.backward(lbwd(lcache), caches, theta.shape[0])
+
+
+def _hvp(model, theta, x, y, u):
+    """-> loss (T,), grad (T, P), H u (T, P)."""
+    lfwd, lbwd, lrbwd = LOSSES[model.loss_name]
+    out, caches = model.forward(theta, x, _checked=True)
+    loss, lcache = lfwd(out, y)
+    dout = lbwd(lcache)
+    rout, rcaches = model.rforward(u, caches)
+    return (loss,) + model.backward_and_rbackward(dout, lrbwd(rout, lcache), caches, rcaches,
+                                                  theta.shape[0])
+
+
+# ----------------------------------------------------------------------- input checks
+def _check_model(op, model):
+    if not isinstance(model, Model):
+        raise TypeError(f"{op}: model must be a metacore.network.Model, got "
+                        f"{type(model).__name__}")
+    if model.loss_name is None:
+        raise ValueError(f"{op}: model {model.name} has no loss")
+
+
+def _check_steps(op, steps, minimum=1):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+        raise ValueError(f"{op}: steps must be an int >= {minimum}, got {steps!r}")
+    return int(steps)
+
+
+def _check_theta(op, model, theta):
+    check_float_array(op, "theta", theta, shape=(model.num_params,))
+    return theta
+
+
+def _check_alpha(op, alpha, P, dtype):
+    """A finite scalar >= 0 (returned as float) or a (P,) finite array of theta's dtype."""
+    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
+        check_float_array(op, "alpha", alpha, shape=(P,), dtype=dtype)
+        return alpha
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (numbers.Real, np.ndarray)):
+        raise TypeError(f"{op}: alpha must be a real scalar or a ({P},) array, got "
+                        f"{type(alpha).__name__}")
+    alpha = float(alpha)
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"{op}: alpha must be finite and >= 0, got {alpha}")
+    return alpha
+
+
+def _check_xy(op, model, name, x, y, T, dtype):
+    """One (x, y) batch for T tasks, checked through the model's own rules."""
+    model._check(np.zeros((T, model.num_params), dtype), x, y)
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: {name} has no points (x shape {x.shape})")
+
+
+def _as_step_batches(op, model, xs, ys, steps, T, dtype):
+    """support given once (used at every step) or as a list of `steps` batches."""
+    if isinstance(xs, (list, tuple)) != isinstance(ys, (list, tuple)):
+        raise TypeError(f"{op}: support x and y must both be arrays or both lists of batches")
+    if isinstance(xs, (list, tuple)):
+        if len(xs) != steps or len(ys) != steps:
+            raise ValueError(f"{op}: got {len(xs)} support x and {len(ys)} support y batches "
+                             f"for {steps} inner steps")
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            _check_xy(op, model, f"support batch {i}", x, y, T, dtype)
+        return list(xs), list(ys)
+    _check_xy(op, model, "support", xs, ys, T, dtype)
+    return [xs] * steps, [ys] * steps
+
+
+def _tasks_of(op, x):
+    if not isinstance(x, np.ndarray) or x.ndim < 2:
+        raise ValueError(f"{op}: x arrays must be (T, N, ...) ndarrays, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    return x.shape[0]
+
+
+# ----------------------------------------------------------------------- inner loop
+def _inner_loop(model, theta_t, xs, ys, alpha, keep):
+    """SGD from theta_t (T, P) over the step batches. Returns (theta_k, iterates, loss_0,
+    gsum) with iterates = [theta_0 .. theta_{k-1}] if keep else [], and gsum = sum_i g_i
+    (T, P) (first-order MAML's alpha gradient needs it)."""
+    iterates, loss0, gsum, theta = [], None, None, theta_t
+    for x, y in zip(xs, ys):
+        if keep:
+            iterates.append(theta)
+        loss, g = _loss_grad(model, theta, x, y)
+        if loss0 is None:
+            loss0 = loss
+        gsum = g if gsum is None else gsum + g
+        theta = theta - alpha * g                # fresh array: the iterate stays intact
+    return theta, iterates, loss0, gsum
+
+
+def adapt(model, theta, x, y, alpha, steps):
+    """Plain inner-loop SGD for every task: theta (P,) or (T, P) -> list of the iterates
+    [theta_0, .., theta_steps], each (T, P) (theta_0 the tiled start). alpha: scalar or (P,)."""
+    op = "adapt"
+    _check_model(op, model)
+    steps = _check_steps(op, steps, minimum=0)
+    check_float_array(op, "theta", theta)
+    T = _tasks_of(op, x)
+    if theta.ndim == 1:
+        _check_theta(op, model, theta)
+        theta = tile_tasks(theta, T)
+    elif theta.shape != (T, model.num_params):
+        raise ValueError(f"{op}: theta must be ({model.num_params},) or ({T}, "
+                         f"{model.num_params}), got {theta.shape}")
+    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype)
+    _check_xy(op, model, "x", x, y, T, theta.dtype)
+    out = [np.ascontiguousarray(theta)]
+    for _ in range(steps):
+        _, g = _loss_grad(model, out[-1], x, y)
+        out.append(out[-1] - alpha * g)
+    return out
+
+
+# ----------------------------------------------------------------------- meta-gradients
+def meta_objective(model, theta, support_x, support_y, query_x, query_y, alpha, steps):
+    """F(theta, alpha) = mean_t L_query_t(theta_k^t) after `steps` inner SGD steps (float)."""
+    op = "meta_objective"
+    theta, alpha, xs, ys, T = _check_all(op, model, theta, support_x, support_y, query_x,
+                                         query_y, alpha, steps)
+    theta_k, _, _, _ = _inner_loop(model, tile_tasks(theta, T), xs, ys, alpha, keep=False)
+    return float(_loss(model, theta_k, query_x, query_y).mean())
+
+
+def _check_all(op, model, theta, support_x, support_y, query_x, query_y, alpha, steps):
+    _check_model(op, model)
+    steps = _check_steps(op, steps)
+    _check_theta(op, model, theta)
+    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype)
+    T = _tasks_of(op, query_x)
+    xs, ys = _as_step_batches(op, model, support_x, support_y, steps, T, theta.dtype)
+    _check_xy(op, model, "query", query_x, query_y, T, theta.dtype)
+    return theta, alpha, xs, ys, T
+
+
+def maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
+                  first_order=False):
+    """Meta-gradient of F(theta, alpha) = mean_t L_query_t(theta_k^t) (module docstring).
+
+    model: a metacore.network.Model with a loss; theta: (P,) shared initialisation.
+    support_x/support_y: (T, N, ...) batch used at every inner step, or a list of `steps`
+        such batches (step i uses batch i); query_x/query_y: (T, M, ...).
+    alpha: scalar inner rate (MAML) or (P,) per-parameter rates (Meta-SGD).
+    first_order: True gives first-order MAML (no Hessian-vector products).
+    Returns a MetaGradient (fresh arrays). Extra memory: `steps` (T, P) iterates, no graph.
+    """
+    op = "maml_gradient"
+    theta, alpha, xs, ys, T = _check_all(op, model, theta, support_x, support_y, query_x,
+                                         query_y, alpha, steps)
+    return _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order)
+
+
+def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order):
+    """Unchecked core of maml_gradient; xs, ys lists of the k step batches."""
+    T = query_x.shape[0]
+    scalar_alpha = not isinstance(alpha, np.ndarray)
+    theta_k, iterates, loss0, gsum = _inner_loop(model, tile_tasks(theta, T), xs, ys, alpha,
+                                                 keep=not first_order)
+    qloss, v = _loss_grad(model, theta_k, query_x, query_y)            # v: (T, P)
+    if first_order:
+        dalpha = -v * gsum                                             # (T, P)
+    else:
+        dalpha = np.zeros_like(v)                                      # (T, P) elementwise
+        for i in range(len(xs) - 1, -1, -1):
+            _, g, hu = _hvp(model, iterates[i], xs[i], ys[i], alpha * v)
+            dalpha -= v * g
+            v = v - hu
+    grad = v.mean(axis=0)                                              # (P,)
+    dalpha_mean = dalpha.mean(axis=0)                                  # (P,)
+    alpha_grad = float(dalpha_mean.sum()) if scalar_alpha else dalpha_mean
+    return MetaGradient(qloss, loss0, grad, alpha_grad)
+
+
+def fomaml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1):
+    """First-order MAML: mean_t grad L_query_t(theta_k^t). Same arguments as maml_gradient."""
+    return maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps,
+                         first_order=True)
