@@ -16,23 +16,35 @@ convolution, and S = sum_l m_l, m_0 the first layer's. Per point:
                       R-backward S + 3(S - m_0)                                  = 9S - 5 m_0
 Sinusoid: S = 40 + 1600 + 40 = 1680 -> 3,360 / 9,920 / 29,840 FLOP per point.
 
+BLAS runs single-threaded unless METACORE_BLAS_THREADS is set (see metacore/blas.py).
 Every benchmark first checks the fast path against the reference (float32 against float64,
 relative error <= 1e-4), warms up, and reports the median. The reference loops over tasks in
 Python, one task at a time, so its time is exactly linear in T: for Conv-4 it is timed on
 REF_TASKS tasks and scaled to T (stated in the output), since at T = 32 it takes minutes.
 """
+import os
 import time
 
 import numpy as np
 import pytest
 
 from metacore import models
+from metacore.blas import blas_threads
 from metacore.gradcheck import rel_error
 from metacore.network import Conv2d, Linear
 from metacore.reference.model import (reference_forward, reference_loss_and_grad,
                                       reference_loss_grad_hvp)
 
 REF_TASKS = 1
+# One OpenBLAS thread unless METACORE_BLAS_THREADS says otherwise: per-task GEMMs are small,
+# and a multithreaded BLAS loses badly on them whenever the other core is busy (metacore.blas).
+BLAS_THREADS = int(os.environ.get("METACORE_BLAS_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _blas_threads():
+    with blas_threads(BLAS_THREADS):
+        yield
 
 
 def gemm_macs_per_point(model):
