@@ -1,6 +1,98 @@
-"""Command line: `metacore check` (the derivations against finite differences)."""
+"""Command line: `metacore check` (the derivations against finite differences),
+`metacore train` (meta-training with exact resume) and `metacore eval` (600-task test)."""
 import argparse
+import json
+import os
 import sys
+
+
+def _add_train(sub):
+    from metacore.training import ALGORITHMS, TASKS
+    p = sub.add_parser("train", help="meta-train (progress on stderr, metrics.jsonl, "
+                                     "checkpoint.npz in --out; --resume continues exactly)")
+    p.add_argument("algorithm", choices=ALGORITHMS)
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ints = ("iterations", "shots", "queries", "n_way", "meta_batch", "inner_steps",
+            "test_steps", "eval_every", "eval_tasks", "log_every", "ckpt_every", "seed")
+    for name in ints:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("inner_lr", "outer_lr"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "adam"],
+                   default=None)
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    p.epilog = "defaults: the paper settings of the task (metacore.training.DEFAULTS)"
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="post-update loss/accuracy over test tasks, 0..S steps, "
+                                    "with 95%% confidence intervals")
+    p.add_argument("run", help="run directory (its checkpoint.npz is evaluated)")
+    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--steps", type=int, default=10, help="largest number of adaptation steps")
+    p.add_argument("--shots", type=int, default=None, help="default: the training K")
+    p.add_argument("--seed", type=int, default=2017)
+    p.add_argument("--query-points", type=int, default=100, help="sinusoid query points")
+    p.add_argument("--bn", choices=["transductive", "non-transductive", "both"],
+                   default="both", help="Omniglot query batch-norm statistics")
+    p.add_argument("--json", default=None, help="write the result(s) here")
+    p.add_argument("--plot-dir", default=None,
+                   help="sinusoid: write Figure 2/3 style PNGs here (needs matplotlib)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="LABEL=RUN",
+                   help="sinusoid plots: more runs to draw beside this one (e.g. pretrained)")
+
+
+def _train(args):
+    from metacore.training import Trainer, make_config, read_config
+    over = {k: getattr(args, k) for k in ("iterations", "shots", "queries", "n_way",
+                                          "meta_batch", "inner_steps", "test_steps",
+                                          "eval_every", "eval_tasks", "log_every",
+                                          "ckpt_every", "seed", "inner_lr", "outer_lr",
+                                          "outer_opt", "dtype")}
+    if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
+        saved = read_config(args.out)           # settings not given again come from the run
+        for k, v in over.items():
+            if v is None:
+                over[k] = saved[k]
+    cfg = make_config(args.algorithm, args.task, args.out, **over)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    trainer.train()
+    print(f"done: {cfg['algorithm']} {cfg['task']} step {trainer.step}, "
+          f"{trainer.elapsed:.1f} s of training, checkpoint {trainer.ckpt_path}")
+    return 0
+
+
+def _eval(args):
+    from metacore import evaluation as ev
+    from metacore.training import read_config
+    cfg = read_config(args.run)
+    modes = [True]
+    if cfg["task"] == "omniglot":
+        modes = {"transductive": [True], "non-transductive": [False],
+                 "both": [True, False]}[args.bn]
+    results = []
+    for tr in modes:
+        r = ev.evaluate(args.run, n_tasks=args.tasks, max_steps=args.steps, shots=args.shots,
+                        seed=args.seed, query_points=args.query_points, transductive=tr)
+        print(ev.format_result(r))
+        results.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=1)
+    if args.plot_dir and cfg["task"] == "sinusoid":
+        runs, res = {cfg["algorithm"]: args.run}, {cfg["algorithm"]: results[0]}
+        for item in args.compare:
+            label, _, path = item.partition("=")
+            runs[label] = path
+            res[label] = ev.evaluate(path, n_tasks=args.tasks, max_steps=args.steps,
+                                     shots=args.shots, seed=args.seed,
+                                     query_points=args.query_points)
+        paths = ev.sinusoid_plots(runs, args.plot_dir, res, shots=args.shots)
+        print("plots: " + (", ".join(paths) if paths else "skipped (matplotlib not installed)"))
+    return 0
 
 
 def main(argv=None):
@@ -13,6 +105,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float64", "float32"], action="append",
                    help="only this dtype (repeatable); default both")
     p.add_argument("--list", action="store_true", help="list the derivations and exit")
+    _add_train(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
     if args.command == "check":
         from metacore import check
@@ -22,6 +116,10 @@ def main(argv=None):
             return 0
         failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")))
         return 1 if failures else 0
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     return 2
 
 

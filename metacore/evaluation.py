@@ -1,0 +1,192 @@
+"""Meta-test evaluation: adapt to each of n test tasks with 0..S inner SGD steps and report the
+query loss (and accuracy) per step, mean and 95% confidence interval 1.96 * std / sqrt(n)
+over the tasks (std with ddof=0, as MAML's code).
+
+Shape letters: T tasks, N support points, M query points, P parameters, S steps.
+
+Batch norm at test time (Omniglot, conv4_maml in batch mode):
+    transductive      the query batch of a task is normalised with its own statistics, all M
+                      queries together (as the MAML code does)
+    non-transductive  each query image alone (a batch of one image; statistics over its
+                      pixels only), so no query sees another
+"""
+import json
+import math
+import os
+
+import numpy as np
+
+from metacore.algorithms.maml import _loss_grad
+from metacore.network import LOSSES
+
+
+def _query_scores(model, theta, qx, qy, transductive):
+    """Per-task query loss (T,) and, for classifiers, accuracy (T,) at theta (T, P)."""
+    T, M = qx.shape[:2]
+    if transductive:
+        out, _ = model.forward(theta, qx, _checked=True)              # (T, M, O)
+        y = qy
+    else:
+        th = np.repeat(theta, M, axis=0)                              # (T*M, P)
+        x = qx.reshape((T * M, 1) + qx.shape[2:])                     # (T*M, 1, ...)
+        y = qy.reshape((T * M, 1) + qy.shape[2:])
+        out, _ = model.forward(th, x, _checked=True)                  # (T*M, 1, O)
+    loss = LOSSES[model.loss_name][0](out, y)[0].reshape(T, -1).mean(axis=1)
+    if model.loss_name != "softmax_ce":
+        return loss, None
+    correct = (out.argmax(axis=-1) == y).reshape(T, M)
+    return loss, correct.mean(axis=1)
+
+
+def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
+    """theta (P,), alpha scalar or (P,), batch = (sx, sy, qx, qy) of T tasks.
+    -> {"loss": [(T,)] * (max_steps + 1), "accuracy": likewise, for classifiers}."""
+    sx, sy, qx, qy = batch
+    th = np.repeat(theta[None, :], sx.shape[0], axis=0)                # (T, P)
+    out = {"loss": [], "accuracy": []}
+    for step in range(max_steps + 1):
+        loss, acc = _query_scores(model, th, qx, qy, transductive)
+        out["loss"].append(loss)
+        if acc is not None:
+            out["accuracy"].append(acc)
+        if step < max_steps:
+            th = th - alpha * _loss_grad(model, th, sx, sy)[1]
+    if not out["accuracy"]:
+        del out["accuracy"]
+    return out
+
+
+def mean_ci(values):
+    """-> (mean, 1.96 * std / sqrt(n)) of a 1-D array."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(1.96 * values.std() / math.sqrt(values.size))
+
+
+def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_points=100,
+             chunk=100, transductive=True):
+    """Evaluate a run's latest checkpoint on n_tasks fresh test tasks.
+
+    Sinusoid: `shots` support points (default: the training K), `query_points` query points
+    drawn from the same task (default 100: the expected MSE is the same as with K, the
+    variance lower). Omniglot: MAML's 423 test characters with rotations, the training
+    n_way/shots, K query images per class. Returns a dict with per-step lists "loss_mean",
+    "loss_ci95" (and "accuracy_mean", "accuracy_ci95"), plus the run's settings."""
+    from metacore.training import OmniglotSource, SinusoidSource, load_run, split_params
+    if not isinstance(n_tasks, int) or n_tasks < 2:
+        raise ValueError(f"evaluate: n_tasks must be an int >= 2, got {n_tasks!r}")
+    if not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"evaluate: max_steps must be an int >= 0, got {max_steps!r}")
+    cfg, model, params, meta = load_run(run_dir)
+    theta, alpha = split_params(cfg, model, params)
+    ecfg = dict(cfg, shots=shots or cfg["shots"])
+    if cfg["task"] == "sinusoid":
+        ecfg["queries"] = query_points
+        source = SinusoidSource(ecfg, np.random.default_rng(seed))
+    else:
+        ecfg["queries"] = ecfg["shots"]
+        source = OmniglotSource(ecfg, "test", seed=seed)
+    scores = {"loss": [[] for _ in range(max_steps + 1)],
+              "accuracy": [[] for _ in range(max_steps + 1)]}
+    done = 0
+    while done < n_tasks:
+        T = min(chunk, n_tasks - done)
+        s = adapt_and_score(model, theta, alpha, source.sample(T), max_steps, transductive)
+        for key, per_step in s.items():
+            for i, v in enumerate(per_step):
+                scores[key][i].append(v)
+        done += T
+    result = {"run": os.fspath(run_dir), "step": meta["step"], "algorithm": cfg["algorithm"],
+              "task": cfg["task"], "shots": ecfg["shots"], "n_way": cfg["n_way"],
+              "n_tasks": n_tasks, "seed": seed, "inner_lr": cfg["inner_lr"],
+              "steps": list(range(max_steps + 1))}
+    if cfg["task"] == "sinusoid":
+        result["query_points"] = query_points
+    else:
+        result["bn"] = "transductive" if transductive else "non-transductive"
+    for key, per_step in scores.items():
+        if per_step[0]:
+            stats = [mean_ci(np.concatenate(v)) for v in per_step]
+            result[f"{key}_mean"] = [m for m, _ in stats]
+            result[f"{key}_ci95"] = [c for _, c in stats]
+    return result
+
+
+def format_result(r):
+    lines = [f"{r['algorithm']} {r['task']} {r['shots']}-shot"
+             + (f" {r['n_way']}-way, BN {r['bn']}" if r["task"] == "omniglot" else "")
+             + f", {r['n_tasks']} test tasks, checkpoint step {r['step']}"]
+    for i in r["steps"]:
+        s = f"  steps {i:2d}: loss {r['loss_mean'][i]:.4f} +- {r['loss_ci95'][i]:.4f}"
+        if "accuracy_mean" in r:
+            s += (f"   accuracy {100 * r['accuracy_mean'][i]:.2f}% "
+                  f"+- {100 * r['accuracy_ci95'][i]:.2f}")
+        lines.append(s)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plots
+def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_examples=3):
+    """Figure 2 style (one test task per panel: truth, support points, prediction before and
+    after 1 and 10 steps for each run) and Figure 3 style (MSE vs gradient steps, every run)
+    PNGs in out_dir. run_dirs: {label: run directory}; results: {label: evaluate() result}.
+    Returns the written paths, or [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from metacore.tasks.sinusoid import sample_sinusoid, sinusoid_curve
+    from metacore.training import load_run, split_params
+    os.makedirs(out_dir, exist_ok=True)
+    runs = {label: load_run(d) for label, d in run_dirs.items()}
+    rng = np.random.default_rng(seed)
+    K = shots or next(iter(runs.values()))[0]["shots"]
+    tasks = sample_sinusoid(rng, n_examples, K, np.float64)
+    grid = np.linspace(-5, 5, 200)[None, :, None].repeat(n_examples, 0)    # (T, 200, 1)
+    paths = []
+    fig, axes = plt.subplots(len(runs), n_examples, figsize=(4 * n_examples, 3 * len(runs)),
+                             squeeze=False)
+    for row, (label, (cfg, model, params, _)) in enumerate(runs.items()):
+        theta, alpha = split_params(cfg, model, params)
+        dt = theta.dtype
+        th = np.repeat(theta[None], n_examples, 0)
+        sx, sy = tasks.x.astype(dt), tasks.y.astype(dt)
+        preds = {}
+        for step in range(11):
+            if step in (0, 1, 10):
+                preds[step] = model.forward(th, grid.astype(dt), _checked=True)[0]
+            th = th - alpha * _loss_grad(model, th, sx, sy)[1]
+        truth = sinusoid_curve(tasks.amplitude, tasks.phase, grid)
+        for t in range(n_examples):
+            ax = axes[row, t]
+            ax.plot(grid[t, :, 0], truth[t, :, 0], "r-", label="ground truth")
+            for step, style in ((0, "g:"), (1, "b--"), (10, "c-.")):
+                ax.plot(grid[t, :, 0], preds[step][t, :, 0], style,
+                        label=f"{step} grad step{'s' if step != 1 else ''}")
+            ax.plot(tasks.x[t, :, 0], tasks.y[t, :, 0], "k^", label="used for grad")
+            ax.set_title(f"{label}, K={K}")
+        axes[row, 0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "sinusoid_fig2.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    if results:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for label, r in results.items():
+            m, c = np.array(r["loss_mean"]), np.array(r["loss_ci95"])
+            ax.errorbar(r["steps"], m, yerr=c, marker="o", capsize=3, label=label)
+        ax.set_xlabel("number of gradient steps")
+        ax.set_ylabel("mean squared error")
+        ax.set_title(f"k-shot regression, k={K}")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "sinusoid_fig3.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def save_result(result, path):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
