@@ -6,6 +6,17 @@ import os
 import sys
 
 
+def _add_blas(p):
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads (default 1: per-task GEMMs are small, and extra "
+                        "threads spin against other processes; see metacore.blas)")
+
+
+def _set_blas(args):
+    from metacore.blas import set_blas_threads
+    set_blas_threads(args.blas_threads)
+
+
 def _add_train(sub):
     from metacore.training import ALGORITHMS, TASKS
     p = sub.add_parser("train", help="meta-train (progress on stderr, metrics.jsonl, "
@@ -24,6 +35,7 @@ def _add_train(sub):
     p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "adam"],
                    default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    _add_blas(p)
     p.epilog = "defaults: the paper settings of the task (metacore.training.DEFAULTS)"
 
 
@@ -41,12 +53,14 @@ def _add_eval(sub):
     p.add_argument("--json", default=None, help="write the result(s) here")
     p.add_argument("--plot-dir", default=None,
                    help="sinusoid: write Figure 2/3 style PNGs here (needs matplotlib)")
+    _add_blas(p)
     p.add_argument("--compare", nargs="*", default=[], metavar="LABEL=RUN",
                    help="sinusoid plots: more runs to draw beside this one (e.g. pretrained)")
 
 
 def _train(args):
     from metacore.training import Trainer, make_config, read_config
+    _set_blas(args)
     over = {k: getattr(args, k) for k in ("iterations", "shots", "queries", "n_way",
                                           "meta_batch", "inner_steps", "test_steps",
                                           "eval_every", "eval_tasks", "log_every",
@@ -68,6 +82,7 @@ def _train(args):
 def _eval(args):
     from metacore import evaluation as ev
     from metacore.training import read_config
+    _set_blas(args)
     cfg = read_config(args.run)
     modes = [True]
     if cfg["task"] == "omniglot":
