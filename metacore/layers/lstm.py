@@ -172,8 +172,6 @@ def lstm_backward(dhs, dh_S, dc_S, cache):
         c_prev = c0 if s == 0 else cs[s - 1]
         dz[s], dc = _step_backward(dh, dc, c_prev, gates[s])
         dh = dz[s] @ Wh.T                                           # (B, H)
-    if dc is None:                                                  # unreachable: S >= 1
-        dc = np.zeros_like(c0)
     h_prev = np.concatenate([h0[None], hs[:-1]], axis=0)            # (S, B, H)
     dz2 = dz.reshape(S * B, 4 * H)                                  # (S*B, G)
     dx = (dz2 @ W[:D].T).reshape(S, B, D)                           # (S, B, D)
