@@ -48,6 +48,8 @@ def _add_eval(sub):
     p.add_argument("--shots", type=int, default=None, help="default: the training K")
     p.add_argument("--seed", type=int, default=2017)
     p.add_argument("--query-points", type=int, default=100, help="sinusoid query points")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="test-time SGD rate (default: the run's alpha)")
     p.add_argument("--bn", choices=["transductive", "non-transductive", "both"],
                    default="both", help="Omniglot query batch-norm statistics")
     p.add_argument("--json", default=None, help="write the result(s) here")
@@ -55,7 +57,8 @@ def _add_eval(sub):
                    help="sinusoid: write Figure 2/3 style PNGs here (needs matplotlib)")
     _add_blas(p)
     p.add_argument("--compare", nargs="*", default=[], metavar="LABEL=RUN",
-                   help="sinusoid plots: more runs to draw beside this one (e.g. pretrained)")
+                   help="sinusoid plots: more runs to draw beside this one (e.g. pretrained); "
+                        "LABEL=RUN@ALPHA evaluates RUN with test-time rate ALPHA")
 
 
 def _train(args):
@@ -91,7 +94,8 @@ def _eval(args):
     results = []
     for tr in modes:
         r = ev.evaluate(args.run, n_tasks=args.tasks, max_steps=args.steps, shots=args.shots,
-                        seed=args.seed, query_points=args.query_points, transductive=tr)
+                        seed=args.seed, query_points=args.query_points, transductive=tr,
+                        inner_lr=args.inner_lr)
         print(ev.format_result(r))
         results.append(r)
     if args.json:
@@ -99,13 +103,17 @@ def _eval(args):
             json.dump(results if len(results) > 1 else results[0], f, indent=1)
     if args.plot_dir and cfg["task"] == "sinusoid":
         runs, res = {cfg["algorithm"]: args.run}, {cfg["algorithm"]: results[0]}
+        lrs = {cfg["algorithm"]: args.inner_lr} if args.inner_lr is not None else {}
         for item in args.compare:
             label, _, path = item.partition("=")
+            path, _, lr = path.partition("@")
             runs[label] = path
+            if lr:
+                lrs[label] = float(lr)
             res[label] = ev.evaluate(path, n_tasks=args.tasks, max_steps=args.steps,
                                      shots=args.shots, seed=args.seed,
-                                     query_points=args.query_points)
-        paths = ev.sinusoid_plots(runs, args.plot_dir, res, shots=args.shots)
+                                     query_points=args.query_points, inner_lr=lrs.get(label))
+        paths = ev.sinusoid_plots(runs, args.plot_dir, res, shots=args.shots, inner_lrs=lrs)
         print("plots: " + (", ".join(paths) if paths else "skipped (matplotlib not installed)"))
     return 0
 

@@ -63,12 +63,13 @@ def mean_ci(values):
 
 
 def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_points=100,
-             chunk=100, transductive=True):
+             chunk=100, transductive=True, inner_lr=None):
     """Evaluate a run's latest checkpoint on n_tasks fresh test tasks.
 
     Sinusoid: `shots` support points (default: the training K), `query_points` query points
     drawn from the same task (default 100: the expected MSE is the same as with K, the
-    variance lower). Omniglot: MAML's 423 test characters with rotations, the training
+    variance lower). inner_lr: the test-time SGD rate (default the run's; e.g. a tuned rate for
+    the pretrained baseline; not used for metasgd, whose rates are learned). Omniglot: MAML's 423 test characters with rotations, the training
     n_way/shots, K query images per class. Returns a dict with per-step lists "loss_mean",
     "loss_ci95" (and "accuracy_mean", "accuracy_ci95"), plus the run's settings."""
     from metacore.training import OmniglotSource, SinusoidSource, load_run, split_params
@@ -78,6 +79,8 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
         raise ValueError(f"evaluate: max_steps must be an int >= 0, got {max_steps!r}")
     cfg, model, params, meta = load_run(run_dir)
     theta, alpha = split_params(cfg, model, params)
+    if inner_lr is not None and cfg["algorithm"] != "metasgd":
+        alpha = float(inner_lr)
     ecfg = dict(cfg, shots=shots or cfg["shots"])
     if cfg["task"] == "sinusoid":
         ecfg["queries"] = query_points
@@ -97,7 +100,8 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
         done += T
     result = {"run": os.fspath(run_dir), "step": meta["step"], "algorithm": cfg["algorithm"],
               "task": cfg["task"], "shots": ecfg["shots"], "n_way": cfg["n_way"],
-              "n_tasks": n_tasks, "seed": seed, "inner_lr": cfg["inner_lr"],
+              "n_tasks": n_tasks, "seed": seed,
+              "inner_lr": "learned" if isinstance(alpha, np.ndarray) else alpha,
               "steps": list(range(max_steps + 1))}
     if cfg["task"] == "sinusoid":
         result["query_points"] = query_points
@@ -114,7 +118,8 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
 def format_result(r):
     lines = [f"{r['algorithm']} {r['task']} {r['shots']}-shot"
              + (f" {r['n_way']}-way, BN {r['bn']}" if r["task"] == "omniglot" else "")
-             + f", {r['n_tasks']} test tasks, checkpoint step {r['step']}"]
+             + f", {r['n_tasks']} test tasks, test-time alpha {r['inner_lr']}, "
+             f"checkpoint step {r['step']}"]
     for i in r["steps"]:
         s = f"  steps {i:2d}: loss {r['loss_mean'][i]:.4f} +- {r['loss_ci95'][i]:.4f}"
         if "accuracy_mean" in r:
@@ -125,10 +130,12 @@ def format_result(r):
 
 
 # ------------------------------------------------------------------------------ plots
-def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_examples=3):
+def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_examples=3,
+                   inner_lrs=None):
     """Figure 2 style (one test task per panel: truth, support points, prediction before and
     after 1 and 10 steps for each run) and Figure 3 style (MSE vs gradient steps, every run)
-    PNGs in out_dir. run_dirs: {label: run directory}; results: {label: evaluate() result}.
+    PNGs in out_dir. run_dirs: {label: run directory}; results: {label: evaluate() result};
+    inner_lrs: {label: test-time SGD rate} overriding a run's own.
     Returns the written paths, or [] when matplotlib is not installed."""
     try:
         import matplotlib
@@ -149,6 +156,8 @@ def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_exampl
                              squeeze=False)
     for row, (label, (cfg, model, params, _)) in enumerate(runs.items()):
         theta, alpha = split_params(cfg, model, params)
+        if inner_lrs and label in inner_lrs and cfg["algorithm"] != "metasgd":
+            alpha = inner_lrs[label]
         dt = theta.dtype
         th = np.repeat(theta[None], n_examples, 0)
         sx, sy = tasks.x.astype(dt), tasks.y.astype(dt)

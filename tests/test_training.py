@@ -15,7 +15,7 @@ from metacore.evaluation import adapt_and_score, evaluate, mean_ci
 from metacore.training import Trainer, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--task", "sinusoid", "--iterations", "500", "--ckpt-every", "20", "--log-every",
+ARGS = ["--task", "sinusoid", "--iterations", "300", "--ckpt-every", "20", "--log-every",
         "10", "--eval-every", "100", "--eval-tasks", "10", "--seed", "3", "--no-progress"]
 
 
@@ -53,19 +53,19 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.npz"
     deadline = time.time() + 60
-    while _ckpt_step(ckpt) < 60 and time.time() < deadline and proc.poll() is None:
+    while _ckpt_step(ckpt) < 40 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     stopped = _ckpt_step(ckpt)
-    assert 60 <= stopped < 500
+    assert 40 <= stopped < 300
     subprocess.run(_cli(killed, "--resume"), check=True, env=_env(), cwd=ROOT,
                    capture_output=True)
 
     a, ma = load_checkpoint(full / "checkpoint.npz")
     b, mb = load_checkpoint(killed / "checkpoint.npz")
-    assert ma["step"] == mb["step"] == 500
+    assert ma["step"] == mb["step"] == 300
     assert sorted(a) == sorted(b)
     for name in a:                                   # params and every optimizer vector
         assert a[name].dtype == b[name].dtype
@@ -165,3 +165,20 @@ def test_cli_eval_prints_and_writes_json(tmp_path):
     with open(tmp_path / "e.json") as f:
         r = json.load(f)
     assert r["steps"] == [0, 1, 2] and r["step"] == 20
+
+
+def test_sinusoid_plots_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from metacore.evaluation import sinusoid_plots
+    run = tmp_path / "run"
+    Trainer(make_config("maml", "sinusoid", run, iterations=5, eval_every=5, eval_tasks=4,
+                        log_every=5, ckpt_every=5), progress=False).train()
+    res = {"maml": evaluate(str(run), n_tasks=10, max_steps=3),
+           "pre": evaluate(str(run), n_tasks=10, max_steps=3, inner_lr=0.02)}
+    assert res["pre"]["inner_lr"] == 0.02 and res["maml"]["inner_lr"] == 0.01
+    paths = sinusoid_plots({"maml": str(run), "pre": str(run)}, tmp_path / "plots", res,
+                           inner_lrs={"pre": 0.02})
+    assert len(paths) == 2
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
