@@ -1,0 +1,133 @@
+"""LRUA memory of MANN (Santoro et al. 2016): one entry point per op, backends side by side.
+
+Shape letters (this module):
+    T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
+
+Ops (each checks its inputs, then calls the chosen backend):
+    lrua_forward(keys, alpha, memory0, read0, usage0, gamma)
+        -> reads (T, B, H, W), w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
+           w_lu (T, B, S), memory (B, S, W) (M_T)
+    lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma)
+        -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)
+with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, H) (a gate
+per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
+float in [0, 1], 1 <= H <= S. All take backend="auto" | "reference" | "numba"; the order of
+operations in a step, EPS, ties and what is non-differentiable (the least-used selection
+and the zeroed slot; so gamma and usage0 get no gradient) are in the docstring of
+`metacore.reference.lrua`.
+
+Backends:
+    reference  metacore.reference.lrua       float64 NumPy, loops over batch and time; the
+               ground truth.
+    numba      metacore.kernels.lrua_numba   Numba CPU, parallel over episodes, the time loop
+               inside each work item, input-dtype accumulation; backward reruns the forward
+               keeping M_t.
+    auto       the first importable of AUTO_ORDER.
+
+Adding a backend is one line in BACKENDS, naming a module that defines the two functions
+above with the reference's signatures, and the package it needs.
+"""
+import importlib
+import numbers
+
+import numpy as np
+
+from metacore.validate import check_float_array
+
+EPS = 1e-8
+
+# name -> (module implementing the ops, the optional package it needs or None)
+BACKENDS = {
+    "reference": ("metacore.reference.lrua", None),
+    "numba": ("metacore.kernels.lrua_numba", "numba"),
+}
+AUTO_ORDER = ("numba", "reference")
+
+_loaded = {}
+
+
+def _backend(op, name):
+    """The module for backend `name`, imported on first use (so numba stays optional)."""
+    if name == "auto":
+        for cand in AUTO_ORDER:
+            try:
+                return _backend(op, cand)
+            except ImportError:
+                continue
+        raise ImportError(f"{op}: no backend importable among {AUTO_ORDER}")
+    if name not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {name!r}; choose 'auto' or one of "
+                         f"{sorted(BACKENDS)}")
+    if name not in _loaded:
+        module, needs = BACKENDS[name]
+        try:
+            _loaded[name] = importlib.import_module(module)
+        except ImportError as err:
+            if needs is None:
+                raise
+            raise ImportError(f"{op}: backend {name!r} needs the package {needs!r}, which "
+                              f"could not be imported ({err}); install it (pip install "
+                              f"{needs}) or use backend='reference'") from err
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends that import on this machine."""
+    names = []
+    for name in BACKENDS:
+        try:
+            _backend("available_backends", name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+# ---------------------------------------------------------------- input checks
+def _check(op, keys, alpha, memory0, read0, usage0, gamma):
+    """keys (T, B, H, W), alpha (H,) or (T, B, H), memory0 (B, S, W), read0 (B, H, S),
+    usage0 (B, S): one float dtype, finite; gamma a finite float in [0, 1]; 1 <= H <= S."""
+    check_float_array(op, "keys", keys, ndim=4)
+    T, B, H, W = keys.shape
+    dt = keys.dtype
+    if T < 1 or B < 1 or H < 1 or W < 1:
+        raise ValueError(f"{op}: keys (T, B, H, W) needs at least one step, episode, head "
+                         f"and feature, got shape {keys.shape}")
+    check_float_array(op, "memory0", memory0, ndim=3, dtype=dt)
+    S = memory0.shape[1]
+    check_float_array(op, "memory0", memory0, shape=(B, None, W))
+    if S < H:
+        raise ValueError(f"{op}: memory0 has S = {S} slots, fewer than the H = {H} heads; "
+                         f"the least-used rule marks the n = H least-used slots, so S >= H")
+    check_float_array(op, "alpha", alpha, dtype=dt)
+    if alpha.shape not in ((H,), (T, B, H)):
+        raise ValueError(f"{op}: alpha must have shape ({H},) (one gate per head) or "
+                         f"({T}, {B}, {H}) (one per step), got {alpha.shape}")
+    check_float_array(op, "read0", read0, shape=(B, H, S), dtype=dt)
+    check_float_array(op, "usage0", usage0, shape=(B, S), dtype=dt)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"{op}: gamma must be a real number, got {type(gamma).__name__}")
+    if not (np.isfinite(gamma) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"{op}: gamma must be a finite number in [0, 1], got {gamma!r}")
+
+
+# ---------------------------------------------------------------- ops
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+    """Run the LRUA memory over T steps of B episodes; see the module docstring.
+    -> reads (T, B, H, W), w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
+       w_lu (T, B, S), memory (B, S, W); fresh arrays in the dtype of keys."""
+    op = "lrua_forward"
+    _check(op, keys, alpha, memory0, read0, usage0, gamma)
+    return _backend(op, backend).lrua_forward(keys, alpha, memory0, read0, usage0,
+                                              float(gamma))
+
+
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+    """Backpropagation through time of dL/dreads = dreads: (T, B, H, W).
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
+    fresh arrays. The forward pass is recomputed inside (nothing is kept between calls)."""
+    op = "lrua_backward"
+    _check(op, keys, alpha, memory0, read0, usage0, gamma)
+    check_float_array(op, "dreads", dreads, shape=keys.shape, dtype=keys.dtype)
+    return _backend(op, backend).lrua_backward(dreads, keys, alpha, memory0, read0, usage0,
+                                               float(gamma))

@@ -1,0 +1,318 @@
+"""LRUA memory of MANN (Santoro et al. 2016): Numba CPU backend.
+
+Shape letters (this module):
+    T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
+
+Same contract and conventions as `metacore.reference.lrua` (read its docstring: the order of
+the operations in a step, EPS, ties, what is non-differentiable). Inputs are assumed checked
+by `metacore.kernels.lrua`; this module only makes them contiguous.
+
+How the kernels differ from the reference:
+  * One work item per episode b (prange over B); the time loop runs inside it, so a whole
+    episode's recurrence stays in one thread with no Python between steps.
+  * Everything accumulates in the input dtype (float32 stays float32); cosines and the
+    softmax are bounded, and tests/test_lrua.py bounds the float32 error of a whole episode.
+  * lrua_backward reruns the forward kernel keeping M_t for every t (B, T + 1, S, W), the
+    read and write weights, w_lu_{t-1} and the zeroed slot, then runs the reverse sweep;
+    lrua_forward keeps only two memories per episode (ping-pong), not T + 1.
+  * The least-used threshold m(w_u, n) is read off an in-place sort of a copy of w_u
+    (S log S per step, small against the H S W of the cosines).
+"""
+import numpy as np
+from numba import njit, prange
+
+EPS = 1e-8
+
+
+# ---------------------------------------------------------------- one episode, forward
+@njit(fastmath=False, cache=True)
+def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
+                     reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs):
+    """Run episode b over T steps (steps 1-7 of metacore.reference.lrua), overwriting
+    reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b], w_lu[:, b], wlu_prev[b], zs[b] and
+    Ms[b, (t + 1) % K] with M_t (K = Ms.shape[1]: T + 1 keeps them all, 2 ping-pongs).
+
+    keys: (T, B, H, W), g: (T, B, H) gates, memory0: (B, S, W), read0: (B, H, S),
+    usage0: (B, S); reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S),
+    Ms: (B, K, S, W), wlu_prev: (B, T, S), zs: (B, T) int64."""
+    T, _, H, W = keys.shape
+    S = memory0.shape[1]
+    K = Ms.shape[1]
+    dt = keys.dtype
+    one = dt.type(1)
+    tmp = np.empty(S, dtype=dt)
+    kn = np.empty(H, dtype=dt)
+    mn = np.empty(S, dtype=dt)
+    c = np.empty((H, S), dtype=dt)
+    Ms[b, 0] = memory0[b]
+    for t in range(T):
+        Mp = Ms[b, t % K]                               # (S, W)  M_{t-1}
+        M = Ms[b, (t + 1) % K]                          # (S, W)  M_t
+        wr_prev = read0[b] if t == 0 else w_r[t - 1, b]  # (H, S)
+        wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]  # (S,)
+        k = keys[t, b]                                  # (H, W)
+        ww = w_w[t, b]                                  # (H, S)
+        wr = w_r[t, b]                                  # (H, S)
+        wlu = wlu_prev[b, t]                            # (S,)
+        # 1. least-used weights of the previous usage; 3. the slot to zero
+        tmp[:] = wu_prev
+        tmp.sort()
+        m = tmp[H - 1]
+        z = 0
+        for i in range(S):
+            wlu[i] = one if wu_prev[i] <= m else 0
+            if wu_prev[i] < wu_prev[z]:
+                z = i
+        zs[b, t] = z
+        # 2. write weights
+        for h in range(H):
+            gh = g[t, b, h]
+            for i in range(S):
+                ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu[i]
+        # 3-4. zero slot z, then write every head's key
+        for i in range(S):
+            for x in range(W):
+                M[i, x] = 0 if i == z else Mp[i, x]
+            for h in range(H):
+                wv = ww[h, i]
+                for x in range(W):
+                    M[i, x] += wv * k[h, x]
+        # 5. cosine similarities with clamped norms, softmax over slots
+        for h in range(H):
+            acc = dt.type(0)
+            for x in range(W):
+                acc += k[h, x] * k[h, x]
+            kn[h] = max(np.sqrt(acc), eps)
+        for i in range(S):
+            acc = dt.type(0)
+            for x in range(W):
+                acc += M[i, x] * M[i, x]
+            mn[i] = max(np.sqrt(acc), eps)
+            for h in range(H):
+                acc = dt.type(0)
+                for x in range(W):
+                    acc += k[h, x] * M[i, x]
+                c[h, i] = acc / (kn[h] * mn[i])
+        for h in range(H):
+            cmax = c[h, 0]
+            for i in range(1, S):
+                cmax = max(cmax, c[h, i])
+            tot = dt.type(0)
+            for i in range(S):
+                wr[h, i] = np.exp(c[h, i] - cmax)
+                tot += wr[h, i]
+            for i in range(S):
+                wr[h, i] /= tot
+        # 6. reads
+        r = reads[t, b]                                 # (H, W)
+        for h in range(H):
+            for x in range(W):
+                r[h, x] = 0
+            for i in range(S):
+                wv = wr[h, i]
+                for x in range(W):
+                    r[h, x] += wv * M[i, x]
+        # 7. usage, and the least-used weights it implies (returned, used by step t + 1)
+        wu = w_u[t, b]                                  # (S,)
+        for i in range(S):
+            sr = dt.type(0)
+            sw = dt.type(0)
+            for h in range(H):
+                sr += wr[h, i]
+                sw += ww[h, i]
+            wu[i] = gamma * wu_prev[i] + sr + sw
+        tmp[:] = wu
+        tmp.sort()
+        m = tmp[H - 1]
+        for i in range(S):
+            w_lu[t, b, i] = one if wu[i] <= m else 0
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _forward(keys, g, memory0, read0, usage0, gamma, eps,
+             reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs):
+    """Every episode in parallel; see _episode_forward for the arguments."""
+    for b in prange(keys.shape[1]):
+        _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
+                         reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs)
+
+
+# ---------------------------------------------------------------- reverse sweep
+@njit(parallel=True, fastmath=False, cache=True)
+def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
+              dkeys, dalpha, dmemory0, dread0):
+    """BPTT for every episode in parallel (formulas: metacore.reference.lrua.lrua_backward).
+
+    dreads, keys: (T, B, H, W), g: (T, B, H), read0: (B, H, S), w_r, w_w: (T, B, H, S),
+    Ms: (B, T + 1, S, W) with M_t at index t, wlu_prev: (B, T, S), zs: (B, T)
+    -> dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S),
+    all overwritten."""
+    T, B, H, W = keys.shape
+    S = Ms.shape[2]
+    for b in prange(B):
+        dt = keys.dtype
+        dM = np.zeros((S, W), dtype=dt)
+        dwr = np.zeros((H, S), dtype=dt)
+        dc = np.empty((H, S), dtype=dt)
+        c = np.empty((H, S), dtype=dt)
+        kn = np.empty(H, dtype=dt)
+        kon = np.empty(H, dtype=dt)
+        mn = np.empty(S, dtype=dt)
+        mon = np.empty(S, dtype=dt)
+        sk = np.empty(H, dtype=dt)
+        sm = np.empty(S, dtype=dt)
+        for t in range(T - 1, -1, -1):
+            M = Ms[b, t + 1]                            # (S, W)  M_t
+            k = keys[t, b]                              # (H, W)
+            wr = w_r[t, b]                              # (H, S)
+            ww = w_w[t, b]                              # (H, S)
+            dr = dreads[t, b]                           # (H, W)
+            dk = dkeys[t, b]                            # (H, W)
+            # read r = w_r M
+            for i in range(S):
+                for h in range(H):
+                    acc = dt.type(0)
+                    for x in range(W):
+                        acc += dr[h, x] * M[i, x]
+                    dwr[h, i] += acc
+                    wv = wr[h, i]
+                    for x in range(W):
+                        dM[i, x] += wv * dr[h, x]
+            # softmax over slots
+            for h in range(H):
+                acc = dt.type(0)
+                for i in range(S):
+                    acc += wr[h, i] * dwr[h, i]
+                for i in range(S):
+                    dc[h, i] = wr[h, i] * (dwr[h, i] - acc)
+            # cosine: recompute the clamped norms and the similarities
+            for h in range(H):
+                acc = dt.type(0)
+                for x in range(W):
+                    acc += k[h, x] * k[h, x]
+                nrm = np.sqrt(acc)
+                kn[h] = max(nrm, eps)
+                kon[h] = 1 if nrm > eps else 0
+                sk[h] = 0
+                for x in range(W):
+                    dk[h, x] = 0
+            for i in range(S):
+                acc = dt.type(0)
+                for x in range(W):
+                    acc += M[i, x] * M[i, x]
+                nrm = np.sqrt(acc)
+                mn[i] = max(nrm, eps)
+                mon[i] = 1 if nrm > eps else 0
+                sm[i] = 0
+            for i in range(S):
+                for h in range(H):
+                    acc = dt.type(0)
+                    for x in range(W):
+                        acc += k[h, x] * M[i, x]
+                    inv = 1 / (kn[h] * mn[i])
+                    c[h, i] = acc * inv
+                    dcc = dc[h, i] * c[h, i]
+                    sk[h] += dcc
+                    sm[i] += dcc
+                    gi = dc[h, i] * inv
+                    for x in range(W):
+                        dk[h, x] += gi * M[i, x]
+            for h in range(H):
+                f = sk[h] * kon[h] / (kn[h] * kn[h])
+                for x in range(W):
+                    dk[h, x] -= f * k[h, x]
+            for i in range(S):
+                f = sm[i] * mon[i] / (mn[i] * mn[i])
+                for x in range(W):
+                    dM[i, x] -= f * M[i, x]
+                for h in range(H):
+                    gi = dc[h, i] / (kn[h] * mn[i])
+                    for x in range(W):
+                        dM[i, x] += gi * k[h, x]
+            # write M_t = M' + w_w^T k: key gradient and write-weight gradient (into dwr)
+            for i in range(S):
+                for h in range(H):
+                    wv = ww[h, i]
+                    acc = dt.type(0)
+                    for x in range(W):
+                        dk[h, x] += wv * dM[i, x]
+                        acc += k[h, x] * dM[i, x]
+                    dwr[h, i] = acc                     # holds dww until the gate below
+            # zeroing of the least-used slot
+            z = zs[b, t]
+            for x in range(W):
+                dM[z, x] = 0
+            # gate: w_w = g w_r_{t-1} + (1 - g) w_lu_{t-1}
+            wr_prev = read0[b] if t == 0 else w_r[t - 1, b]
+            wlu = wlu_prev[b, t]
+            for h in range(H):
+                gh = g[t, b, h]
+                acc = dt.type(0)
+                for i in range(S):
+                    acc += dwr[h, i] * (wr_prev[h, i] - wlu[i])
+                    dwr[h, i] *= gh
+                dalpha[t, b, h] = gh * (1 - gh) * acc
+        dmemory0[b] = dM
+        dread0[b] = dwr
+
+
+# ---------------------------------------------------------------- public functions
+def _c(x):
+    return np.ascontiguousarray(x)
+
+
+def _gates(alpha, T, B, H, dtype):
+    """alpha: (H,) or (T, B, H) -> sigmoid(alpha): (T, B, H), a fresh writable array (a
+    read-only broadcast view would be a different Numba type: a second compilation)."""
+    half = dtype.type(0.5)
+    g = np.empty((T, B, H), dtype)
+    g[...] = half * (1 + np.tanh(half * np.asarray(alpha, dtype=dtype)))
+    return g
+
+
+def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
+    keys, memory0, read0, usage0 = _c(keys), _c(memory0), _c(read0), _c(usage0)
+    T, B, H, W = keys.shape
+    S = memory0.shape[1]
+    dt = keys.dtype
+    g = _gates(alpha, T, B, H, dt)
+    reads = np.empty((T, B, H, W), dt)
+    w_r = np.empty((T, B, H, S), dt)
+    w_w = np.empty((T, B, H, S), dt)
+    w_u = np.empty((T, B, S), dt)
+    w_lu = np.empty((T, B, S), dt)
+    Ms = np.empty((B, T + 1 if keep else 2, S, W), dt)
+    wlu_prev = np.empty((B, T, S), dt)
+    zs = np.empty((B, T), np.int64)
+    _forward(keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
+             reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs)
+    return keys, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_forward:
+    -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W);
+    fresh arrays in the input dtype."""
+    out = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=False)
+    _, _, _, reads, w_r, w_w, w_u, w_lu, Ms, _, _ = out
+    T = reads.shape[0]
+    return reads, w_r, w_w, w_u, w_lu, Ms[:, T % 2].copy()
+
+
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_backward:
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
+    keys, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs = _run_forward(
+        keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    T, B, H, W = keys.shape
+    S = Ms.shape[2]
+    dt = keys.dtype
+    dkeys = np.empty((T, B, H, W), dt)
+    dalpha = np.empty((T, B, H), dt)
+    dmemory0 = np.empty((B, S, W), dt)
+    dread0 = np.empty((B, H, S), dt)
+    _backward(_c(dreads), keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, dt.type(EPS),
+              dkeys, dalpha, dmemory0, dread0)
+    if np.ndim(alpha) == 1:
+        dalpha = dalpha.sum(axis=(0, 1))                # (H,)
+    return dkeys, dalpha, dmemory0, dread0

@@ -1,0 +1,184 @@
+"""LRUA memory of MANN (Santoro et al. 2016, "Meta-learning with memory-augmented neural
+networks", section "Least Recently Used Access"): plain float64 NumPy ground truth.
+
+Shape letters (this module):
+    T time steps, B episodes (the task axis of the rest of metacore), H heads (n = H, the
+    number of reads), S memory slots, W slot width.
+
+Arguments of every op (time-major):
+    keys     (T, B, H, W)  k_t^h, one key per head per step, used to write and then to read
+    alpha    (H,)          the paper's form: one learned scalar gate per head, the same at
+                           every step; or (T, B, H): a gate per step from the controller.
+                           dalpha comes back in the shape given.
+    memory0  (B, S, W)     M_0
+    read0    (B, H, S)     w_r_0, the read weights of "step 0" (they feed w_w_1)
+    usage0   (B, S)        w_u_0
+    gamma    float in [0, 1], the usage decay
+
+One step t, for each episode b (the heads share the memory and the usage), in this order:
+    1. w_lu_{t-1}(i) = 1 if w_u_{t-1}(i) <= m(w_u_{t-1}, n) else 0, m(v, n) = n-th smallest
+       of v (ties: every slot at or below m is marked, so more than n may be)
+    2. w_w_t^h = sigmoid(alpha^h) w_r_{t-1}^h + (1 - sigmoid(alpha^h)) w_lu_{t-1}
+    3. z = argmin_i w_u_{t-1}(i) (first index on ties); M'(i) = M_{t-1}(i) [i != z]
+       (the least-used slot is zeroed before writing, as the paper states)
+    4. M_t(i) = M'(i) + sum_h w_w_t^h(i) k_t^h
+    5. w_r_t^h(i) = softmax_i K(k_t^h, M_t(i)),
+       K(u, v) = u.v / (max(|u|, EPS) max(|v|, EPS)), EPS = 1e-8: each norm clamped alone,
+       as metacore.reference.distance.pairwise_cosine, so a zero row (the zeroed slot, a zero
+       M_0) has similarity 0 with every key
+    6. r_t^h = sum_i w_r_t^h(i) M_t(i)
+    7. w_u_t = gamma w_u_{t-1} + sum_h (w_r_t^h + w_w_t^h)
+The write uses the previous step's read weights, the read sees the memory just written.
+
+Differentiability. w_u reaches the reads only through w_lu (piecewise constant in w_u) and
+the choice of z (an argmin): both are treated as constants, their derivative being 0 almost
+everywhere. Hence d/dgamma = 0 and d/dusage0 = 0 exactly, and the backward returns gradients
+for keys, alpha, memory0 and read0 only; every path through those is differentiated exactly
+(the formulas are in docs/DERIVATIONS.md, under lrua_backward).
+
+Every function computes in float64 and returns fresh arrays in the input dtype. Inputs are
+assumed valid; `metacore.kernels.lrua` checks them before calling in here.
+"""
+import numpy as np
+
+EPS = 1e-8
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))     # no overflow for large |x|
+
+
+def gates(alpha, T, B, H):
+    """alpha: (H,) or (T, B, H) -> sigmoid(alpha) broadcast to (T, B, H), float64."""
+    return np.broadcast_to(_sigmoid(np.asarray(alpha, dtype=np.float64)), (T, B, H))
+
+
+def least_used(wu, n):
+    """wu: (S,) -> w_lu: (S,) 1.0 where wu <= n-th smallest else 0.0, z: first argmin."""
+    m = np.sort(wu)[n - 1]
+    return (wu <= m).astype(np.float64), int(np.argmin(wu))
+
+
+def _norms(x):
+    """x: (R, W) -> clamped row norms (R,), 1.0 where the norm is above EPS else 0.0."""
+    n = np.sqrt((x * x).sum(axis=1))
+    return np.maximum(n, EPS), (n > EPS).astype(np.float64)
+
+
+def _step(k, g, M_prev, wr_prev, wu_prev, gamma):
+    """One step of one episode, steps 1-7 of the module docstring.
+
+    k: (H, W), g: (H,) gates, M_prev: (S, W), wr_prev: (H, S), wu_prev: (S,)
+    -> r: (H, W), M: (S, W), wr: (H, S), ww: (H, S), wu: (S,), wlu_prev: (S,), z: int."""
+    H = k.shape[0]
+    wlu_prev, z = least_used(wu_prev, H)
+    ww = g[:, None] * wr_prev + (1.0 - g)[:, None] * wlu_prev[None, :]   # (H, S)
+    M = M_prev.copy()                                                    # (S, W)
+    M[z] = 0.0
+    M += ww.T @ k
+    kn, _ = _norms(k)                                                    # (H,)
+    mn, _ = _norms(M)                                                    # (S,)
+    c = (k @ M.T) / (kn[:, None] * mn[None, :])                          # (H, S)
+    e = np.exp(c - c.max(axis=1, keepdims=True))
+    wr = e / e.sum(axis=1, keepdims=True)                                # (H, S)
+    r = wr @ M                                                           # (H, W)
+    wu = gamma * wu_prev + wr.sum(axis=0) + ww.sum(axis=0)               # (S,)
+    return r, M, wr, ww, wu, wlu_prev, z
+
+
+def _f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+    """Run the memory over an episode.
+
+    -> reads (T, B, H, W) r_t, w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
+       w_lu (T, B, S) (from w_u_t, i.e. the slots the next step writes to), memory (B, S, W)
+       M_T; all in the dtype of keys."""
+    k64, m64, r64, u64 = _f64(keys, memory0, read0, usage0)
+    T, B, H, W = keys.shape
+    S = memory0.shape[1]
+    g = gates(alpha, T, B, H)                                            # (T, B, H)
+    reads = np.zeros((T, B, H, W))
+    w_r = np.zeros((T, B, H, S))
+    w_w = np.zeros((T, B, H, S))
+    w_u = np.zeros((T, B, S))
+    w_lu = np.zeros((T, B, S))
+    memory = np.zeros((B, S, W))
+    for b in range(B):
+        M, wr, wu = m64[b], r64[b], u64[b]
+        for t in range(T):
+            r, M, wr, ww, wu, _, _ = _step(k64[t, b], g[t, b], M, wr, wu, float(gamma))
+            reads[t, b], w_r[t, b], w_w[t, b], w_u[t, b] = r, wr, ww, wu
+            w_lu[t, b] = least_used(wu, H)[0]
+        memory[b] = M
+    dt = keys.dtype
+    return (reads.astype(dt), w_r.astype(dt), w_w.astype(dt), w_u.astype(dt),
+            w_lu.astype(dt), memory.astype(dt))
+
+
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
+    """Backpropagation through time for the loss L with dL/dreads = dreads: (T, B, H, W).
+
+    Recomputes the forward pass (it keeps M_t for every t), then runs the steps in reverse.
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S).
+    Step t in reverse, with dM = dL/dM_t and dwr = dL/dw_r_t arriving from step t + 1:
+        dwr^h(i) += dr^h . M_t(i);   dM(i) += sum_h w_r^h(i) dr^h               (read)
+        dc^h(i) = w_r^h(i) (dwr^h(i) - sum_j w_r^h(j) dwr^h(j))                 (softmax)
+        dk^h += sum_i dc^h(i) (M_t(i)/(a_h b_i) - [|k^h| > EPS] c^h(i) k^h/a_h^2)
+        dM(i) += sum_h dc^h(i) (k^h/(a_h b_i) - [|M_t(i)| > EPS] c^h(i) M_t(i)/b_i^2)
+            (a_h = max(|k^h|, EPS), b_i = max(|M_t(i)|, EPS), c = cosine)         (cosine)
+        dk^h += sum_i w_w^h(i) dM(i);   dww^h(i) = k^h . dM(i)                  (write)
+        dM_{t-1}(i) = dM(i) [i != z]                                            (zeroing)
+        dw_r_{t-1}^h = g_h dww^h;  dalpha_t^h = g_h (1 - g_h) sum_i dww^h(i)
+                                               (w_r_{t-1}^h(i) - w_lu_{t-1}(i))  (gate)
+    """
+    dr64, k64, m64, r64, u64 = _f64(dreads, keys, memory0, read0, usage0)
+    T, B, H, W = keys.shape
+    S = memory0.shape[1]
+    g = gates(alpha, T, B, H)                                            # (T, B, H)
+    dkeys = np.zeros((T, B, H, W))
+    dalpha = np.zeros((T, B, H))
+    dmemory0 = np.zeros((B, S, W))
+    dread0 = np.zeros((B, H, S))
+    for b in range(B):
+        # forward, keeping what the reverse sweep needs
+        Ms, wrs, wws, wlus, zs = [m64[b]], [r64[b]], [], [], []
+        M, wr, wu = m64[b], r64[b], u64[b]
+        for t in range(T):
+            _, M, wr, ww, wu, wlu_prev, z = _step(k64[t, b], g[t, b], M, wr, wu, float(gamma))
+            Ms.append(M)
+            wrs.append(wr)
+            wws.append(ww)
+            wlus.append(wlu_prev)
+            zs.append(z)
+        # reverse sweep; Ms[t + 1] is M_t, wrs[t + 1] is w_r_t (index 0 holds step 0)
+        dM = np.zeros((S, W))
+        dwr = np.zeros((H, S))
+        for t in range(T - 1, -1, -1):
+            k, M, wr, ww = k64[t, b], Ms[t + 1], wrs[t + 1], wws[t]
+            dr = dr64[t, b]                                              # (H, W)
+            dwr = dwr + dr @ M.T                                         # (H, S)
+            dM = dM + wr.T @ dr                                          # (S, W)
+            dc = wr * (dwr - (wr * dwr).sum(axis=1, keepdims=True))      # (H, S)
+            kn, kon = _norms(k)                                          # (H,)
+            mn, mon = _norms(M)                                          # (S,)
+            inv = 1.0 / (kn[:, None] * mn[None, :])                      # (H, S)
+            c = (k @ M.T) * inv                                          # (H, S)
+            dk = (dc * inv) @ M - ((dc * c).sum(axis=1) * kon / kn**2)[:, None] * k
+            dM = dM + (dc * inv).T @ k - ((dc * c).sum(axis=0) * mon / mn**2)[:, None] * M
+            dk = dk + ww @ dM                                            # (H, W)
+            dww = k @ dM.T                                               # (H, S)
+            dkeys[t, b] = dk
+            dM = dM.copy()
+            dM[zs[t]] = 0.0
+            gt = g[t, b]                                                 # (H,)
+            dalpha[t, b] = gt * (1.0 - gt) * (dww * (wrs[t] - wlus[t][None, :])).sum(axis=1)
+            dwr = gt[:, None] * dww                                      # dL/dw_r_{t-1}
+        dmemory0[b] = dM
+        dread0[b] = dwr
+    if np.ndim(alpha) == 1:
+        dalpha = dalpha.sum(axis=(0, 1))                                 # (H,)
+    dt = keys.dtype
+    return (dkeys.astype(dt), dalpha.astype(dt), dmemory0.astype(dt), dread0.astype(dt))

@@ -1,0 +1,358 @@
+"""LRUA memory (MANN): reference vs float64 finite differences, Numba vs reference with
+per-dtype bounds, closed forms, the 1-homogeneity identity, the non-differentiable
+selection, ugly shapes, bad input, and the import without numba.
+
+Shape letters: T time steps, B episodes, H heads, S memory slots, W slot width.
+
+Tolerance of a kernel array a against the float64 reference r of the same inputs:
+    |a - r| <= eps(dtype) * c * max|r|,   c = 4 T (S + W + H)
+normwise per array (as gradcheck.rel_error), because the recurrence mixes every slot and
+step into every output: a step sums over at most S + W + H terms per output, T steps chain.
+(Measured on SHAPES: at most 1.0 T (S + W + H) eps, for the W = 1 case; 0.01-0.3 elsewhere.)
+The 0/1 least-used weights must agree exactly.
+
+Finite differences only hold where the least-used selection (w_lu and the zeroed slot) does
+not switch inside the step h; `selection_margin` measures how far each usage vector is from
+a switch, and every gradient test asserts that margin before trusting its finite differences.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
+from metacore import gradcheck
+from metacore.kernels import lrua as K
+from metacore.reference import lrua as R
+
+HAS_NUMBA = "numba" in K.available_backends()
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+BACKENDS = ["reference"] + (["numba"] if HAS_NUMBA else [])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GAMMA = 0.9
+MARGIN = 1e-3      # usage gaps below this would let an FD step of 1e-6 near a switch
+
+
+def data(shape, dtype, seed, per_step=False):
+    """shape (T, B, H, S, W) -> keys, alpha, memory0, read0, usage0, c (the probe weights).
+
+    usage0 holds a permutation of 0, 0.3, ..., 0.3 (S - 1): distinct, well separated."""
+    T, B, H, S, W = shape
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((T, B, H, W))                           # (T, B, H, W)
+    alpha = rng.standard_normal((T, B, H) if per_step else (H,))       # (H,) or (T, B, H)
+    memory0 = rng.standard_normal((B, S, W))                           # (B, S, W)
+    e = np.exp(rng.standard_normal((B, H, S)))
+    read0 = e / e.sum(-1, keepdims=True)                               # (B, H, S)
+    usage0 = 0.3 * np.stack([rng.permutation(S) for _ in range(B)])    # (B, S)
+    c = rng.standard_normal((T, B, H, W))                              # (T, B, H, W)
+    return [x.astype(dtype) for x in (keys, alpha, memory0, read0, usage0, c)]
+
+
+def selection_margin(usage0, w_u, H):
+    """Smallest distance from a switch of the argmin or of the n-th smallest (n = H) over
+    every usage vector that selects something: usage0 and w_u_t, t < T. -> float."""
+    us = np.concatenate([usage0[None], w_u], axis=0).astype(np.float64)  # (T + 1, B, S)
+    s = np.sort(us, axis=-1)
+    S = s.shape[-1]
+    gaps = [np.inf]
+    if S > 1:
+        gaps.append((s[..., 1] - s[..., 0]).min())
+    if H < S:
+        gaps.append((s[..., H] - s[..., H - 1]).min())
+    return float(min(gaps))
+
+
+def assert_close(name, a, ref, dtype, c):
+    """|a - ref| <= eps(dtype) * c * max|ref|; prints the first mismatches."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
+    bound = np.finfo(dtype).eps * c * max(np.abs(ref).max(), np.finfo(dtype).tiny)
+    bad = ~(np.abs(a - ref) <= bound)
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        lines = [f"  at {tuple(i)}: got {a[tuple(i)]!r}, ref {ref[tuple(i)]!r}"
+                 for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} entries differ by more "
+                             f"than {bound:.3g}\n" + "\n".join(lines))
+
+
+def probe(backend, keys, alpha, memory0, read0, usage0, c, gamma=GAMMA):
+    """The scalar probe loss sum(c * reads), float64."""
+    reads = K.lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend=backend)[0]
+    return float((reads * c).sum())
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("shape, seed", [((5, 2, 2, 7, 3), 1), ((3, 1, 3, 4, 2), 1),
+                                         ((1, 1, 1, 3, 1), 3)])
+def test_backward_matches_finite_differences(shape, seed, per_step, backend):
+    """Seeds are chosen so that no gradient is zero by symmetry (with W = 1 every cosine is
+    +-1; seed 1 puts every row on the key's side, and then dalpha = 0 exactly)."""
+    keys, alpha, memory0, read0, usage0, c = data(shape, np.float64, seed=seed,
+                                                  per_step=per_step)
+    w_u = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[3]
+    assert selection_margin(usage0, w_u, shape[2]) > MARGIN
+    grads = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+
+    def f():
+        return probe(backend, keys, alpha, memory0, read0, usage0, c)
+
+    for name, x, dx in zip(("keys", "alpha", "memory0", "read0"),
+                           (keys, alpha, memory0, read0), grads):
+        assert dx.shape == x.shape and dx.dtype == x.dtype, name
+        assert np.abs(dx).max() > 1e-3, f"d{name} is ~0: a comparison that cannot fail"
+        err = gradcheck.rel_error(dx, gradcheck.numerical_gradient(f, x))
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_usage0_and_gamma_have_zero_gradient_away_from_ties(backend):
+    """usage reaches the reads only through the least-used selection: away from a switch
+    the finite differences w.r.t. usage0 and gamma are exactly 0 (what the backward, which
+    returns no gradient for them, assumes)."""
+    keys, alpha, memory0, read0, usage0, c = data((4, 2, 2, 6, 3), np.float64, seed=2)
+    w_u = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[3]
+    assert selection_margin(usage0, w_u, 2) > MARGIN
+    f = lambda: probe(backend, keys, alpha, memory0, read0, usage0, c)   # noqa: E731
+    assert np.all(gradcheck.numerical_gradient(f, usage0) == 0)
+    fg = lambda g: probe(backend, keys, alpha, memory0, read0, usage0, c, gamma=g)  # noqa
+    assert fg(GAMMA + 1e-6) == fg(GAMMA - 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_switch_is_a_jump(backend):
+    """The other side of the convention: two slots tied in usage0 within 1e-9, and a step
+    of 1e-6 across the tie moves the zeroed slot, so the reads jump and the finite
+    difference explodes; the margin check above is what keeps the gradient tests honest."""
+    keys, alpha, memory0, read0, usage0, c = data((2, 1, 1, 5, 3), np.float64, seed=3)
+    usage0[0] = [0.5, 0.5 + 1e-9, 0.8, 0.9, 1.0]
+    w_u = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[3]
+    assert selection_margin(usage0, w_u, 1) < 1e-8
+    f = lambda: probe(backend, keys, alpha, memory0, read0, usage0, c)   # noqa: E731
+    num = gradcheck.numerical_gradient(f, usage0)
+    assert np.abs(num).max() > 1e3
+
+
+# ---------------------------------------------------------------- identities, closed forms
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_homogeneity_identity(backend):
+    """Scaling keys and memory0 by s > 0 leaves every weight unchanged (cosines, gates) and
+    scales every M_t, hence the reads, by s: Euler's theorem gives
+    sum(keys dkeys) + sum(memory0 dmemory0) = sum(c reads)."""
+    keys, alpha, memory0, read0, usage0, c = data((6, 3, 2, 9, 4), np.float64, seed=4)
+    reads = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[0]
+    dk, _, dm, _ = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA,
+                                   backend=backend)
+    lhs = float((keys * dk).sum() + (memory0 * dm).sum())
+    rhs = float((c * reads).sum())
+    assert abs(lhs - rhs) <= 1e-12 * (np.abs(keys * dk).sum() + np.abs(memory0 * dm).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_step_closed_form(backend, dtype):
+    """S = 3, H = 1, W = 1, usage0 = (0, 1, 2): w_lu_0 = (1, 0, 0) and slot 0 is zeroed;
+    w_w = g w_r_0 + (1 - g) e_0 sums to 1; every written row is a positive multiple of k,
+    so each cosine is 1, w_r = 1/3 and r = sum_i M_1(i) / 3 = (k + M_0(1) + M_0(2)) / 3
+    when M_0(1) = M_0(2) = 0 ... taken as 0 here, so r = k/3."""
+    k = 1.7
+    a = 0.4
+    g = 1 / (1 + np.exp(-a))
+    wr0 = np.array([0.2, 0.3, 0.5])
+    keys = np.full((1, 1, 1, 1), k, dtype)
+    alpha = np.full(1, a, dtype)
+    memory0 = np.array([[[5.0], [0.0], [0.0]]], dtype)     # slot 0 holds 5, then is zeroed
+    read0 = wr0[None, None].astype(dtype)
+    usage0 = np.array([[0.0, 1.0, 2.0]], dtype)
+    reads, w_r, w_w, w_u, w_lu, memory = K.lrua_forward(keys, alpha, memory0, read0, usage0,
+                                                        0.5, backend=backend)
+    ww = g * wr0 + (1 - g) * np.array([1.0, 0.0, 0.0])
+    tol = 8 * np.finfo(dtype).eps
+    np.testing.assert_allclose(w_w[0, 0, 0], ww, rtol=tol)
+    np.testing.assert_allclose(memory[0, :, 0], ww * k, rtol=tol)
+    np.testing.assert_allclose(w_r[0, 0, 0], [1 / 3] * 3, rtol=tol)
+    np.testing.assert_allclose(reads[0, 0, 0, 0], k / 3, rtol=tol)
+    np.testing.assert_allclose(w_u[0, 0], 0.5 * np.array([0, 1, 2]) + 1 / 3 + ww, rtol=tol)
+    np.testing.assert_array_equal(w_lu[0, 0], (w_u[0, 0] <= w_u[0, 0].min()).astype(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_mark_every_slot_at_the_threshold(backend):
+    """usage0 = 0 everywhere (the usual start): every slot is at or below the n-th smallest,
+    so the first write spreads (1 - g) over all slots, and slot 0 (the first argmin) is
+    the one zeroed."""
+    T, B, H, S, W = 1, 1, 2, 4, 3
+    keys, alpha, memory0, read0, _, _ = data((T, B, H, S, W), np.float64, seed=5)
+    usage0 = np.zeros((B, S))
+    _, _, w_w, _, _, memory = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA,
+                                             backend=backend)
+    g = 1 / (1 + np.exp(-alpha))
+    np.testing.assert_allclose(w_w[0, 0], g[:, None] * read0[0] + (1 - g)[:, None],
+                               rtol=1e-15)
+    want = memory0[0].copy()
+    want[0] = 0
+    want += w_w[0, 0].T @ keys[0, 0]
+    np.testing.assert_allclose(memory[0], want, rtol=1e-14, atol=1e-15)
+
+
+# ---------------------------------------------------------------- numba vs reference
+SHAPES = [  # (T, B, H, S, W), seed
+    ((7, 3, 2, 11, 5), 6),
+    ((1, 1, 1, 3, 1), 3),   # one step, one episode, one head, 3 slots, W = 1 (see below)
+    ((6, 1, 3, 3, 2), 6),   # S = H: every slot is least used
+    ((13, 2, 1, 5, 17), 6),
+    ((4, 5, 4, 31, 1), 6),
+]
+
+
+@needs_numba
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, seed", SHAPES)
+def test_numba_matches_reference(shape, seed, dtype, per_step):
+    """The bound is relative to max|ref| per array, so no reference array may vanish by
+    symmetry (with W = 1 and every row on the key's side, w_r is uniform and dalpha = 0
+    up to rounding): the seeds avoid that and the test asserts it."""
+    T, B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, c = data(shape, dtype, seed=seed, per_step=per_step)
+    as64 = [x.astype(np.float64) for x in (keys, alpha, memory0, read0, usage0, c)]
+    ref = K.lrua_forward(*as64[:5], GAMMA, backend="reference")
+    # the selection must be far from a switch at this dtype's precision, or the backends
+    # may legitimately choose different slots
+    assert selection_margin(as64[4], ref[3], H) > 1e-4
+    got = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend="numba")
+    bound = 4 * T * (S + W + H)
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), got, ref):
+        assert a.dtype == dtype, name
+        if name == "w_lu":
+            np.testing.assert_array_equal(a, r)
+        else:
+            assert_close(name, a, r, dtype, bound)
+    got = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, backend="numba")
+    ref = K.lrua_backward(as64[5], *as64[:5], GAMMA, backend="reference")
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert np.abs(r).max() > 1e-3, f"reference {name} is ~0: no scale to compare at"
+        assert_close(name, a, r, dtype, bound)
+
+
+@needs_numba
+def test_noncontiguous_inputs():
+    keys, alpha, memory0, read0, usage0, c = data((4, 3, 2, 6, 5), np.float64, seed=7)
+    nc = [np.asfortranarray(x) for x in (keys, memory0, read0, usage0, c)]
+    assert not any(x.flags.c_contiguous for x in nc)
+    k2, m2, r2, u2, c2 = nc
+    for a, b in zip(K.lrua_forward(k2, alpha, m2, r2, u2, GAMMA, backend="numba"),
+                    K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA,
+                                   backend="numba")):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(K.lrua_backward(c2, k2, alpha, m2, r2, u2, GAMMA, backend="numba"),
+                    K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA,
+                                    backend="numba")):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_returns_input_dtype_and_fresh_arrays(backend):
+    args = data((3, 2, 2, 5, 4), np.float32, seed=8)
+    keys, alpha, memory0, read0, usage0, c = args
+    before = [x.copy() for x in args]
+    out = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    grads = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    for x in out + grads:
+        assert x.dtype == np.float32
+        assert not any(np.shares_memory(x, y) for y in args)
+    for x, y in zip(args, before):
+        np.testing.assert_array_equal(x, y)            # inputs untouched
+
+
+@needs_numba
+def test_auto_is_numba_when_installed():
+    assert K._backend("test", "auto") is K._backend("test", "numba")
+
+
+# ---------------------------------------------------------------- bad input
+def _raises(exc, match, fn, *args, **kw):
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    for part in match:
+        assert part in msg, f"{part!r} not in error message {msg!r}"
+
+
+def test_bad_inputs_name_the_problem():
+    keys, alpha, memory0, read0, usage0, c = data((3, 2, 2, 5, 4), np.float64, seed=9)
+    F, Bk = K.lrua_forward, K.lrua_backward
+    _raises(ValueError, ["lrua_forward", "keys", "4 dimensions", "(2, 2, 4)"],
+            F, keys[0], alpha, memory0, read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "memory0", "(2, *, 4)", "(2, 5, 3)"],
+            F, keys, alpha, memory0[..., :3], read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "memory0", "S = 1", "H = 2"],
+            F, keys, alpha, memory0[:, :1], read0[..., :1], usage0[:, :1], GAMMA)
+    _raises(ValueError, ["lrua_forward", "alpha", "(2,)", "(3, 2, 2)", "(3,)"],
+            F, keys, np.zeros(3), memory0, read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "read0", "(2, 2, 5)", "(2, 5, 2)"],
+            F, keys, alpha, memory0, read0.transpose(0, 2, 1).copy(), usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "usage0", "(2, 5)", "(5,)"],
+            F, keys, alpha, memory0, read0, usage0[0], GAMMA)
+    _raises(TypeError, ["lrua_forward", "memory0", "float32", "float64"],
+            F, keys, alpha, memory0.astype(np.float32), read0, usage0, GAMMA)
+    _raises(TypeError, ["lrua_forward", "keys", "int64"],
+            F, keys.astype(np.int64), alpha, memory0, read0, usage0, GAMMA)
+    _raises(TypeError, ["lrua_forward", "alpha", "numpy.ndarray", "float"],
+            F, keys, 0.5, memory0, read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "gamma", "[0, 1]", "1.5"],
+            F, keys, alpha, memory0, read0, usage0, 1.5)
+    _raises(ValueError, ["lrua_forward", "gamma", "[0, 1]", "-0.1"],
+            F, keys, alpha, memory0, read0, usage0, -0.1)
+    _raises(ValueError, ["lrua_forward", "gamma", "nan"],
+            F, keys, alpha, memory0, read0, usage0, float("nan"))
+    _raises(TypeError, ["lrua_forward", "gamma", "real number", "str"],
+            F, keys, alpha, memory0, read0, usage0, "0.9")
+    bad = keys.copy()
+    bad[1, 0, 1, 2] = np.inf
+    _raises(ValueError, ["lrua_forward", "keys", "1 non-finite"],
+            F, bad, alpha, memory0, read0, usage0, GAMMA)
+    bad = usage0.copy()
+    bad[0, 0] = np.nan
+    _raises(ValueError, ["lrua_backward", "usage0", "1 non-finite"],
+            Bk, c, keys, alpha, memory0, read0, bad, GAMMA)
+    _raises(ValueError, ["lrua_backward", "dreads", "(3, 2, 2, 4)", "(3, 2, 2, 3)"],
+            Bk, c[..., :3], keys, alpha, memory0, read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "at least one step"],
+            F, keys[:0], alpha, memory0, read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward", "unknown backend", "'cuda'"],
+            F, keys, alpha, memory0, read0, usage0, GAMMA, backend="cuda")
+
+
+def test_works_without_numba():
+    """With numba blocked, the module imports, auto falls back to the reference, and asking
+    for numba says what is missing."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import numpy as np\n"
+        "import metacore.kernels.lrua as K\n"
+        "assert K.available_backends() == ['reference'], K.available_backends()\n"
+        "keys = np.ones((2, 1, 1, 3)); a = np.zeros(1); m = np.zeros((1, 3, 3))\n"
+        "r0 = np.full((1, 1, 3), 1 / 3); u0 = np.arange(3.0)[None]\n"
+        "reads = K.lrua_forward(keys, a, m, r0, u0, 0.9)[0]\n"
+        "assert reads.shape == (2, 1, 1, 3) and np.isfinite(reads).all()\n"
+        "try:\n"
+        "    K.lrua_forward(keys, a, m, r0, u0, 0.9, backend='numba')\n"
+        "except ImportError as err:\n"
+        "    print('ERR', err)\n"
+        "else:\n"
+        "    raise SystemExit('numba backend did not fail')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERR lrua_forward: backend 'numba' needs the package 'numba'" in res.stdout
+    assert "backend='reference'" in res.stdout
