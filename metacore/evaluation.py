@@ -41,8 +41,22 @@ def _query_scores(model, theta, qx, qy, transductive):
 def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
     """theta (P,), alpha scalar or (P,), batch = (sx, sy, qx, qy) of T tasks.
     -> {"loss": [(T,)] * (max_steps + 1), "accuracy": likewise, for classifiers}."""
+    from metacore.algorithms.maml import _check_alpha, _check_model, _check_theta, _check_xy
+    op = "adapt_and_score"
+    _check_model(op, model)
+    _check_theta(op, model, theta)
+    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+        raise TypeError(f"{op}: batch must be (support_x, support_y, query_x, query_y)")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"{op}: max_steps must be an int >= 0, got {max_steps!r}")
     sx, sy, qx, qy = batch
-    th = np.repeat(theta[None, :], sx.shape[0], axis=0)                # (T, P)
+    T = sx.shape[0] if isinstance(sx, np.ndarray) and sx.ndim >= 2 else None
+    if T is None:
+        raise ValueError(f"{op}: support_x must be a (T, N, ...) array")
+    _check_xy(op, model, "support", sx, sy, T, theta.dtype)
+    _check_xy(op, model, "query", qx, qy, T, theta.dtype)
+    th = np.repeat(theta[None, :], T, axis=0)                          # (T, P)
     out = {"loss": [], "accuracy": []}
     for step in range(max_steps + 1):
         loss, acc = _query_scores(model, th, qx, qy, transductive)

@@ -182,3 +182,20 @@ def test_sinusoid_plots_written(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_bad_input(tmp_path):
+    from metacore.models import sinusoid_mlp
+    model = sinusoid_mlp(hidden=(3,))
+    theta = model.init_params(np.random.default_rng(0), np.float64)
+    x = np.zeros((2, 4, 1))
+    with pytest.raises(ValueError, match="max_steps must be an int >= 0"):
+        adapt_and_score(model, theta, 0.1, (x, x, x, x), -1)
+    with pytest.raises(TypeError, match="has dtype float32, expected float64"):
+        adapt_and_score(model, theta, 0.1, (x, x, x.astype(np.float32), x), 1)
+    with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+        adapt_and_score(model, theta, float("nan"), (x, x, x, x), 1)
+    with pytest.raises(FileNotFoundError):
+        evaluate(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="n_tasks must be an int >= 2"):
+        evaluate(str(tmp_path), n_tasks=1)
