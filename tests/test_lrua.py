@@ -157,10 +157,9 @@ def test_homogeneity_identity(backend):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_step_closed_form(backend, dtype):
-    """S = 3, H = 1, W = 1, usage0 = (0, 1, 2): w_lu_0 = (1, 0, 0) and slot 0 is zeroed;
-    w_w = g w_r_0 + (1 - g) e_0 sums to 1; every written row is a positive multiple of k,
-    so each cosine is 1, w_r = 1/3 and r = sum_i M_1(i) / 3 = (k + M_0(1) + M_0(2)) / 3
-    when M_0(1) = M_0(2) = 0 ... taken as 0 here, so r = k/3."""
+    """S = 3, H = 1, W = 1, usage0 = (0, 1, 2), M_0 = (5, 0, 0): w_lu_0 = (1, 0, 0) and
+    slot 0 (the 5) is zeroed, so M_1 = w_w k with w_w = g w_r_0 + (1 - g) e_0 summing to 1;
+    every row is a positive multiple of k, so each cosine is 1, w_r = 1/3 and r = k/3."""
     k = 1.7
     a = 0.4
     g = 1 / (1 + np.exp(-a))

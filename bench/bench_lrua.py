@@ -1,0 +1,100 @@
+"""LRUA memory (MANN): one episode forward + backward per backend, float32, with the ratio to
+the NumPy reference measured in the same run.
+
+Run: python -m pytest bench/bench_lrua.py --benchmark-only -q -s
+
+Shape letters: T time steps, B episodes, H heads, S memory slots, W slot width.
+Size (issue 5 and Santoro et al. 2016's Omniglot setup): T = 50 steps, B = 16 episodes,
+H = 4 read heads, memory S x W = 128 x 40. Inputs start as MANN does: M_0 = 1e-6, w_u_0 = 0,
+w_r_0 one-hot on slot 0; keys and gates random.
+
+The timed call is lrua_forward then lrua_backward (which reruns the forward inside), i.e.
+what one training step of the memory costs. Nominal FLOP count per step per episode, the
+same for every backend so that GFLOP/s ratios are time ratios (2 per multiply-add, only the
+H S W terms):
+    forward   6 H S W   (write w_w^T k, cosines k . M(i), read w_r M)
+    sweep    14 H S W   (read: dw_r, dM; cosine: recompute, dk, dM; write: dk, dw_w)
+    total    26 H S W   = forward + (forward + sweep)
+Before timing, every backend's reads and gradients are checked against the float64
+reference on the same inputs (normwise relative error <= 1e-4); the first call also warms
+up (compiles Numba, or loads its cache).
+"""
+import time
+
+import numpy as np
+import pytest
+
+import metacore  # noqa: F401
+from metacore.gradcheck import rel_error
+from metacore.kernels import lrua as K
+
+T, B, H, S, W = 50, 16, 4, 128, 40
+GAMMA = 0.95
+FLOPS = 26 * H * S * W * T * B
+
+
+def make(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((T, B, H, W)).astype(dtype)       # (T, B, H, W)
+    alpha = rng.standard_normal(H).astype(dtype)                 # (H,)
+    memory0 = np.full((B, S, W), 1e-6, dtype)                    # (B, S, W)
+    read0 = np.zeros((B, H, S), dtype)                           # (B, H, S)
+    read0[..., 0] = 1
+    usage0 = np.zeros((B, S), dtype)                             # (B, S)
+    dreads = rng.standard_normal((T, B, H, W)).astype(dtype)     # (T, B, H, W)
+    return keys, alpha, memory0, read0, usage0, dreads
+
+
+def step(backend, keys, alpha, memory0, read0, usage0, dreads):
+    """Forward then backward of one batch of episodes -> (reads, dkeys, dalpha, dmemory0,
+    dread0)."""
+    reads = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[0]
+    grads = K.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, GAMMA,
+                            backend=backend)
+    return (reads,) + tuple(grads)
+
+
+_REF64 = {}
+
+
+def check(result, args):
+    """Reads and gradients against the float64 reference on the same (float32) values."""
+    if "ref" not in _REF64:
+        _REF64["ref"] = step("reference", *(x.astype(np.float64) for x in args))
+    for name, a, r in zip(("reads", "dkeys", "dalpha", "dmemory0", "dread0"), result,
+                          _REF64["ref"]):
+        err = rel_error(a, r)
+        assert err <= 1e-4, f"{name}: rel_error {err:.3g}; not timing a wrong result"
+
+
+def median_seconds(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_bench_lrua_episode(benchmark, backend):
+    if backend not in K.available_backends():
+        pytest.skip(f"{backend} not importable")
+    args = make()
+    fn = lambda: step(backend, *args)          # noqa: E731
+    check(fn(), args)                          # also the warm-up
+    result = benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    check(result, args)
+    med = benchmark.stats.stats.median
+    benchmark.extra_info["gflops"] = round(FLOPS / med / 1e9, 3)
+    benchmark.extra_info["episodes_per_s"] = round(B / med, 1)
+    if backend != "reference":
+        base = median_seconds(lambda: step("reference", *args), 5)
+        benchmark.extra_info["reference_median_s"] = round(base, 4)
+        benchmark.extra_info["speedup_over_reference"] = round(base / med, 2)
+    print(f"\nlrua {backend}: median {med * 1e3:.1f} ms per forward+backward of "
+          f"{B} x {T}-step episodes, {FLOPS / med / 1e9:.2f} GFLOP/s nominal"
+          + (f", {benchmark.extra_info['speedup_over_reference']}x the reference "
+             f"({benchmark.extra_info['reference_median_s'] * 1e3:.1f} ms, same run)"
+             if backend != "reference" else ""))
