@@ -7,7 +7,6 @@ import pytest
 from metacore.algorithms.relation import RelationNet, sigmoid
 from metacore.gradcheck import rel_error
 from metacore.models.metric_heads import relation_embedding, relation_module
-from metacore.params import tile_tasks
 from test_protonet import fd_check
 
 

@@ -81,9 +81,8 @@ class ProtoNet:
 
     # ------------------------------------------------------------------ embedding
     def _embed(self, params, x, bn):
-        """x: (T, B, H, W, C) -> f(x): (T, B, D), caches. bn='batch': each task's batch
-        statistics; 'running': the buffers, each image alone (batched as B tasks of one
-        image would be the same numbers; the running mode is already per image)."""
+        """x: (T, B, H, W, C) -> f(x): (T, B, D), caches. bn='batch': statistics of each
+        task's B images; 'running': the buffers, so each image's embedding is its own."""
         if bn not in BN_MODES:
             raise ValueError(f"ProtoNet: bn must be one of {BN_MODES}, got {bn!r}")
         self.model.set_bn_mode(bn)

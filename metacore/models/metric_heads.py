@@ -18,8 +18,6 @@ relation, siamese).
 Shape letters: T tasks, B images (or pairs) per task, P parameters.
 Every constructor takes the sizes as arguments so that tests can build tiny versions.
 """
-import numpy as np
-
 from metacore.network import BatchNorm, Conv2d, Flatten, Linear, MaxPool2d, Model, ReLU
 from metacore.params import ParamLayout
 
@@ -46,13 +44,15 @@ def relation_module(feature_shape=(5, 5, 64), channels=64, depth=2, hidden=8,
     depth x [conv 3x3 'same', BN, ReLU, max-pool], flatten, linear -> hidden, ReLU,
     linear -> 1 (the relation score's logit)."""
     H, W, C = feature_shape
-    layers, c = [], 2 * C
+    layers, c, shape = [], 2 * C, (H, W, 2 * C)
     for _ in range(depth):
-        layers += [Conv2d(c, channels, stride=1, padding="same"),
-                   BatchNorm(channels, mode=bn_mode), ReLU(), MaxPool2d()]
+        block = [Conv2d(c, channels, stride=1, padding="same"),
+                 BatchNorm(channels, mode=bn_mode), ReLU(), MaxPool2d()]
+        for layer in block:
+            shape = layer.out_shape(shape)          # raises if the map gets too small to pool
+        layers += block
         c = channels
-    model = Model("relation_module_convs", layers + [Flatten()], in_shape=(H, W, 2 * C))
-    d = model.out_shape[0]
+    d = shape[0] * shape[1] * shape[2]
     layers += [Flatten(), Linear(d, hidden), ReLU(), Linear(hidden, 1)]
     return Model("relation_module", layers, in_shape=(H, W, 2 * C), loss=None)
 
