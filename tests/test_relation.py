@@ -11,18 +11,18 @@ from test_protonet import fd_check
 
 
 def tiny(seed=0, T=2, N=3, K=2, Q=2):
-    """12x12 images; embedding [valid conv + pool, same conv] (12 -> 10 -> 5 -> 5), 3 channels;
-    relation module 2 x [same conv, BN, ReLU, pool] (5 -> 2 -> 1), FC 3 -> 4 -> 1."""
+    """10x10 images; embedding [valid conv + pool, same conv] (10 -> 8 -> 4 -> 4), 3 channels;
+    relation module 2 x [same conv, BN, ReLU, pool] (4 -> 2 -> 1), FC 3 -> 4 -> 1."""
     rng = np.random.default_rng(seed)
-    f = relation_embedding((12, 12, 1), channels=3, blocks=(("valid", True), ("same", False)))
+    f = relation_embedding((10, 10, 1), channels=3, blocks=(("valid", True), ("same", False)))
     g = relation_module(f.out_shape, channels=3, depth=2, hidden=4)
     rn = RelationNet(f, g)
     params = rn.init_params(rng, np.float64)
     params += 0.1 * rng.standard_normal(params.shape)
     sy = np.stack([rng.permutation(np.repeat(np.arange(N), K)) for _ in range(T)])
     qy = rng.integers(0, N, (T, Q * N))
-    sx = rng.random((T, N * K, 12, 12, 1))
-    qx = rng.random((T, Q * N, 12, 12, 1))
+    sx = rng.random((T, N * K, 10, 10, 1))
+    qx = rng.random((T, Q * N, 10, 10, 1))
     return rn, params, sx, sy, qx, qy, rng
 
 
@@ -118,12 +118,12 @@ def test_bad_input_refused():
     with pytest.raises(ValueError, match="params must have shape"):
         f(params[1:], sx, sy, qx, qy)
     with pytest.raises(ValueError, match="support_x must have shape"):
-        f(params, sx[:, :, :10, :10], sy, qx, qy)
+        f(params, sx[:, :, :9, :9], sy, qx, qy)
     with pytest.raises(ValueError, match="no example of class 0"):
         f(params, sx, sy + 1, qx, qy)
     with pytest.raises(TypeError, match="query_y must have an integer dtype"):
         f(params, sx, sy, qx, qy.astype(np.float64))
     with pytest.raises(ValueError, match="relation module must map"):
-        RelationNet(rn.embed, relation_module((5, 5, 4), channels=3, hidden=4))
+        RelationNet(rn.embed, relation_module((4, 4, 4), channels=3, hidden=4))
     with pytest.raises(ValueError, match="bn must be one of"):
         rn.scores(params, sx, sy, qx, bn="query")
