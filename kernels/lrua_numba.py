@@ -10,6 +10,11 @@ by `metacore.kernels.lrua`; this module only makes them contiguous.
 How the kernels differ from the reference:
   * One work item per episode b (prange over B); the time loop runs inside it, so a whole
     episode's recurrence stays in one thread with no Python between steps.
+  * fastmath=False forbids reassociating a sum, so LLVM vectorizes only loops over
+    independent outputs. Sums over the width x (norms, cosines, dL/dw_r, dL/dw_w) therefore
+    run on transposed copies M_t^T and dL/dM^T: (W, S) with the slots i as the vectorized
+    loop; sums over slots (the reads, dL/dk) run on the (S, W) layouts with x vectorized.
+    This halved the reverse sweep against the first, untransposed version.
   * Everything accumulates in the input dtype (float32 stays float32); cosines and the
     softmax are bounded, and tests/test_lrua.py bounds the float32 error of a whole episode.
   * lrua_backward reruns the forward kernel keeping M_t for every t (B, T + 1, S, W), the
@@ -44,6 +49,7 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
     kn = np.empty(H, dtype=dt)
     mn = np.empty(S, dtype=dt)
     c = np.empty((H, S), dtype=dt)
+    MT = np.empty((W, S), dtype=dt)
     Ms[b, 0] = memory0[b]
     for t in range(T):
         Mp = Ms[b, t % K]                               # (S, W)  M_{t-1}
@@ -77,22 +83,31 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
                 wv = ww[h, i]
                 for x in range(W):
                     M[i, x] += wv * k[h, x]
-        # 5. cosine similarities with clamped norms, softmax over slots
+        # 5. cosine similarities with clamped norms, softmax over slots. The sums over x
+        # run on MT = M^T, so the vectorized loop is over slots i (independent sums, each
+        # over x in order): fastmath=False would not vectorize a reduction over x
+        for i in range(S):
+            for x in range(W):
+                MT[x, i] = M[i, x]
         for h in range(H):
             acc = dt.type(0)
             for x in range(W):
                 acc += k[h, x] * k[h, x]
             kn[h] = max(np.sqrt(acc), eps)
+        mn[:] = 0
+        for x in range(W):
+            for i in range(S):
+                mn[i] += MT[x, i] * MT[x, i]
         for i in range(S):
-            acc = dt.type(0)
+            mn[i] = max(np.sqrt(mn[i]), eps)
+        for h in range(H):
+            c[h, :] = 0
             for x in range(W):
-                acc += M[i, x] * M[i, x]
-            mn[i] = max(np.sqrt(acc), eps)
-            for h in range(H):
-                acc = dt.type(0)
-                for x in range(W):
-                    acc += k[h, x] * M[i, x]
-                c[h, i] = acc / (kn[h] * mn[i])
+                kv = k[h, x]
+                for i in range(S):
+                    c[h, i] += kv * MT[x, i]
+            for i in range(S):
+                c[h, i] /= kn[h] * mn[i]
         for h in range(H):
             cmax = c[h, 0]
             for i in range(1, S):
@@ -150,11 +165,17 @@ def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
     T, B, H, W = keys.shape
     S = Ms.shape[2]
     for b in prange(B):
+        # dL/dM is kept transposed, dMT: (W, S), and M_t is transposed into MT: (W, S) each
+        # step, so that every sum over x has the slots i as its vectorized loop; the two
+        # sums over i (into dk) run on the (S, W) layouts with x as the vectorized loop
         dt = keys.dtype
-        dM = np.zeros((S, W), dtype=dt)
+        dMT = np.zeros((W, S), dtype=dt)
+        dMs = np.empty((S, W), dtype=dt)
+        MT = np.empty((W, S), dtype=dt)
         dwr = np.zeros((H, S), dtype=dt)
         dc = np.empty((H, S), dtype=dt)
         c = np.empty((H, S), dtype=dt)
+        gi = np.empty((H, S), dtype=dt)
         kn = np.empty(H, dtype=dt)
         kon = np.empty(H, dtype=dt)
         mn = np.empty(S, dtype=dt)
@@ -168,16 +189,16 @@ def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
             ww = w_w[t, b]                              # (H, S)
             dr = dreads[t, b]                           # (H, W)
             dk = dkeys[t, b]                            # (H, W)
-            # read r = w_r M
             for i in range(S):
-                for h in range(H):
-                    acc = dt.type(0)
-                    for x in range(W):
-                        acc += dr[h, x] * M[i, x]
-                    dwr[h, i] += acc
-                    wv = wr[h, i]
-                    for x in range(W):
-                        dM[i, x] += wv * dr[h, x]
+                for x in range(W):
+                    MT[x, i] = M[i, x]
+            # read r = w_r M
+            for h in range(H):
+                for x in range(W):
+                    d = dr[h, x]
+                    for i in range(S):
+                        dwr[h, i] += d * MT[x, i]
+                        dMT[x, i] += wr[h, i] * d
             # softmax over slots
             for h in range(H):
                 acc = dt.type(0)
@@ -193,55 +214,65 @@ def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
                 nrm = np.sqrt(acc)
                 kn[h] = max(nrm, eps)
                 kon[h] = 1 if nrm > eps else 0
-                sk[h] = 0
-                for x in range(W):
-                    dk[h, x] = 0
+            mn[:] = 0
+            for x in range(W):
+                for i in range(S):
+                    mn[i] += MT[x, i] * MT[x, i]
             for i in range(S):
-                acc = dt.type(0)
-                for x in range(W):
-                    acc += M[i, x] * M[i, x]
-                nrm = np.sqrt(acc)
+                nrm = np.sqrt(mn[i])
                 mn[i] = max(nrm, eps)
                 mon[i] = 1 if nrm > eps else 0
                 sm[i] = 0
-            for i in range(S):
-                for h in range(H):
-                    acc = dt.type(0)
-                    for x in range(W):
-                        acc += k[h, x] * M[i, x]
+            for h in range(H):
+                c[h, :] = 0
+                for x in range(W):
+                    kv = k[h, x]
+                    for i in range(S):
+                        c[h, i] += kv * MT[x, i]
+                sk[h] = 0
+                for i in range(S):
                     inv = 1 / (kn[h] * mn[i])
-                    c[h, i] = acc * inv
+                    c[h, i] *= inv
                     dcc = dc[h, i] * c[h, i]
                     sk[h] += dcc
                     sm[i] += dcc
-                    gi = dc[h, i] * inv
-                    for x in range(W):
-                        dk[h, x] += gi * M[i, x]
+                    gi[h, i] = dc[h, i] * inv
             for h in range(H):
                 f = sk[h] * kon[h] / (kn[h] * kn[h])
                 for x in range(W):
-                    dk[h, x] -= f * k[h, x]
-            for i in range(S):
-                f = sm[i] * mon[i] / (mn[i] * mn[i])
-                for x in range(W):
-                    dM[i, x] -= f * M[i, x]
-                for h in range(H):
-                    gi = dc[h, i] / (kn[h] * mn[i])
+                    dk[h, x] = -f * k[h, x]
+                for i in range(S):
+                    gv = gi[h, i]
                     for x in range(W):
-                        dM[i, x] += gi * k[h, x]
+                        dk[h, x] += gv * M[i, x]
+            for i in range(S):
+                sm[i] = sm[i] * mon[i] / (mn[i] * mn[i])
+            for x in range(W):
+                for i in range(S):
+                    dMT[x, i] -= sm[i] * MT[x, i]
+            for h in range(H):
+                for x in range(W):
+                    kv = k[h, x]
+                    for i in range(S):
+                        dMT[x, i] += gi[h, i] * kv
             # write M_t = M' + w_w^T k: key gradient and write-weight gradient (into dwr)
             for i in range(S):
-                for h in range(H):
+                for x in range(W):
+                    dMs[i, x] = dMT[x, i]
+            for h in range(H):
+                for i in range(S):
                     wv = ww[h, i]
-                    acc = dt.type(0)
                     for x in range(W):
-                        dk[h, x] += wv * dM[i, x]
-                        acc += k[h, x] * dM[i, x]
-                    dwr[h, i] = acc                     # holds dww until the gate below
+                        dk[h, x] += wv * dMs[i, x]
+                dwr[h, :] = 0                           # holds dww until the gate below
+                for x in range(W):
+                    kv = k[h, x]
+                    for i in range(S):
+                        dwr[h, i] += kv * dMT[x, i]
             # zeroing of the least-used slot
             z = zs[b, t]
             for x in range(W):
-                dM[z, x] = 0
+                dMT[x, z] = 0
             # gate: w_w = g w_r_{t-1} + (1 - g) w_lu_{t-1}
             wr_prev = read0[b] if t == 0 else w_r[t - 1, b]
             wlu = wlu_prev[b, t]
@@ -252,7 +283,9 @@ def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
                     acc += dwr[h, i] * (wr_prev[h, i] - wlu[i])
                     dwr[h, i] *= gh
                 dalpha[t, b, h] = gh * (1 - gh) * acc
-        dmemory0[b] = dM
+        for i in range(S):
+            for x in range(W):
+                dmemory0[b, i, x] = dMT[x, i]
         dread0[b] = dwr
 
 
