@@ -25,7 +25,6 @@ import pytest
 import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
 from metacore import gradcheck
 from metacore.kernels import lrua as K
-from metacore.reference import lrua as R
 
 HAS_NUMBA = "numba" in K.available_backends()
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
