@@ -27,11 +27,11 @@ Backends:
 Adding a backend is one line in BACKENDS, naming a module that defines the two functions
 above with the reference's signatures, and the package it needs.
 """
-import importlib
 import numbers
 
 import numpy as np
 
+from metacore.kernels._dispatch import Backends
 from metacore.validate import check_float_array
 
 EPS = 1e-8
@@ -43,44 +43,17 @@ BACKENDS = {
 }
 AUTO_ORDER = ("numba", "reference")
 
-_loaded = {}
+_BACKENDS = Backends(BACKENDS, AUTO_ORDER)
 
 
 def _backend(op, name):
     """The module for backend `name`, imported on first use (so numba stays optional)."""
-    if name == "auto":
-        for cand in AUTO_ORDER:
-            try:
-                return _backend(op, cand)
-            except ImportError:
-                continue
-        raise ImportError(f"{op}: no backend importable among {AUTO_ORDER}")
-    if name not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {name!r}; choose 'auto' or one of "
-                         f"{sorted(BACKENDS)}")
-    if name not in _loaded:
-        module, needs = BACKENDS[name]
-        try:
-            _loaded[name] = importlib.import_module(module)
-        except ImportError as err:
-            if needs is None:
-                raise
-            raise ImportError(f"{op}: backend {name!r} needs the package {needs!r}, which "
-                              f"could not be imported ({err}); install it (pip install "
-                              f"{needs}) or use backend='reference'") from err
-    return _loaded[name]
+    return _BACKENDS.get(op, name)
 
 
 def available_backends():
     """Names of the backends that import on this machine."""
-    names = []
-    for name in BACKENDS:
-        try:
-            _backend("available_backends", name)
-            names.append(name)
-        except ImportError:
-            pass
-    return names
+    return _BACKENDS.available()
 
 
 # ---------------------------------------------------------------- input checks
