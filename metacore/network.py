@@ -358,12 +358,15 @@ class Model:
             caches.append(c)
         return h, caches
 
-    def backward(self, dout, caches, T):
-        """dout: d loss / d out (T, N, *out_shape) -> grad (T, P)."""
+    def backward(self, dout, caches, T, return_dx=False):
+        """dout: d loss / d out (T, N, *out_shape) -> grad (T, P); with return_dx also the
+        gradient with respect to the input x, (grad, dx (T, N, *in_shape)), for a model
+        whose input is another model's output (Relation Networks)."""
         grads, g = [None] * len(self.layers), dout
         for i in range(len(self.layers) - 1, -1, -1):
-            g, grads[i] = self.layers[i].backward(g, caches[i], need_dx=i > 0)
-        return self._join(grads, T, dout.dtype)
+            g, grads[i] = self.layers[i].backward(g, caches[i], need_dx=i > 0 or return_dx)
+        grad = self._join(grads, T, dout.dtype)
+        return (grad, g) if return_dx else grad
 
     def rforward(self, v, caches):
         """v: (T, P) direction -> R{out} (T, N, *out_shape), rcaches."""

@@ -60,10 +60,8 @@ def relation_module(feature_shape=(5, 5, 64), channels=64, depth=2, hidden=8,
 def backward_with_input_grad(model, dout, caches, T):
     """As Model.backward, but the first layer's input gradient is kept.
     dout: (T, B, *out_shape) -> dx (T, B, *in_shape), grad (T, P)."""
-    grads, g = [None] * len(model.layers), dout
-    for i in range(len(model.layers) - 1, -1, -1):
-        g, grads[i] = model.layers[i].backward(g, caches[i], need_dx=True)
-    return g, model._join(grads, T, dout.dtype)
+    grad, dx = model.backward(dout, caches, T, return_dx=True)
+    return dx, grad
 
 
 class JointParams:
