@@ -23,10 +23,10 @@ Python, one task at a time, so its time is exactly linear in T: for Conv-4 it is
 REF_TASKS tasks and scaled to T (stated in the output), since at T = 32 it takes minutes.
 """
 import os
-import time
 
 import numpy as np
 import pytest
+from _timing import median_seconds
 
 from metacore import models
 from metacore.blas import blas_threads
@@ -87,15 +87,6 @@ def make(name, dtype=np.float32, seed=0):
     return model, theta, x, y, v
 
 
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def fast_call(model, theta, x, y, v, which):
     if which == "forward":
         return lambda: model.loss(theta, x, y)
@@ -130,7 +121,7 @@ def test_core(benchmark, name, which):
     rsub = (theta[:ref_T], x[:ref_T], y[:ref_T], v[:ref_T])
     ref_fn = ref_call(model, *rsub, which)
     ref_fn()
-    ref_time = median_time(ref_fn, 5 if name == "sinusoid" else 1) * (T / ref_T)
+    ref_time = median_seconds(ref_fn, 5 if name == "sinusoid" else 1) * (T / ref_T)
     # 3. the fast path
     fn = fast_call(model, theta, x, y, v, which)
     fn()                                                        # warm-up

@@ -20,10 +20,10 @@ median, both measured in this run, in benchmark.extra_info. Baselines: the BLAS 
 |q|^2 + |s|^2 - 2 q s^T via matmul for sqeuclidean (forward and backward) and cosine; the
 NumPy reference for L1 and the ProtoNet loss (the reference at the small sizes only).
 """
-import time
 
 import numpy as np
 import pytest
+from _timing import median_seconds
 
 import metacore  # noqa: F401
 from metacore.kernels import distance as K
@@ -119,16 +119,6 @@ def check(op, result, q, s, g, y):
     assert err <= tol, f"{op}: max error {err:.3g} above {tol:.3g}; not timing a wrong result"
 
 
-def median_seconds(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 OPS = ["sqeuclidean", "l1", "cosine", "sqeuclidean_backward", "protonet"]
 
 
@@ -155,6 +145,6 @@ def test_bench(benchmark, op, size, backend):
     base = baseline_of(op)
     if base != backend and not (base == "reference" and large):
         base_fn = calls(op, base, q, s, g, y)
-        base_med = median_seconds(base_fn, 3 if large else 10)
+        base_med = median_seconds(base_fn, 3 if large else 10, warmup=True)
         benchmark.extra_info["baseline"] = base
         benchmark.extra_info["time_over_baseline"] = round(med / base_med, 3)

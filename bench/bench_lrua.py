@@ -19,10 +19,10 @@ Before timing, every backend's reads and gradients are checked against the float
 reference on the same inputs (normwise relative error <= 1e-4); the first call also warms
 up (compiles Numba, or loads its cache).
 """
-import time
 
 import numpy as np
 import pytest
+from _timing import median_seconds
 
 import metacore  # noqa: F401
 from metacore.gradcheck import rel_error
@@ -67,16 +67,6 @@ def check(result, args):
         assert err <= 1e-4, f"{name}: rel_error {err:.3g}; not timing a wrong result"
 
 
-def median_seconds(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_bench_lrua_episode(benchmark, backend):
     if backend not in K.available_backends():
@@ -90,7 +80,7 @@ def test_bench_lrua_episode(benchmark, backend):
     benchmark.extra_info["gflops"] = round(FLOPS / med / 1e9, 3)
     benchmark.extra_info["episodes_per_s"] = round(B / med, 1)
     if backend != "reference":
-        base = median_seconds(lambda: step("reference", *args), 5)
+        base = median_seconds(lambda: step("reference", *args), 5, warmup=True)
         benchmark.extra_info["reference_median_s"] = round(base, 4)
         benchmark.extra_info["speedup_over_reference"] = round(base / med, 2)
     print(f"\nlrua {backend}: median {med * 1e3:.1f} ms per forward+backward of "

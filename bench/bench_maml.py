@@ -25,11 +25,11 @@ during one maml_gradient call minus what was allocated before it. Expected growt
 kept iterates, k * T * P * itemsize bytes, plus one pass's activations (constant in k).
 """
 import os
-import time
 import tracemalloc
 
 import numpy as np
 import pytest
+from _timing import median_seconds
 
 from metacore.algorithms.maml import _maml_gradient, maml_gradient
 from metacore.algorithms.reptile import _reptile
@@ -102,15 +102,6 @@ CASES = [("sinusoid", "maml", 1), ("sinusoid", "maml", 5), ("sinusoid", "fomaml"
          ("omniglot", "fomaml", 1), ("omniglot", "reptile", 1)]
 
 
-def _median(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 @pytest.mark.parametrize("task, algo, k", CASES, ids=[f"{a}-{b}-k{c}" for a, b, c in CASES])
 def test_meta_step(benchmark, task, algo, k):
     model, theta, batch, alpha = workload(task)
@@ -143,7 +134,7 @@ def test_meta_step(benchmark, task, algo, k):
     fast = benchmark.stats.stats.median
     n_ref = T if task == "sinusoid" else REF_TASKS
     ref_batch = tuple(a[:n_ref] for a in batch)
-    ref = _median(lambda: reference_meta_gradient(algo, k, model, theta, ref_batch, alpha),
+    ref = median_seconds(lambda: reference_meta_gradient(algo, k, model, theta, ref_batch, alpha),
                   5 if task == "sinusoid" else 1) * T / n_ref
     benchmark.extra_info.update(meta_steps_per_s=1.0 / fast, ms_per_step=1e3 * fast,
                                 reference_ms_scaled=1e3 * ref, speedup_vs_reference=ref / fast,

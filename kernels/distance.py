@@ -40,16 +40,8 @@ BACKENDS = {
 AUTO_ORDER = ("numba", "reference")
 
 _BACKENDS = Backends(BACKENDS, AUTO_ORDER)
-
-
-def _backend(op, name):
-    """The module for backend `name`, imported on first use (so numba stays optional)."""
-    return _BACKENDS.get(op, name)
-
-
-def available_backends():
-    """Names of the backends that import on this machine."""
-    return _BACKENDS.available()
+_backend = _BACKENDS.get                      # (op, name) -> module, imported on first use
+available_backends = _BACKENDS.available      # () -> names that import on this machine
 
 
 # ---------------------------------------------------------------- input checks

@@ -3,7 +3,6 @@
 Its second derivative is zero almost everywhere, so the R-operator only gates R{x} and R{dy}
 by the same mask as the forward and backward pass. At x = 0 exactly the derivative is taken
 as 0 (the mask is x > 0)."""
-import numpy as np
 
 
 def relu_forward(x):
