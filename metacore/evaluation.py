@@ -11,13 +11,13 @@ Batch norm at test time (Omniglot, conv4_maml in batch mode):
                       pixels only), so no query sees another
 """
 import json
-import math
 import os
 
 import numpy as np
 
 from metacore.algorithms.maml import _loss_grad
 from metacore.network import LOSSES
+from metacore.stats import mean_ci  # noqa: F401  (re-exported)
 
 
 def _query_scores(model, theta, qx, qy, transductive):
@@ -68,12 +68,6 @@ def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
     if not out["accuracy"]:
         del out["accuracy"]
     return out
-
-
-def mean_ci(values):
-    """-> (mean, 1.96 * std / sqrt(n)) of a 1-D array."""
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(1.96 * values.std() / math.sqrt(values.size))
 
 
 def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_points=100,

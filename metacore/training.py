@@ -140,12 +140,11 @@ class OmniglotSource:
         ep = self.sampler.sample(T)
         return ep.support_x, ep.support_y, ep.query_x, ep.query_y
 
-    # EpisodeSampler has no public state accessor yet; its generator is _rng.
     def state(self):
-        return rng_state(self.sampler._rng)
+        return rng_state(self.sampler.rng)
 
     def set_state(self, s):
-        set_rng_state(self.sampler._rng, s)
+        set_rng_state(self.sampler.rng, s)
 
 
 # ------------------------------------------------------------------------------ one step
@@ -299,7 +298,7 @@ class Trainer:
             qloss, sloss, grad = meta_step_gradient(cfg, self.model, self.params, batch)
             if not np.isfinite(grad).all():
                 raise FloatingPointError(f"train: non-finite meta-gradient at step {self.step}")
-            self.opt._update(self.params, grad)       # validated shapes; skip step()'s scans
+            self.opt.step(self.params, grad, check=False)   # shapes fixed by construction
             self.step += 1
             self.acc["n"] += 1
             self.acc["query_loss"] += float(qloss.mean())

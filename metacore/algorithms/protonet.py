@@ -21,7 +21,7 @@ H x W x C images, D embedding size, P parameters.
 """
 import numpy as np
 
-from metacore.evaluation import mean_ci
+from metacore.stats import mean_ci
 from metacore.kernels import distance
 from metacore.models import conv4_protonet
 from metacore.params import tile_tasks

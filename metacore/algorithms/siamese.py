@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metacore.algorithms.protonet import BN_MODES, check_episode, evaluate_episodes
-from metacore.evaluation import mean_ci
+from metacore.stats import mean_ci
 from metacore.losses import bce_logits
 from metacore.models import conv4_protonet
 from metacore.models.metric_heads import JointParams

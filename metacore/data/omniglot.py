@@ -349,6 +349,12 @@ class EpisodeSampler:
         self.chars = chars.astype(np.int64)
         self._rng = np.random.default_rng(self.seed)
 
+    @property
+    def rng(self):
+        """The sampler's numpy Generator: save and restore its state (metacore.checkpoint's
+        rng_state / set_rng_state) for an exactly resumable episode stream."""
+        return self._rng
+
     def sample(self, n_tasks):
         """Draw the next n_tasks tasks; returns an Episode (fresh arrays)."""
         T = _check_count("EpisodeSampler.sample", "n_tasks", n_tasks, 1)
