@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from metacore import models
-from metacore.gradcheck import rel_error
+from metacore.gradcheck import numerical_gradient_at, rel_error
 from metacore.layers import batchnorm as bn
 from metacore.layers import conv2d as cv
 from metacore.layers import linear as ln
@@ -271,19 +271,8 @@ def all_cases():
 # ---------------------------------------------------------------------- measuring
 def fd_gradient(case, inputs, coords):
     """Central differences of the objective at the given flat coordinates of each input."""
-    out = {}
-    for name, a in inputs.items():
-        flat, g = a.reshape(-1), []
-        for i in coords[name]:
-            old = flat[i]
-            flat[i] = old + H_GRAD
-            fp = case.value(inputs)
-            flat[i] = old - H_GRAD
-            fm = case.value(inputs)
-            flat[i] = old
-            g.append((fp - fm) / (2 * H_GRAD))
-        out[name] = np.array(g)
-    return out
+    return {name: numerical_gradient_at(lambda: case.value(inputs), a, coords[name], H_GRAD)
+            for name, a in inputs.items()}
 
 
 def fd_hvp(case, inputs, v):

@@ -18,20 +18,28 @@ def rel_error(a, b):
     return float(np.abs(a - b).max()) / scale
 
 
-def numerical_gradient(f, x, h=1e-6):
-    """Central differences of the scalar f() with respect to every entry of x (modified in
-    place and restored). Returns an array shaped like x."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
+def numerical_gradient_at(f, x, indices, h=1e-6):
+    """Central differences of the scalar f() with respect to the entries `indices` of the
+    flattened x (modified in place and restored). Returns a float64 array, one per index."""
+    flat = x.reshape(-1)
+    if not np.shares_memory(flat, x):
+        raise ValueError("numerical_gradient_at: x must be contiguous (perturbed in place)")
+    out = np.empty(len(indices))
+    for j, i in enumerate(indices):
         old = flat[i]
         flat[i] = old + h
         fp = f()
         flat[i] = old - h
         fm = f()
         flat[i] = old
-        gflat[i] = (fp - fm) / (2.0 * h)
-    return grad
+        out[j] = (fp - fm) / (2.0 * h)
+    return out
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of x (modified in
+    place and restored). Returns an array shaped like x."""
+    return numerical_gradient_at(f, x, range(x.size), h).reshape(x.shape)
 
 
 def numerical_directional(f, x, v, h=1e-6):

@@ -12,7 +12,7 @@ import pytest
 import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
 from metacore.algorithms.matching import (LSTM_BLOCKS, MatchingNet, episode_loss_and_grad,
                                           predict)
-from metacore.gradcheck import rel_error
+from metacore.gradcheck import numerical_gradient_at, rel_error
 from metacore.models import conv4_protonet
 from metacore.reference import lstm as RL
 
@@ -65,15 +65,7 @@ def test_episode_gradient_matches_finite_differences(fce, T):
 
     rng = np.random.default_rng(2)
     idx = _fd_indices(net, rng)
-    num = np.empty(idx.size)
-    for j, i in enumerate(idx):
-        old = p[i]
-        p[i] = old + H_FD
-        fp = f()
-        p[i] = old - H_FD
-        fm = f()
-        p[i] = old
-        num[j] = (fp - fm) / (2 * H_FD)
+    num = numerical_gradient_at(f, p, idx, H_FD)
     # per named block, so a wrong block is named; each block's largest deviation relative
     # to the scale of the whole gradient (a conv bias feeding batch norm has gradient 0
     # exactly, where a block-wise ratio would divide rounding noise by nothing)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from metacore.algorithms.protonet import ProtoNet, class_mean_matrix
-from metacore.gradcheck import rel_error
+from metacore.gradcheck import numerical_gradient_at, rel_error
 from metacore.models import conv4_protonet
 
 
@@ -32,15 +32,7 @@ def fd_check(loss_fn, params, grad, layout, rng, per_block=12, h=1e-6):
         sl = layout.slice(name)
         n = sl.stop - sl.start
         idx += list(sl.start + rng.choice(n, min(n, per_block), replace=False))
-    num = np.empty(len(idx))
-    for j, i in enumerate(idx):
-        old = params[i]
-        params[i] = old + h
-        fp = loss_fn()
-        params[i] = old - h
-        fm = loss_fn()
-        params[i] = old
-        num[j] = (fp - fm) / (2 * h)
+    num = numerical_gradient_at(loss_fn, params, idx, h)
     return rel_error(grad[idx], num)
 
 
