@@ -1,0 +1,89 @@
+"""Fused second-order MAML meta-gradient of a ReLU MLP with MSE loss (the sinusoid model of
+Finn et al. 2017, any widths), for a whole meta-batch in one compiled call.
+
+Shape letters (this module):
+    T tasks, N support points, M query points, P parameters, D input features, O outputs.
+
+Op:
+    mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1)
+        -> query_loss (T,), grad (P,)
+    the same numbers as metacore.algorithms.maml.maml_gradient(...).query_loss / .grad for
+    a scalar alpha and one support batch used at every inner step.
+
+Versions:
+    reference  metacore.algorithms.maml.maml_gradient: NumPy over all tasks at once, any
+               Model; the ground truth here (itself checked by finite differences).
+    numba      metacore.kernels.mlp_maml_numba: Numba CPU, one core, the task loop, inner
+               steps, query gradient and R-operator backward sweep written out per layer
+               (no per-op NumPy calls), input-dtype accumulation. Only for models made of
+               Linear - ReLU - ... - Linear with loss 'mse'.
+numba is imported on first use, so this module imports without it.
+"""
+import numpy as np
+
+from metacore.algorithms.maml import _check_all
+from metacore.network import Linear, Model, ReLU
+
+_numba_module = None
+
+
+def _kernel():
+    global _numba_module
+    if _numba_module is None:
+        try:
+            import metacore.kernels.mlp_maml_numba as mod
+        except ImportError as err:
+            raise ImportError(f"mlp_maml_gradient needs the package 'numba', which could not "
+                              f"be imported ({err}); install it (pip install numba) or use "
+                              f"metacore.algorithms.maml.maml_gradient") from err
+        _numba_module = mod
+    return _numba_module
+
+
+def mlp_structure(model):
+    """-> dims (L+1,), woff (L,), boff (L,) int64 for a Linear-ReLU-...-Linear MSE model;
+    a ValueError naming the problem for any other model."""
+    op = "mlp_maml_gradient"
+    if not isinstance(model, Model):
+        raise TypeError(f"{op}: model must be a metacore.network.Model, got "
+                        f"{type(model).__name__}")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    ok = (len(kinds) % 2 == 1
+          and all(type(layer) is (Linear if i % 2 == 0 else ReLU)
+                  for i, layer in enumerate(model.layers)))
+    if not ok:
+        raise ValueError(f"{op}: model {model.name} must be Linear, ReLU, Linear, ..., Linear "
+                         f"(alternating, ending in Linear), got layers {kinds}")
+    if model.loss_name != "mse":
+        raise ValueError(f"{op}: model {model.name} must have loss 'mse', got "
+                         f"{model.loss_name!r}")
+    linears = [(n, layer) for n, layer in zip(model.layer_names, model.layers)
+               if isinstance(layer, Linear)]
+    dims = np.array([linears[0][1].d_in] + [layer.d_out for _, layer in linears], np.int64)
+    woff = np.array([model.layout.slice(f"{n}.w").start for n, _ in linears], np.int64)
+    boff = np.array([model.layout.slice(f"{n}.b").start for n, _ in linears], np.int64)
+    return dims, woff, boff
+
+
+def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1):
+    """Second-order MAML meta-gradient, fused (module docstring).
+
+    model: Linear-ReLU-...-Linear metacore Model with loss 'mse'; theta: (P,) float32 or
+    float64; support_x (T, N, D), support_y (T, N, O): the batch of every inner step;
+    query_x (T, M, D), query_y (T, M, O); alpha: a scalar >= 0; steps: int >= 1.
+    -> query_loss (T,), grad (P,) in theta's dtype (fresh arrays).
+    """
+    op = "mlp_maml_gradient"
+    dims, woff, boff = mlp_structure(model)
+    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
+        raise ValueError(f"{op}: alpha must be a scalar (per-parameter Meta-SGD rates are "
+                         f"not fused), got an array of shape {alpha.shape}")
+    if isinstance(support_x, (list, tuple)) or isinstance(support_y, (list, tuple)):
+        raise ValueError(f"{op}: support must be one (T, N, D) batch used at every inner "
+                         f"step, not a list of batches")
+    theta, alpha, _, _, _ = _check_all(op, model, theta, support_x, support_y, query_x,
+                                       query_y, alpha, steps)
+    dt = theta.dtype
+    arrays = [np.ascontiguousarray(a) for a in (theta, support_x, support_y, query_x,
+                                                 query_y)]
+    return _kernel().mlp_maml_gradient(*arrays, dt.type(alpha), int(steps), dims, woff, boff)
