@@ -290,7 +290,8 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     b4 = np.empty(NM * width, dt)
     iterates = np.empty((steps, P), dt)        # theta_0 .. theta_{k-1} of one task
     th = np.empty(P, dt)
-    wt = np.empty(P, dt)
+    wt = np.empty(P, dt)                        # w^T blocks at the support iterate
+    wtq = np.empty(P, dt)                       # w^T blocks at theta_k (query pass)
     g = np.empty(P, dt)
     v = np.empty(P, dt)
     u = np.empty(P, dt)
@@ -313,14 +314,14 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
         # ---- query loss and v_k = grad L_query(theta_k)
         _forward(th, qx, dims, woff, boff, qA, q_aoff, qZ, q_zoff)
         qloss[t] = _loss_dout(qZ, q_zoff[q_zoff.shape[0] - 1], qy, q_scale, b1)
-        _transpose_weights(th, dims, woff, wt)
-        _backward(M, dims, woff, boff, wt, qA, q_aoff, qZ, q_zoff, b1, b2, v)
+        _transpose_weights(th, dims, woff, wtq)
+        _backward(M, dims, woff, boff, wtq, qA, q_aoff, qZ, q_zoff, b1, b2, v)
         # ---- v_i = v_{i+1} - alpha H_i v_{i+1}, i = k-1 .. 0
         for i in range(steps - 1, -1, -1):
             th[:] = iterates[i]
-            if i < steps - 1:                    # sA, sZ already hold the pass at theta_{k-1}
+            if i < steps - 1:        # sA, sZ and wt already hold the pass at theta_{k-1}
                 _forward(th, sx, dims, woff, boff, sA, s_aoff, sZ, s_zoff)
-            _transpose_weights(th, dims, woff, wt)
+                _transpose_weights(th, dims, woff, wt)
             for j in range(P):
                 u[j] = alpha * v[j]
             _transpose_weights(u, dims, woff, ut)
