@@ -36,7 +36,27 @@ def truncated_normal(rng, shape, std, dtype):
     return (out * std).astype(dtype)
 
 
-class Linear:
+class _WeightBias:
+    """Adapter for the bilinear ops with a weight w and a bias b (Linear, Conv2d): their
+    backward and R-passes share one signature, given as the class attributes _bwd, _rfwd,
+    _rbwd; subclasses define forward (which knows the op's own settings)."""
+
+    def backward(self, dy, cache, need_dx=True):
+        dx, dw, db = self._bwd(dy, cache, need_dx)
+        return dx, {"w": dw, "b": db}
+
+    def rforward(self, rx, rp, cache):
+        return self._rfwd(rx, rp["w"], rp["b"], cache)
+
+    def rbackward(self, dy, rdy, cache, rcache, need_dx=True):
+        rdx, rdw, rdb = self._rbwd(dy, rdy, cache, rcache, need_dx)
+        return rdx, {"w": rdw, "b": rdb}
+
+
+class Linear(_WeightBias):
+    _bwd, _rfwd = staticmethod(ln.linear_backward), staticmethod(ln.linear_rforward)
+    _rbwd = staticmethod(ln.linear_rbackward)
+
     def __init__(self, d_in, d_out, init="glorot", init_std=0.01):
         self.d_in, self.d_out, self.init_kind, self.init_std = d_in, d_out, init, init_std
         self.params = [("w", (d_in, d_out)), ("b", (d_out,))]
@@ -58,19 +78,11 @@ class Linear:
     def forward(self, x, p):
         return ln.linear_forward(x, p["w"], p["b"])
 
-    def backward(self, dy, cache, need_dx=True):
-        dx, dw, db = ln.linear_backward(dy, cache, need_dx)
-        return dx, {"w": dw, "b": db}
 
-    def rforward(self, rx, rp, cache):
-        return ln.linear_rforward(rx, rp["w"], rp["b"], cache)
+class Conv2d(_WeightBias):
+    _bwd, _rfwd = staticmethod(cv.conv2d_backward), staticmethod(cv.conv2d_rforward)
+    _rbwd = staticmethod(cv.conv2d_rbackward)
 
-    def rbackward(self, dy, rdy, cache, rcache, need_dx=True):
-        rdx, rdw, rdb = ln.linear_rbackward(dy, rdy, cache, rcache, need_dx)
-        return rdx, {"w": rdw, "b": rdb}
-
-
-class Conv2d:
     def __init__(self, c_in, c_out, stride=1, padding="same"):
         cv.conv2d_geometry(3, 3, stride, padding)          # validates stride and padding
         self.c_in, self.c_out, self.stride, self.padding = c_in, c_out, stride, padding
@@ -90,17 +102,6 @@ class Conv2d:
 
     def forward(self, x, p):
         return cv.conv2d_forward(x, p["w"], p["b"], self.stride, self.padding)
-
-    def backward(self, dy, cache, need_dx=True):
-        dx, dw, db = cv.conv2d_backward(dy, cache, need_dx)
-        return dx, {"w": dw, "b": db}
-
-    def rforward(self, rx, rp, cache):
-        return cv.conv2d_rforward(rx, rp["w"], rp["b"], cache)
-
-    def rbackward(self, dy, rdy, cache, rcache, need_dx=True):
-        rdx, rdw, rdb = cv.conv2d_rbackward(dy, rdy, cache, rcache, need_dx)
-        return rdx, {"w": rdw, "b": rdb}
 
 
 class BatchNorm:
