@@ -58,7 +58,8 @@ def workload(name, T=None, dtype=np.float32, seed=0):
         sx, sy, qx, qy = sample_sinusoid(rng, T, 20, dtype).split(10)
         batch = tuple(np.ascontiguousarray(a) for a in (sx, sy, qx, qy))
     else:                                           # real episodes: MAML's Omniglot, train split
-        from metacore.training import OmniglotSource, make_config
+        from metacore.methods.maml_family import OmniglotSource
+        from metacore.training import make_config
         model, T, alpha = conv4_maml(n_way=5), T or 32, 0.4
         cfg = make_config("maml", "omniglot", "-", seed=seed, dtype=np.dtype(dtype).name)
         batch = OmniglotSource(cfg).sample(T)

@@ -17,17 +17,25 @@ def _set_blas(args):
     set_blas_threads(args.blas_threads)
 
 
+MAML_FLAGS = ("shots", "queries", "n_way", "meta_batch", "inner_steps", "test_steps",
+              "eval_tasks", "inner_lr")
+COMMON_FLAGS = ("iterations", "eval_every", "log_every", "ckpt_every", "seed", "outer_lr",
+                "outer_opt", "dtype", "lr_halve_every")
+
+
 def _add_train(sub):
-    from metacore.training import ALGORITHMS, TASKS
+    from metacore import methods
+    names = sorted(methods.registry())
     p = sub.add_parser("train", help="meta-train (progress on stderr, metrics.jsonl, "
                                      "checkpoint.npz in --out; --resume continues exactly)")
-    p.add_argument("algorithm", choices=ALGORITHMS)
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("algorithm", choices=names)
+    p.add_argument("--task", required=True, help="the task (each method lists its own)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ints = ("iterations", "shots", "queries", "n_way", "meta_batch", "inner_steps",
-            "test_steps", "eval_every", "eval_tasks", "log_every", "ckpt_every", "seed")
+            "test_steps", "eval_every", "eval_tasks", "log_every", "ckpt_every", "seed",
+            "lr_halve_every")
     for name in ints:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("inner_lr", "outer_lr"):
@@ -35,23 +43,46 @@ def _add_train(sub):
     p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "adam"],
                    default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting of the method (VALUE read as JSON, else as a "
+                        "string); repeatable")
     _add_blas(p)
-    p.epilog = "defaults: the paper settings of the task (metacore.training.DEFAULTS)"
+    p.epilog = ("defaults: the paper settings of the method and task (DEFAULTS in "
+                "metacore/methods/<module>.py); unknown settings are refused with the list")
+
+
+def _parse_sets(items):
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"metacore train: --set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
 
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="post-update loss/accuracy over test tasks, 0..S steps, "
                                     "with 95%% confidence intervals")
     p.add_argument("run", help="run directory (its checkpoint.npz is evaluated)")
-    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--tasks", type=int, default=None,
+                   help="test tasks / episodes (default: 600 for the MAML family, the "
+                        "method's protocol otherwise)")
+    p.add_argument("--way", type=int, default=None,
+                   help="classes per episode (default: the method's protocol)")
     p.add_argument("--steps", type=int, default=10, help="largest number of adaptation steps")
     p.add_argument("--shots", type=int, default=None, help="default: the training K")
     p.add_argument("--seed", type=int, default=2017)
     p.add_argument("--query-points", type=int, default=100, help="sinusoid query points")
     p.add_argument("--inner-lr", type=float, default=None,
                    help="test-time SGD rate (default: the run's alpha)")
-    p.add_argument("--bn", choices=["transductive", "non-transductive", "both"],
-                   default="both", help="Omniglot query batch-norm statistics")
+    p.add_argument("--bn", choices=["transductive", "non-transductive", "both", "running",
+                                    "batch"], default=None,
+                   help="Omniglot query batch-norm statistics (MAML family: default both; "
+                        "other methods: their protocol's default)")
     p.add_argument("--json", default=None, help="write the result(s) here")
     p.add_argument("--plot-dir", default=None,
                    help="sinusoid: write Figure 2/3 style PNGs here (needs matplotlib)")
@@ -64,17 +95,21 @@ def _add_eval(sub):
 def _train(args):
     from metacore.training import Trainer, make_config, read_config
     _set_blas(args)
-    over = {k: getattr(args, k) for k in ("iterations", "shots", "queries", "n_way",
-                                          "meta_batch", "inner_steps", "test_steps",
-                                          "eval_every", "eval_tasks", "log_every",
-                                          "ckpt_every", "seed", "inner_lr", "outer_lr",
-                                          "outer_opt", "dtype")}
+    over = {k: getattr(args, k) for k in MAML_FLAGS + COMMON_FLAGS}
+    over.update(_parse_sets(args.set))
     if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
         saved = read_config(args.out)           # settings not given again come from the run
         for k, v in over.items():
-            if v is None:
+            if v is None and k in saved:
                 over[k] = saved[k]
-    cfg = make_config(args.algorithm, args.task, args.out, **over)
+        for k, v in saved.items():
+            if k not in over and k not in ("algorithm", "task", "out"):
+                over[k] = v
+    given = {k: v for k, v in over.items() if v is not None}
+    try:
+        cfg = make_config(args.algorithm, args.task, args.out, **given)
+    except ValueError as e:
+        raise SystemExit(f"metacore train: {e}")
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     trainer.train()
     print(f"done: {cfg['algorithm']} {cfg['task']} step {trainer.step}, "
@@ -87,6 +122,15 @@ def _eval(args):
     from metacore.training import read_config
     _set_blas(args)
     cfg = read_config(args.run)
+    from metacore.methods import maml_family
+    if cfg["algorithm"] not in maml_family.NAMES:
+        return _eval_method(args, cfg)
+    if args.tasks is None:
+        args.tasks = 600
+    if args.bn is None:
+        args.bn = "both"
+    if args.bn not in ("transductive", "non-transductive", "both"):
+        raise SystemExit(f"metacore eval: --bn {args.bn} is not a MAML-family mode")
     modes = [True]
     if cfg["task"] == "omniglot":
         modes = {"transductive": [True], "non-transductive": [False],
@@ -115,6 +159,20 @@ def _eval(args):
                                      query_points=args.query_points, inner_lr=lrs.get(label))
         paths = ev.sinusoid_plots(runs, args.plot_dir, res, shots=args.shots, inner_lrs=lrs)
         print("plots: " + (", ".join(paths) if paths else "skipped (matplotlib not installed)"))
+    return 0
+
+
+def _eval_method(args, cfg):
+    """`metacore eval` for every method outside the MAML family: its own evaluate()."""
+    from metacore.training import load_run
+    _, method, params, _ = load_run(args.run)
+    opts = {k: getattr(args, k) for k in ("tasks", "steps", "shots", "way", "seed", "bn",
+                                          "inner_lr")}
+    result = method.evaluate(params, opts)
+    print(method.format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

@@ -80,12 +80,14 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
     the pretrained baseline; not used for metasgd, whose rates are learned). Omniglot: MAML's 423 test characters with rotations, the training
     n_way/shots, K query images per class. Returns a dict with per-step lists "loss_mean",
     "loss_ci95" (and "accuracy_mean", "accuracy_ci95"), plus the run's settings."""
-    from metacore.training import OmniglotSource, SinusoidSource, load_run, split_params
+    from metacore.methods.maml_family import OmniglotSource, SinusoidSource, split_params
+    from metacore.training import load_run
     if not isinstance(n_tasks, int) or n_tasks < 2:
         raise ValueError(f"evaluate: n_tasks must be an int >= 2, got {n_tasks!r}")
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"evaluate: max_steps must be an int >= 0, got {max_steps!r}")
-    cfg, model, params, meta = load_run(run_dir)
+    cfg, method, params, meta = load_run(run_dir)
+    model = method.model
     theta, alpha = split_params(cfg, model, params)
     if inner_lr is not None and cfg["algorithm"] != "metasgd":
         alpha = float(inner_lr)
@@ -152,7 +154,8 @@ def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_exampl
     except ImportError:
         return []
     from metacore.tasks.sinusoid import sample_sinusoid, sinusoid_curve
-    from metacore.training import load_run, split_params
+    from metacore.methods.maml_family import split_params
+    from metacore.training import load_run
     os.makedirs(out_dir, exist_ok=True)
     runs = {label: load_run(d) for label, d in run_dirs.items()}
     rng = np.random.default_rng(seed)
@@ -162,7 +165,8 @@ def sinusoid_plots(run_dirs, out_dir, results=None, shots=None, seed=7, n_exampl
     paths = []
     fig, axes = plt.subplots(len(runs), n_examples, figsize=(4 * n_examples, 3 * len(runs)),
                              squeeze=False)
-    for row, (label, (cfg, model, params, _)) in enumerate(runs.items()):
+    for row, (label, (cfg, method, params, _)) in enumerate(runs.items()):
+        model = method.model
         theta, alpha = split_params(cfg, model, params)
         if inner_lrs and label in inner_lrs and cfg["algorithm"] != "metasgd":
             alpha = inner_lrs[label]

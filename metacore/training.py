@@ -1,28 +1,22 @@
-"""Meta-training loop: progress bar on stderr, periodic evaluation, JSONL metrics, atomic
-checkpoints, and exact resume.
-
-Shape letters: T tasks per meta-batch, N points (images) per task, P parameters.
-
-Algorithms (config["algorithm"]):
-    maml      exact second-order MAML, scalar inner rate            (metacore.algorithms.maml)
-    fomaml    first-order MAML
-    metasgd   second-order MAML with a learned (P,) inner rate; the optimizer sees one flat
-              vector [theta, alpha] of 2P entries
-    reptile   outer "gradient" d = mean_t (theta - theta_k^t)          (..algorithms.reptile)
-    pretrain  the baseline of Finn et al. 2017, Section 5.1: one network trained on the mean
-              loss over all tasks' points, no inner loop
+"""The generic training loop behind `metacore train NAME`: progress bar on stderr, periodic
+evaluation, JSONL metrics, atomic checkpoints, and exact resume, for every method of
+metacore.methods (see its docstring for the protocol a method implements).
 
 Run directory (config["out"]):
     config.json       the full configuration (written once)
-    metrics.jsonl     one JSON object a line: {"kind": "train", "step", "query_loss", ...} every
+    metrics.jsonl     one JSON object a line: {"kind": "train", "step", <method metrics>} every
                       log_every steps (means over the interval) and {"kind": "eval", ...} every
                       eval_every steps; "elapsed_s" is the training wall time summed over resumes
     checkpoint.npz    the latest checkpoint (metacore.checkpoint: atomic, SHA-256 checked)
 
-Exact resume: the checkpoint holds the parameter vector, the optimizer's state, the step,
-the task generator's RNG state and the running log accumulators. Resuming truncates
-metrics.jsonl to the checkpoint's step, so a run killed at any moment (SIGKILL included) and
-resumed produces the same parameters, bit for bit, and the same metrics as one never stopped.
+Exact resume: the checkpoint holds the parameter vector, the optimizer's state, the method's
+buffers (e.g. batch-norm running statistics) and JSON state (its RNG states), the step and the
+running log accumulators. Resuming truncates metrics.jsonl to the checkpoint's step, so a run
+killed at any moment (SIGKILL included) and resumed produces the same parameters, bit for bit,
+and the same metrics as one never stopped.
+
+Outer learning rate: outer_lr, halved every lr_halve_every steps when that is > 0 (a function of
+the step alone, so it needs no state of its own).
 """
 import json
 import math
@@ -32,152 +26,53 @@ import time
 
 import numpy as np
 
-from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient
-from metacore.algorithms.reptile import _reptile
-from metacore.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from metacore import methods
+from metacore.checkpoint import load_checkpoint, save_checkpoint
 from metacore.optim import make_optimizer
-from metacore.params import tile_tasks
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "pretrain")
-TASKS = ("sinusoid", "omniglot")
-
-# Paper settings: Finn et al. 2017 (sinusoid: Section 5.1; Omniglot: Section 5.2 and the
-# authors' code: 5-way 1-shot, meta-batch 32, alpha 0.4, 1 inner step in training, 3 at test).
-DEFAULTS = {
-    "sinusoid": dict(shots=10, meta_batch=25, inner_lr=0.01, inner_steps=1, test_steps=1,
-                     outer_opt="adam", outer_lr=1e-3, iterations=70000, eval_every=1000,
-                     eval_tasks=100, n_way=1, queries=None),
-    "omniglot": dict(shots=1, meta_batch=32, inner_lr=0.4, inner_steps=1, test_steps=3,
-                     outer_opt="adam", outer_lr=1e-3, iterations=60000, eval_every=500,
-                     eval_tasks=64, n_way=5, queries=None),
-}
-COMMON = dict(seed=0, dtype="float32", log_every=100, ckpt_every=1000)
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
 
 
 def make_config(algorithm, task, out, **overrides):
-    """The full run configuration: the task's paper defaults, then the non-None overrides."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"make_config: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if task not in TASKS:
-        raise ValueError(f"make_config: task must be one of {TASKS}, got {task!r}")
+    """The full run configuration: COMMON, then the method's paper defaults for the task, then
+    the non-None overrides; every value checked."""
+    mod = methods.get(algorithm)
+    if task not in mod.TASKS:
+        raise ValueError(f"make_config: task must be one of {mod.TASKS} for {algorithm}, "
+                         f"got {task!r}")
     cfg = dict(algorithm=algorithm, task=task, out=os.fspath(out))
-    cfg.update(DEFAULTS[task])
-    cfg.update(COMMON)
+    cfg.update(methods.COMMON)
+    cfg.update(mod.DEFAULTS[task])
     unknown = set(overrides) - set(cfg)
     if unknown:
-        raise ValueError(f"make_config: unknown settings {sorted(unknown)}")
+        raise ValueError(f"make_config: unknown settings {sorted(unknown)} for {algorithm} "
+                         f"(known: {sorted(set(cfg) - {'algorithm', 'task', 'out'})})")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    if cfg["queries"] is None:
-        cfg["queries"] = cfg["shots"]            # K query points (per class) as in MAML's code
-    for key in ("shots", "meta_batch", "inner_steps", "test_steps", "iterations", "eval_every",
-                "eval_tasks", "n_way", "queries", "log_every", "ckpt_every"):
+    for key in ("iterations", "log_every", "ckpt_every", "eval_every", "lr_halve_every"):
         v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "iterations" else 1):
+        lo = 0 if key in ("iterations", "lr_halve_every") else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
-    for key in ("inner_lr", "outer_lr"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v < 0:
-            raise ValueError(f"make_config: {key} must be a finite number >= 0, got {v!r}")
-        cfg[key] = float(v)
+    v = cfg["outer_lr"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"make_config: outer_lr must be a finite number >= 0, got {v!r}")
+    cfg["outer_lr"] = float(v)
+    if cfg["outer_opt"] not in OPTIMIZERS:
+        raise ValueError(f"make_config: outer_opt must be one of {OPTIMIZERS}, "
+                         f"got {cfg['outer_opt']!r}")
     if cfg["dtype"] not in ("float32", "float64"):
         raise ValueError(f"make_config: dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise ValueError(f"make_config: seed must be an int >= 0, got {cfg['seed']!r}")
+    if hasattr(mod, "check_config"):
+        mod.check_config(cfg)
     return cfg
 
 
-def build_model(cfg):
-    from metacore.models import conv4_maml, sinusoid_mlp
-    if cfg["task"] == "sinusoid":
-        return sinusoid_mlp()
-    return conv4_maml(n_way=cfg["n_way"])
+def build_method(cfg):
+    return methods.get(cfg["algorithm"]).Method(cfg)
 
 
-# ------------------------------------------------------------------------------ task sources
-class SinusoidSource:
-    """Meta-batches of sinusoid tasks: `shots` support and `queries` query points per task."""
-
-    def __init__(self, cfg, rng):
-        self.cfg, self.rng, self.dtype = cfg, rng, np.dtype(cfg["dtype"])
-
-    def sample(self, T, rng=None):
-        from metacore.tasks.sinusoid import sample_sinusoid
-        tasks = sample_sinusoid(rng or self.rng, T, self.cfg["shots"] + self.cfg["queries"],
-                                self.dtype)
-        return tuple(np.ascontiguousarray(a) for a in tasks.split(self.cfg["shots"]))
-
-    def state(self):
-        return rng_state(self.rng)
-
-    def set_state(self, s):
-        set_rng_state(self.rng, s)
-
-
-_OMNIGLOT = {}
-
-
-def omniglot_images(dtype):
-    """MAML's version of Omniglot, loaded once per process."""
-    if dtype not in _OMNIGLOT:
-        from metacore.data.omniglot import load_omniglot
-        _OMNIGLOT[dtype] = load_omniglot(version="maml", dtype=dtype)
-    return _OMNIGLOT[dtype]
-
-
-class OmniglotSource:
-    """N-way K-shot episodes from MAML's 1100/100/423 character split, with rotations."""
-
-    def __init__(self, cfg, part="train", seed=None):
-        from metacore.data.omniglot import EpisodeSampler, split_characters
-        data = omniglot_images(np.dtype(cfg["dtype"]))
-        self.sampler = EpisodeSampler(data.images, split_characters(data, "maml", part),
-                                      cfg["n_way"], cfg["shots"], cfg["queries"], rotate=True,
-                                      seed=cfg["seed"] if seed is None else seed,
-                                      dtype=cfg["dtype"])
-
-    def sample(self, T):
-        ep = self.sampler.sample(T)
-        return ep.support_x, ep.support_y, ep.query_x, ep.query_y
-
-    def state(self):
-        return rng_state(self.sampler.rng)
-
-    def set_state(self, s):
-        set_rng_state(self.sampler.rng, s)
-
-
-# ------------------------------------------------------------------------------ one step
-def meta_step_gradient(cfg, model, params, batch):
-    """(query_loss (T,), support_loss (T,), grad like params) for one meta-batch.
-    params: (P,) or, for metasgd, (2P,) = [theta, alpha]."""
-    sx, sy, qx, qy = batch
-    algo, k, P = cfg["algorithm"], cfg["inner_steps"], model.num_params
-    if algo in ("maml", "fomaml"):
-        r = _maml_gradient(model, params, [sx] * k, [sy] * k, qx, qy, cfg["inner_lr"],
-                           first_order=algo == "fomaml")
-        return r.query_loss, r.support_loss, r.grad
-    if algo == "metasgd":
-        r = _maml_gradient(model, params[:P], [sx] * k, [sy] * k, qx, qy, params[P:],
-                           first_order=False)
-        return r.query_loss, r.support_loss, np.concatenate([r.grad, r.alpha_grad])
-    if algo == "reptile":
-        loss0, d = _reptile(model, params, [sx] * k, [sy] * k, cfg["inner_lr"], sx.shape[0])
-        return _loss(model, tile_tasks(params, sx.shape[0]), qx, qy), loss0, d
-    # pretrain: one model on all points of every task
-    x, y = np.concatenate([sx, qx], axis=1), np.concatenate([sy, qy], axis=1)
-    loss, g = _loss_grad(model, tile_tasks(params, x.shape[0]), x, y)
-    return loss, loss, g.mean(axis=0)
-
-
-def split_params(cfg, model, params):
-    """-> (theta (P,), inner rate: float or (P,) for metasgd)."""
-    if cfg["algorithm"] == "metasgd":
-        return params[:model.num_params], params[model.num_params:]
-    return params, cfg["inner_lr"]
-
-
-# ------------------------------------------------------------------------------ trainer
 class Trainer:
     """Builds (or resumes) a run from a config and trains it; see the module docstring."""
 
@@ -187,23 +82,15 @@ class Trainer:
         self.ckpt_path = os.path.join(self.out, "checkpoint.npz")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.dtype = np.dtype(cfg["dtype"])
-        self.model = build_model(cfg)
-        rng = np.random.default_rng(cfg["seed"])
-        theta = self.model.init_params(rng, self.dtype)
-        if cfg["algorithm"] == "metasgd":
-            theta = np.concatenate([theta, np.full_like(theta, cfg["inner_lr"])])
-        self.params = theta
-        self.opt = make_optimizer(cfg["outer_opt"], theta.size, self.dtype, lr=cfg["outer_lr"])
-        if cfg["task"] == "sinusoid":
-            self.source = SinusoidSource(cfg, rng)
-            self.val_batch = self.source.sample(cfg["eval_tasks"],
-                                                np.random.default_rng([cfg["seed"], 1]))
-        else:
-            self.source = OmniglotSource(cfg, "train")
-            self.val_batch = OmniglotSource(cfg, "val", seed=cfg["seed"] + 1).sample(
-                cfg["eval_tasks"])
+        self.method = build_method(cfg)
+        self.params = self.method.init_params(self.method.rng)
+        if self.params.ndim != 1 or self.params.dtype != self.dtype:
+            raise TypeError(f"train: {cfg['algorithm']}.init_params returned "
+                            f"{self.params.shape} {self.params.dtype}, expected (P,) {self.dtype}")
+        self.opt = make_optimizer(cfg["outer_opt"], self.params.size, self.dtype,
+                                  lr=cfg["outer_lr"])
         self.step, self.elapsed = 0, 0.0
-        self.acc = {"n": 0, "query_loss": 0.0, "support_loss": 0.0}
+        self.acc = {"n": 0}
         exists = os.path.exists(self.ckpt_path)
         if exists and not resume:
             raise FileExistsError(f"train: {self.ckpt_path} exists; pass --resume to continue "
@@ -214,6 +101,10 @@ class Trainer:
         else:
             self._write_config()
             open(self.metrics_path, "w").close()
+
+    @property
+    def model(self):
+        return getattr(self.method, "model", None)
 
     # ------------------------------------------------------------------ persistence
     def _write_config(self):
@@ -226,8 +117,9 @@ class Trainer:
         opt_state = self.opt.state_dict()
         arrays = {"params": self.params}
         arrays.update({f"opt.{k}": v for k, v in opt_state.items() if isinstance(v, np.ndarray)})
+        arrays.update({f"buf.{k}": v for k, v in self.method.buffers().items()})
         meta = {"config": self.cfg, "step": self.step, "elapsed_s": self.elapsed,
-                "source_rng": self.source.state(), "log_acc": self.acc,
+                "method_state": self.method.state(), "log_acc": self.acc,
                 "opt": {k: v for k, v in opt_state.items() if not isinstance(v, np.ndarray)}}
         save_checkpoint(self.ckpt_path, arrays, meta)
 
@@ -248,7 +140,8 @@ class Trainer:
         state = dict(meta["opt"])
         state.update({k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
         self.opt.load_state_dict(state)
-        self.source.set_state(meta["source_rng"])
+        self.method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
+        self.method.load_state(meta["method_state"])
         self.step, self.elapsed, self.acc = meta["step"], meta["elapsed_s"], meta["log_acc"]
         self._truncate_metrics()
 
@@ -274,44 +167,38 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
-    # ------------------------------------------------------------------ evaluation
     def evaluate_val(self):
-        """Mean post-update query loss (and accuracy) on the fixed validation tasks after
-        test_steps inner steps."""
-        from metacore.evaluation import adapt_and_score
-        theta, alpha = split_params(self.cfg, self.model, self.params)
-        scores = adapt_and_score(self.model, theta, alpha, self.val_batch,
-                                 self.cfg["test_steps"], transductive=True)
-        rec = {"val_loss": float(scores["loss"][-1].mean())}
-        if "accuracy" in scores:
-            rec["val_accuracy"] = float(scores["accuracy"][-1].mean())
-        return rec
+        return self.method.evaluate_val(self.params)
+
+    def _learning_rate(self):
+        h = self.cfg["lr_halve_every"]
+        return self.cfg["outer_lr"] * (0.5 ** (self.step // h) if h else 1.0)
 
     # ------------------------------------------------------------------ the loop
     def train(self):
         cfg, total = self.cfg, self.cfg["iterations"]
-        T = cfg["meta_batch"]
         bar = _Progress(total, self.step) if self.progress else None
         t_last = time.perf_counter()
         while self.step < total:
-            batch = self.source.sample(T)
-            qloss, sloss, grad = meta_step_gradient(cfg, self.model, self.params, batch)
+            batch = self.method.sample()
+            grad, metrics = self.method.gradient(self.params, batch)
             if not np.isfinite(grad).all():
                 raise FloatingPointError(f"train: non-finite meta-gradient at step {self.step}")
+            self.opt.lr = self._learning_rate()
             self.opt.step(self.params, grad, check=False)   # shapes fixed by construction
             self.step += 1
             self.acc["n"] += 1
-            self.acc["query_loss"] += float(qloss.mean())
-            self.acc["support_loss"] += float(sloss.mean())
+            for k, v in metrics.items():
+                self.acc[k] = self.acc.get(k, 0.0) + float(v)
             now = time.perf_counter()
             self.elapsed += now - t_last
             t_last = now
             if self.step % cfg["log_every"] == 0 or self.step == total:
-                n = self.acc["n"]
-                self._log({"kind": "train", "step": self.step, "elapsed_s": self.elapsed,
-                           "query_loss": self.acc["query_loss"] / n,
-                           "support_loss": self.acc["support_loss"] / n})
-                self.acc = {"n": 0, "query_loss": 0.0, "support_loss": 0.0}
+                n = self.acc.pop("n")
+                rec = {"kind": "train", "step": self.step, "elapsed_s": self.elapsed}
+                rec.update({k: v / n for k, v in self.acc.items()})
+                self._log(rec)
+                self.acc = {"n": 0}
             if self.step % cfg["eval_every"] == 0 or self.step == total:
                 rec = {"kind": "eval", "step": self.step, "elapsed_s": self.elapsed}
                 rec.update(self.evaluate_val())
@@ -323,7 +210,8 @@ class Trainer:
                 self.save()
             t_last = time.perf_counter()                # evaluation and saving not counted
             if bar:
-                bar.update(self.step, float(qloss.mean()))
+                shown = metrics.get("loss", next(iter(metrics.values()), float("nan")))
+                bar.update(self.step, float(shown))
         if bar:
             bar.close()
         return self.params
@@ -359,7 +247,10 @@ def read_config(run_dir):
 
 
 def load_run(run_dir):
-    """-> (config, model, params) from a run directory's latest checkpoint."""
+    """-> (config, method, params, meta) from a run directory's latest checkpoint, with the
+    method's buffers restored."""
     arrays, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.npz"))
     cfg = meta["config"]
-    return cfg, build_model(cfg), arrays["params"], meta
+    method = build_method(cfg)
+    method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
+    return cfg, method, arrays["params"], meta

@@ -70,7 +70,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     for name in a:                                   # params and every optimizer vector
         assert a[name].dtype == b[name].dtype
         assert a[name].tobytes() == b[name].tobytes(), name
-    assert ma["opt"] == mb["opt"] and ma["source_rng"] == mb["source_rng"]
+    assert ma["opt"] == mb["opt"] and ma["method_state"] == mb["method_state"]
     assert _strip_time(full / "metrics.jsonl") == _strip_time(killed / "metrics.jsonl")
 
 
@@ -199,3 +199,36 @@ def test_evaluation_bad_input(tmp_path):
         evaluate(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="n_tasks must be an int >= 2"):
         evaluate(str(tmp_path), n_tasks=1)
+
+
+def test_registry_lists_every_method_once():
+    from metacore import methods
+    reg = methods.registry()
+    for name in ("maml", "fomaml", "metasgd", "reptile", "pretrain"):
+        assert reg[name].__name__ == "metacore.methods.maml_family"
+    for name, mod in reg.items():
+        assert set(mod.DEFAULTS) == set(mod.TASKS), name
+        assert issubclass(mod.Method, methods.MethodBase), name
+
+
+def test_lr_halving_follows_the_step(tmp_path):
+    cfg = make_config("fomaml", "sinusoid", tmp_path, iterations=5, eval_every=5,
+                      eval_tasks=4, log_every=1, ckpt_every=5, lr_halve_every=2, outer_lr=0.1)
+    t = Trainer(cfg, progress=False)
+    lrs = []
+    for total in range(1, 6):
+        t.cfg["iterations"] = total
+        t.train()
+        lrs.append(t.opt.lr)
+    assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025]     # the rate used by steps 1..5
+
+
+def test_cli_set_refuses_unknown_settings(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "metacore", "train", "maml", "--task", "sinusoid",
+                        "--out", str(tmp_path / "r"), "--set", "warp=3"], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown settings ['warp']" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "metacore", "train", "maml", "--task", "quadratic",
+                        "--out", str(tmp_path / "r")], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "task must be one of ('sinusoid', 'omniglot')" in r.stderr

@@ -1,0 +1,107 @@
+"""Training methods: the one protocol every algorithm trains through (`metacore train NAME`).
+
+A method module is `metacore/methods/<module>.py`. It defines
+
+    NAMES     tuple of the names it answers to on the command line ("protonet", ...)
+    TASKS     tuple of task names it trains on ("omniglot", "sinusoid", "quadratic", ...)
+    DEFAULTS  {task: {config key: paper default}}; these keys, plus COMMON below, are the only
+              settings a run of this method accepts (`metacore train NAME --set KEY=VALUE`)
+    Method    a subclass of MethodBase, built as Method(cfg) from the full run config
+    check_config(cfg)   optional: raise ValueError naming a bad setting
+
+and nothing else is needed: `registry()` finds every module in this folder that has NAMES.
+
+The trainer (metacore/training.py) owns the flat parameter vector, the outer optimizer, the
+step counter, the progress bar, metrics.jsonl, atomic checkpoints and exact resume. A method
+owns the model, the task source and everything the trainer must not know about:
+
+    m = Method(cfg)
+    params = m.init_params(m.rng)              # (P,) flat, cfg["dtype"]
+    batch = m.sample()                         # one meta-batch / episode, drawn from m.rng
+    grad, metrics = m.gradient(params, batch)  # grad (P,); metrics {"loss": float, ...}
+    m.evaluate_val(params)                     # {"val_...": float}: periodic validation
+    m.buffers() / m.load_buffers(arrays)       # non-trained state (BN running statistics)
+    m.state() / m.load_state(s)                # JSON-able state (RNG states; the default
+                                               # saves m.rng)
+    m.evaluate(params, opts) -> dict           # `metacore eval RUN`; opts are the CLI's
+    m.format_result(result) -> str             #   (tasks, seed, shots, way, bn, ...)
+
+Exact resume holds as long as everything random is drawn from generators whose state
+`state()` returns, and every array that changes during training is in params, the optimizer
+or `buffers()`.
+"""
+import importlib
+import json
+import pkgutil
+
+import numpy as np
+
+from metacore.checkpoint import rng_state, set_rng_state
+
+# Settings every run has; a method's DEFAULTS may override the values, not remove the keys.
+COMMON = dict(seed=0, dtype="float32", iterations=1000, log_every=100, ckpt_every=1000,
+              eval_every=500, outer_opt="adam", outer_lr=1e-3, lr_halve_every=0)
+
+
+class MethodBase:
+    """See the module docstring. Subclasses override init_params, sample and gradient."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dtype = np.dtype(cfg["dtype"])
+        self.rng = np.random.default_rng(cfg["seed"])
+
+    def init_params(self, rng):
+        raise NotImplementedError(f"{type(self).__name__}.init_params")
+
+    def sample(self):
+        raise NotImplementedError(f"{type(self).__name__}.sample")
+
+    def gradient(self, params, batch):
+        raise NotImplementedError(f"{type(self).__name__}.gradient")
+
+    def evaluate_val(self, params):
+        return {}
+
+    def buffers(self):
+        return {}
+
+    def load_buffers(self, arrays):
+        if arrays:
+            raise ValueError(f"{type(self).__name__}: the checkpoint has buffers "
+                             f"{sorted(arrays)}, this method keeps none")
+
+    def state(self):
+        return {"rng": rng_state(self.rng)}
+
+    def load_state(self, s):
+        set_rng_state(self.rng, s["rng"])
+
+    def evaluate(self, params, opts):
+        raise NotImplementedError(f"{type(self).__name__} has no `metacore eval` yet")
+
+    def format_result(self, result):
+        return json.dumps(result, indent=1)
+
+
+def registry():
+    """{name: method module} for every module in this package that defines NAMES."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        for name in getattr(mod, "NAMES", ()):
+            if name in found:
+                raise RuntimeError(f"methods: {name!r} is defined by both "
+                                   f"{found[name].__name__} and {mod.__name__}")
+            found[name] = mod
+    return found
+
+
+def get(name):
+    """The method module for `name`, with a clear error listing the known names."""
+    reg = registry()
+    if name not in reg:
+        raise ValueError(f"algorithm must be one of {tuple(sorted(reg))}, got {name!r}")
+    return reg[name]

@@ -1,0 +1,187 @@
+"""The optimization-based family through the trainer: MAML, FOMAML, Meta-SGD, Reptile and the
+pretrained baseline, on sinusoid regression and Omniglot (metacore.algorithms.maml, .reptile).
+
+    maml      exact second-order MAML, scalar inner rate
+    fomaml    first-order MAML
+    metasgd   second-order MAML with a learned (P,) inner rate; the optimizer sees one flat
+              vector [theta, alpha] of 2P entries
+    reptile   outer "gradient" d = mean_t (theta - theta_k^t)
+    pretrain  the baseline of Finn et al. 2017, Section 5.1: one network trained on the mean
+              loss over all tasks' points, no inner loop
+
+Shape letters: T tasks per meta-batch, N points (images) per task, P parameters.
+"""
+import math
+
+import numpy as np
+
+from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient
+from metacore.algorithms.reptile import _reptile
+from metacore.checkpoint import rng_state, set_rng_state
+from metacore.methods import MethodBase
+from metacore.params import tile_tasks
+
+NAMES = ("maml", "fomaml", "metasgd", "reptile", "pretrain")
+TASKS = ("sinusoid", "omniglot")
+
+# Paper settings: Finn et al. 2017 (sinusoid: Section 5.1; Omniglot: Section 5.2 and the
+# authors' code: 5-way 1-shot, meta-batch 32, alpha 0.4, 1 inner step in training, 3 at test).
+DEFAULTS = {
+    "sinusoid": dict(shots=10, meta_batch=25, inner_lr=0.01, inner_steps=1, test_steps=1,
+                     outer_opt="adam", outer_lr=1e-3, iterations=70000, eval_every=1000,
+                     eval_tasks=100, n_way=1, queries=None),
+    "omniglot": dict(shots=1, meta_batch=32, inner_lr=0.4, inner_steps=1, test_steps=3,
+                     outer_opt="adam", outer_lr=1e-3, iterations=60000, eval_every=500,
+                     eval_tasks=64, n_way=5, queries=None),
+}
+
+
+def check_config(cfg):
+    if cfg["queries"] is None:
+        cfg["queries"] = cfg["shots"]            # K query points (per class) as in MAML's code
+    for key in ("shots", "meta_batch", "inner_steps", "test_steps", "eval_tasks", "n_way",
+                "queries"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+    v = cfg["inner_lr"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"make_config: inner_lr must be a finite number >= 0, got {v!r}")
+    cfg["inner_lr"] = float(v)
+
+
+def build_model(cfg):
+    from metacore.models import conv4_maml, sinusoid_mlp
+    if cfg["task"] == "sinusoid":
+        return sinusoid_mlp()
+    return conv4_maml(n_way=cfg["n_way"])
+
+
+# ------------------------------------------------------------------------------ task sources
+class SinusoidSource:
+    """Meta-batches of sinusoid tasks: `shots` support and `queries` query points per task."""
+
+    def __init__(self, cfg, rng):
+        self.cfg, self.rng, self.dtype = cfg, rng, np.dtype(cfg["dtype"])
+
+    def sample(self, T, rng=None):
+        from metacore.tasks.sinusoid import sample_sinusoid
+        tasks = sample_sinusoid(rng or self.rng, T, self.cfg["shots"] + self.cfg["queries"],
+                                self.dtype)
+        return tuple(np.ascontiguousarray(a) for a in tasks.split(self.cfg["shots"]))
+
+    def state(self):
+        return rng_state(self.rng)
+
+    def set_state(self, s):
+        set_rng_state(self.rng, s)
+
+
+_OMNIGLOT = {}
+
+
+def omniglot_images(dtype):
+    """MAML's version of Omniglot, loaded once per process."""
+    if dtype not in _OMNIGLOT:
+        from metacore.data.omniglot import load_omniglot
+        _OMNIGLOT[dtype] = load_omniglot(version="maml", dtype=dtype)
+    return _OMNIGLOT[dtype]
+
+
+class OmniglotSource:
+    """N-way K-shot episodes from MAML's 1100/100/423 character split, with rotations."""
+
+    def __init__(self, cfg, part="train", seed=None):
+        from metacore.data.omniglot import EpisodeSampler, split_characters
+        data = omniglot_images(np.dtype(cfg["dtype"]))
+        self.sampler = EpisodeSampler(data.images, split_characters(data, "maml", part),
+                                      cfg["n_way"], cfg["shots"], cfg["queries"], rotate=True,
+                                      seed=cfg["seed"] if seed is None else seed,
+                                      dtype=cfg["dtype"])
+
+    def sample(self, T):
+        ep = self.sampler.sample(T)
+        return ep.support_x, ep.support_y, ep.query_x, ep.query_y
+
+    def state(self):
+        return rng_state(self.sampler.rng)
+
+    def set_state(self, s):
+        set_rng_state(self.sampler.rng, s)
+
+
+# ------------------------------------------------------------------------------ one step
+def meta_step_gradient(cfg, model, params, batch):
+    """(query_loss (T,), support_loss (T,), grad like params) for one meta-batch.
+    params: (P,) or, for metasgd, (2P,) = [theta, alpha]."""
+    sx, sy, qx, qy = batch
+    algo, k, P = cfg["algorithm"], cfg["inner_steps"], model.num_params
+    if algo in ("maml", "fomaml"):
+        r = _maml_gradient(model, params, [sx] * k, [sy] * k, qx, qy, cfg["inner_lr"],
+                           first_order=algo == "fomaml")
+        return r.query_loss, r.support_loss, r.grad
+    if algo == "metasgd":
+        r = _maml_gradient(model, params[:P], [sx] * k, [sy] * k, qx, qy, params[P:],
+                           first_order=False)
+        return r.query_loss, r.support_loss, np.concatenate([r.grad, r.alpha_grad])
+    if algo == "reptile":
+        loss0, d = _reptile(model, params, [sx] * k, [sy] * k, cfg["inner_lr"], sx.shape[0])
+        return _loss(model, tile_tasks(params, sx.shape[0]), qx, qy), loss0, d
+    # pretrain: one model on all points of every task
+    x, y = np.concatenate([sx, qx], axis=1), np.concatenate([sy, qy], axis=1)
+    loss, g = _loss_grad(model, tile_tasks(params, x.shape[0]), x, y)
+    return loss, loss, g.mean(axis=0)
+
+
+def split_params(cfg, model, params):
+    """-> (theta (P,), inner rate: float or (P,) for metasgd)."""
+    if cfg["algorithm"] == "metasgd":
+        return params[:model.num_params], params[model.num_params:]
+    return params, cfg["inner_lr"]
+
+
+class Method(MethodBase):
+    """One meta-batch of T tasks per step; the validation tasks are fixed at construction."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model = build_model(cfg)
+        if cfg["task"] == "sinusoid":
+            self.source = SinusoidSource(cfg, self.rng)   # the init draws come first, as before
+            self.val_batch = self.source.sample(cfg["eval_tasks"],
+                                                np.random.default_rng([cfg["seed"], 1]))
+        else:
+            self.source = OmniglotSource(cfg, "train")
+            self.val_batch = OmniglotSource(cfg, "val", seed=cfg["seed"] + 1).sample(
+                cfg["eval_tasks"])
+
+    def init_params(self, rng):
+        theta = self.model.init_params(rng, self.dtype)
+        if self.cfg["algorithm"] == "metasgd":
+            theta = np.concatenate([theta, np.full_like(theta, self.cfg["inner_lr"])])
+        return theta
+
+    def sample(self):
+        return self.source.sample(self.cfg["meta_batch"])
+
+    def gradient(self, params, batch):
+        qloss, sloss, grad = meta_step_gradient(self.cfg, self.model, params, batch)
+        return grad, {"query_loss": float(qloss.mean()), "support_loss": float(sloss.mean())}
+
+    def evaluate_val(self, params):
+        """Mean post-update query loss (and accuracy) on the fixed validation tasks after
+        test_steps inner steps."""
+        from metacore.evaluation import adapt_and_score
+        theta, alpha = split_params(self.cfg, self.model, params)
+        scores = adapt_and_score(self.model, theta, alpha, self.val_batch,
+                                 self.cfg["test_steps"], transductive=True)
+        rec = {"val_loss": float(scores["loss"][-1].mean())}
+        if "accuracy" in scores:
+            rec["val_accuracy"] = float(scores["accuracy"][-1].mean())
+        return rec
+
+    def state(self):
+        return {"source_rng": self.source.state()}
+
+    def load_state(self, s):
+        self.source.set_state(s["source_rng"])
