@@ -33,6 +33,9 @@ def _add_train(sub):
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="split each meta-batch across MPI ranks (launch with mpirun -n R; "
+                        "needs mpi4py: see metacore/distributed.py)")
     ints = ("iterations", "shots", "queries", "n_way", "meta_batch", "inner_steps",
             "test_steps", "eval_every", "eval_tasks", "log_every", "ckpt_every", "seed",
             "lr_halve_every")
@@ -110,8 +113,14 @@ def _train(args):
         cfg = make_config(args.algorithm, args.task, args.out, **given)
     except ValueError as e:
         raise SystemExit(f"metacore train: {e}")
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    comm = None
+    if args.distributed:
+        from metacore.distributed import MPIComm
+        comm = MPIComm()
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, comm=comm)
     trainer.train()
+    if comm is not None and comm.rank != 0:
+        return 0
     print(f"done: {cfg['algorithm']} {cfg['task']} step {trainer.step}, "
           f"{trainer.elapsed:.1f} s of training, checkpoint {trainer.ckpt_path}")
     return 0

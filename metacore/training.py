@@ -76,8 +76,11 @@ def build_method(cfg):
 class Trainer:
     """Builds (or resumes) a run from a config and trains it; see the module docstring."""
 
-    def __init__(self, cfg, resume=False, progress=True):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg, resume=False, progress=True, comm=None):
+        from metacore.distributed import SingleProcess
+        self.comm = comm or SingleProcess()
+        self.lead = self.comm.rank == 0                  # writes metrics and checkpoints
+        self.cfg, self.progress = cfg, progress and self.lead
         self.out = cfg["out"]
         self.ckpt_path = os.path.join(self.out, "checkpoint.npz")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
@@ -95,12 +98,14 @@ class Trainer:
         if exists and not resume:
             raise FileExistsError(f"train: {self.ckpt_path} exists; pass --resume to continue "
                                   f"it or choose another --out")
-        os.makedirs(self.out, exist_ok=True)
+        if self.lead:
+            os.makedirs(self.out, exist_ok=True)
         if exists:
             self._load()
-        else:
+        elif self.lead:
             self._write_config()
             open(self.metrics_path, "w").close()
+        self.comm.barrier()
 
     @property
     def model(self):
@@ -114,6 +119,8 @@ class Trainer:
         os.replace(tmp, os.path.join(self.out, "config.json"))
 
     def save(self):
+        if not self.lead:
+            return
         opt_state = self.opt.state_dict()
         arrays = {"params": self.params}
         arrays.update({f"opt.{k}": v for k, v in opt_state.items() if isinstance(v, np.ndarray)})
@@ -143,7 +150,8 @@ class Trainer:
         self.method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
         self.method.load_state(meta["method_state"])
         self.step, self.elapsed, self.acc = meta["step"], meta["elapsed_s"], meta["log_acc"]
-        self._truncate_metrics()
+        if self.lead:
+            self._truncate_metrics()
 
     def _truncate_metrics(self):
         """Drop metric lines written after the checkpoint (a run killed between the two)."""
@@ -164,11 +172,30 @@ class Trainer:
         os.replace(tmp, self.metrics_path)
 
     def _log(self, rec):
+        if not self.lead:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
     def evaluate_val(self):
         return self.method.evaluate_val(self.params)
+
+    def _gradient(self, batch):
+        """The method's mean gradient over the meta-batch; with R > 1 ranks each computes the
+        mean over its block of tasks, and one Allreduce of w_r * g_r (w_r = T_r / T) sums
+        them (metacore.distributed)."""
+        if self.comm.size == 1:
+            return self.method.gradient(self.params, batch)
+        from metacore.distributed import task_blocks
+        T = self.method.batch_size(batch)
+        b = task_blocks(T, self.comm.size)
+        lo, hi = b[self.comm.rank], b[self.comm.rank + 1]
+        grad, metrics = self.method.gradient(self.params, self.method.shard(batch, lo, hi))
+        w = (hi - lo) / T
+        grad = self.comm.allreduce_sum(grad * grad.dtype.type(w))
+        keys = sorted(metrics)
+        vals = self.comm.allreduce_sum(np.array([metrics[k] * w for k in keys], np.float64))
+        return grad, dict(zip(keys, vals.tolist()))
 
     def _learning_rate(self):
         h = self.cfg["lr_halve_every"]
@@ -181,7 +208,7 @@ class Trainer:
         t_last = time.perf_counter()
         while self.step < total:
             batch = self.method.sample()
-            grad, metrics = self.method.gradient(self.params, batch)
+            grad, metrics = self._gradient(batch)
             if not np.isfinite(grad).all():
                 raise FloatingPointError(f"train: non-finite meta-gradient at step {self.step}")
             self.opt.lr = self._learning_rate()

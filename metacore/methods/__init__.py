@@ -25,6 +25,11 @@ owns the model, the task source and everything the trainer must not know about:
                                                # saves m.rng)
     m.evaluate(params, opts) -> dict           # `metacore eval RUN`; opts are the CLI's
     m.format_result(result) -> str             #   (tasks, seed, shots, way, bn, ...)
+    m.shard(batch, lo, hi) -> sub-batch        # --distributed: tasks [lo, hi) of the batch;
+    m.batch_size(batch) -> T                   #   gradient() must be a mean over tasks
+
+Keep a method module's top level light (numpy and metacore only; numba lazily): the command
+line imports every method module to list the names.
 
 Exact resume holds as long as everything random is drawn from generators whose state
 `state()` returns, and every array that changes during training is in params, the optimizer
@@ -76,6 +81,13 @@ class MethodBase:
 
     def load_state(self, s):
         set_rng_state(self.rng, s["rng"])
+
+    def batch_size(self, batch):
+        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed (its method "
+                         f"defines no batch_size/shard)")
+
+    def shard(self, batch, lo, hi):
+        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed")
 
     def evaluate(self, params, opts):
         raise NotImplementedError(f"{type(self).__name__} has no `metacore eval` yet")

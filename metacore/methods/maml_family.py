@@ -168,6 +168,12 @@ class Method(MethodBase):
         qloss, sloss, grad = meta_step_gradient(self.cfg, self.model, params, batch)
         return grad, {"query_loss": float(qloss.mean()), "support_loss": float(sloss.mean())}
 
+    def batch_size(self, batch):
+        return batch[0].shape[0]
+
+    def shard(self, batch, lo, hi):
+        return tuple(a[lo:hi] for a in batch)
+
     def evaluate_val(self, params):
         """Mean post-update query loss (and accuracy) on the fixed validation tasks after
         test_steps inner steps."""
