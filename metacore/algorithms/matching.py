@@ -155,12 +155,12 @@ class MatchingNet:
         return float(-np.take_along_axis(logp, query_y[..., None], axis=-1).mean())
 
     def episode_loss_and_grad(self, params, support_x, support_y, query_x, query_y, n_way,
-                              update_bn_stats=False):
+                              update_bn_stats=False, momentum=0.1):
         """params: (P,); support_x: (T, M, *img), support_y: (T, M) ints in [0, N) with every
         class present; query_x: (T, Q, *img), query_y: (T, Q)
         -> loss (float), grad (P,) fresh, accuracy (float, fraction of queries right).
         update_bn_stats: after the forward pass, fold this episode's batch statistics into the
-        embedding's BN running statistics (bn mode 'batch' only)."""
+        embedding's BN running statistics (bn mode 'batch' only), with this momentum."""
         self._check("MatchingNet.episode_loss_and_grad", params, support_x, support_y,
                     query_x, query_y, n_way)
         T, Q = query_y.shape
@@ -169,7 +169,7 @@ class MatchingNet:
         loss = float(-np.take_along_axis(logp, query_y[..., None], axis=-1).mean())
         acc = float((logp.argmax(axis=-1) == query_y).mean())
         if update_bn_stats:
-            self.model.update_running_stats(emb_cache)
+            self.model.update_running_stats(emb_cache, momentum)
         # dc = (a - b) / (T Q): a the softmax over supports, b the softmax within the class
         Yq = _class_mask(Y, query_y)                                   # (T, Q, M)
         Sy = np.take_along_axis(Sn, query_y[..., None], axis=-1)       # (T, Q, 1)

@@ -85,6 +85,11 @@ class PairSampler:
         self.dtype = np.dtype(dtype)
         self._rng = np.random.default_rng(seed)
 
+    @property
+    def rng(self):
+        """The sampler's numpy Generator (save / restore its state for exact resume)."""
+        return self._rng
+
     def _images(self, cls, drawing):
         char, rot = self.chars[cls // self.n_rot], cls % self.n_rot
         x = self.images[char, drawing].astype(self.dtype)           # (T, B, H, W)

@@ -1,0 +1,315 @@
+"""The metric-based family through the trainer (`metacore train NAME --task omniglot`):
+Prototypical, Matching, Relation and Siamese networks on Omniglot, the Vinyals et al. 2016
+character split (1028 train / 172 val / 423 test characters, metacore.data.omniglot), each
+quarter turn of a character its own class.
+
+    protonet  Snell et al. 2017 (metacore.algorithms.protonet)
+    matching  Vinyals et al. 2016, with Full Context Embeddings by default (.matching)
+    relation  Sung et al. 2018 (.relation)
+    siamese   Koch et al. 2015, verification pairs (.siamese)
+
+One step = one training episode (or, for siamese, one batch of verification pairs), its loss
+gradient from the algorithm's hand-written backward. Batch norm: training normalises each
+episode with its own batch statistics and moves the running statistics toward them
+(momentum `bn_momentum`); the running statistics are the method's buffers, so they are in
+every checkpoint and a resumed run is bit-identical.
+
+Evaluation (`metacore eval RUN`): the Vinyals test characters, >= 1000 episodes per setting
+(--tasks), 5-way and 20-way x 1-shot and 5-shot (--way / --shots restrict), and Lake et al.'s
+20 one-shot runs (20-way, within one alphabet, no rotation; included whenever 20-way 1-shot
+is), mean accuracy with a 95% confidence interval (1.96 std / sqrt(n)). Batch norm at test:
+the running statistics by default ("non-transductive": every image is embedded alone, so no
+query's prediction depends on another query); --bn transductive uses each episode's batch
+statistics, for comparison only. The output states the mode.
+
+Shape letters: T tasks, N classes, K shots, S = N*K support and M query images per task,
+P parameters.
+"""
+import numpy as np
+
+from metacore.checkpoint import rng_state, set_rng_state
+from metacore.methods import MethodBase
+
+NAMES = ("protonet", "matching", "relation", "siamese")
+TASKS = ("omniglot",)
+
+# Settings shared by the four; None means "the algorithm's paper value" (PAPER below),
+# resolved in check_config. The trainer's own keys (COMMON) need concrete values here:
+# iterations 20000 is this project's budget choice for every method (the papers train to a
+# validation criterion or do not give a total); the outer optimizer is Adam 1e-3 for all
+# (ProtoNets and Relation Nets: their papers; Matching Nets and the Siamese twin: our choice,
+# see PAPER). lr_halve_every = 0 here means "the paper's schedule" unless halve_every says
+# otherwise (see check_config).
+DEFAULTS = {
+    "omniglot": dict(
+        iterations=20000, log_every=100, ckpt_every=500, eval_every=1000,
+        outer_opt="adam", outer_lr=1e-3, lr_halve_every=0,
+        n_way=None,          # training classes per episode
+        shots=1,             # training K; ProtoNets: "shot = test shot", one model per K
+        queries=None,        # training queries per class
+        pairs=None,          # siamese: verification pairs per step
+        fce=None,            # matching: Full Context Embeddings
+        read_steps=None,     # matching: K of the attention LSTM
+        halve_every=None,    # outer-rate halving period (None: the paper's); 0: constant
+        channels=64,         # embedding width (tests use tiny ones)
+        bn_momentum=0.1,     # running <- 0.9 running + 0.1 batch (PyTorch's default)
+        val_way=5, val_episodes=100,   # periodic validation: Vinyals val characters, 15 q.
+    ),
+}
+
+# The papers' settings for Omniglot, per algorithm.
+PAPER = {
+    # Snell et al. 2017, sec. 3.1: 60-way training episodes, 5 queries per class, the
+    # training shot equal to the test shot; Adam 1e-3, halved every 2000 episodes.
+    "protonet": dict(n_way=60, queries=5, halve_every=2000),
+    # Vinyals et al. 2016: the paper's Omniglot setting is 5-way 1-shot episodes, FCE as
+    # brief/issue request. The paper is silent on the optimizer, the query count and the
+    # number K of attention read steps: Adam 1e-3 constant, 5 queries per class and K = 5
+    # are our choices.
+    "matching": dict(n_way=5, queries=5, fce=True, read_steps=5, halve_every=0),
+    # Sung et al. 2018, sec. 4.1: 5-way, 19 queries per class for 1-shot and 15 for 5-shot;
+    # Adam 1e-3 halved every 100,000 episodes.
+    "relation": dict(n_way=5, queries={1: 19, 5: 15}, halve_every=100000),
+    # Koch et al. 2015, sec. 3.2: minibatches of 128 pairs (half same-class here). The
+    # paper's SGD with momentum, per-layer rates and L2 penalties are replaced by Adam 1e-3
+    # constant (see metacore.algorithms.siamese for the other deviations).
+    "siamese": dict(pairs=128, halve_every=0),
+}
+
+# Test-time queries per class: 15 for 5-way (as in the ProtoNet and Relation Net
+# evaluations), 5 for 20-way (keeps 20-way episodes at 100 queries; our choice).
+EVAL_QUERIES = {5: 15, 20: 5}
+EVAL_WAYS, EVAL_SHOTS, EVAL_EPISODES = (5, 20), (1, 5), 1000
+BN_OPTS = {None: "running", "running": "running", "non-transductive": "running",
+           "batch": "batch", "transductive": "batch"}
+BN_TEXT = {"running": "non-transductive (BN running statistics; each image embedded alone)",
+           "batch": "transductive (BN statistics of each test episode's images)"}
+
+
+def _pos_int(cfg, key, lo=1):
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"make_config: {key} must be an int >= {lo}, got {v!r}")
+
+
+def check_config(cfg):
+    """Resolve the paper defaults (None) for cfg['algorithm'] and check every setting."""
+    algo, paper = cfg["algorithm"], PAPER[cfg["algorithm"]]
+    _pos_int(cfg, "shots")
+    for key in ("n_way", "queries", "pairs", "fce", "read_steps"):
+        if cfg[key] is None and key in paper:
+            v = paper[key]
+            cfg[key] = v[cfg["shots"]] if isinstance(v, dict) and cfg["shots"] in v else v
+        if cfg[key] is None and key == "queries" and algo == "relation":
+            cfg[key] = 15                  # the paper gives 19 (1-shot) and 15 (5-shot) only
+    # the halving period: --set halve_every=H wins; else --lr-halve-every; else the paper's
+    if cfg["halve_every"] is None:
+        cfg["halve_every"] = cfg["lr_halve_every"] or paper["halve_every"]
+    elif cfg["lr_halve_every"] not in (0, cfg["halve_every"]):
+        raise ValueError(f"make_config: lr_halve_every {cfg['lr_halve_every']} and "
+                         f"halve_every {cfg['halve_every']} disagree; give one of them")
+    _pos_int(cfg, "halve_every", 0)
+    cfg["lr_halve_every"] = cfg["halve_every"]
+    for key in ("channels", "val_way", "val_episodes"):
+        _pos_int(cfg, key)
+    if algo == "siamese":
+        _pos_int(cfg, "pairs", 2)
+    else:
+        _pos_int(cfg, "n_way", 2)
+        _pos_int(cfg, "queries")
+    if algo == "matching":
+        if not isinstance(cfg["fce"], bool):
+            raise ValueError(f"make_config: fce must be true or false, got {cfg['fce']!r}")
+        _pos_int(cfg, "read_steps")
+    m = cfg["bn_momentum"]
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+        raise ValueError(f"make_config: bn_momentum must be a number in (0, 1], got {m!r}")
+    cfg["bn_momentum"] = float(m)
+
+
+_OMNIGLOT = {}
+
+
+def omniglot(dtype):
+    """The 28x28 Omniglot (ink28 version) with Lake's runs, loaded once per process."""
+    key = np.dtype(dtype).name
+    if key not in _OMNIGLOT:
+        from metacore.data.omniglot import load_omniglot
+        _OMNIGLOT[key] = load_omniglot(dtype=key)
+    return _OMNIGLOT[key]
+
+
+def build_algorithm(cfg):
+    """-> (algorithm object, [Models whose BN running statistics are buffers, by prefix])."""
+    from metacore.models import conv4_protonet
+    algo, c = cfg["algorithm"], cfg["channels"]
+    if algo == "protonet":
+        from metacore.algorithms.protonet import ProtoNet
+        alg = ProtoNet(conv4_protonet(channels=c))
+        return alg, [("embed", alg.model)]
+    if algo == "matching":
+        from metacore.algorithms.matching import MatchingNet
+        alg = MatchingNet(conv4_protonet(channels=c), fce=cfg["fce"],
+                          read_steps=cfg["read_steps"])
+        return alg, [("embed", alg.model)]
+    if algo == "relation":
+        from metacore.algorithms.relation import RelationNet
+        from metacore.models.metric_heads import relation_embedding, relation_module
+        emb = relation_embedding(channels=c)
+        alg = RelationNet(emb, relation_module(emb.out_shape, channels=c))
+        return alg, [("embed", alg.embed), ("relation", alg.relation)]
+    from metacore.algorithms.siamese import SiameseNet
+    alg = SiameseNet(conv4_protonet(channels=c))
+    return alg, [("embed", alg.embed)]
+
+
+class Method(MethodBase):
+    """One training episode per step (siamese: one batch of `pairs` verification pairs)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from metacore.algorithms.siamese import PairSampler
+        from metacore.data.omniglot import EpisodeSampler, split_characters
+        self.alg, self.bn_models = build_algorithm(cfg)
+        self.data = omniglot(self.dtype)
+        chars = split_characters(self.data, "vinyals", "train")
+        # the episode stream has its own seed (seed + 1), apart from the initialiser's rng
+        if cfg["algorithm"] == "siamese":
+            self.sampler = PairSampler(self.data.images, chars, rotate=True,
+                                       seed=cfg["seed"] + 1, dtype=self.dtype)
+        else:
+            self.sampler = EpisodeSampler(self.data.images, chars, cfg["n_way"], cfg["shots"],
+                                          cfg["queries"], rotate=True, seed=cfg["seed"] + 1,
+                                          dtype=self.dtype)
+        self._val = None
+
+    # ------------------------------------------------------------------ training
+    def init_params(self, rng):
+        return self.alg.init_params(rng, self.dtype)
+
+    def sample(self):
+        if self.cfg["algorithm"] == "siamese":
+            b = self.sampler.sample(1, self.cfg["pairs"])
+            return b.x1, b.x2, b.same
+        e = self.sampler.sample(1)
+        return e.support_x, e.support_y, e.query_x, e.query_y
+
+    def gradient(self, params, batch):
+        m = self.cfg["bn_momentum"]
+        for _, model in self.bn_models:
+            model.set_bn_mode("batch")
+        if self.cfg["algorithm"] == "matching":
+            sx, sy, qx, qy = batch
+            loss, grad, acc = self.alg.episode_loss_and_grad(
+                params, sx, sy, qx, qy, int(sy.max()) + 1, update_bn_stats=True, momentum=m)
+        else:
+            loss, grad, acc = self.alg.episode_loss_and_grad(
+                params, *batch, update_running_stats=True, momentum=m)
+        return grad, {"loss": loss, "accuracy": acc}
+
+    def buffers(self):
+        out = {}
+        for prefix, model in self.bn_models:
+            out.update({f"{prefix}.{k}": v for k, v in model.buffers().items()})
+        return out
+
+    def load_buffers(self, arrays):
+        want = set(self.buffers())
+        if set(arrays) != want:
+            raise ValueError(f"{self.cfg['algorithm']}: checkpoint buffers {sorted(arrays)}, "
+                             f"expected {sorted(want)}")
+        for prefix, model in self.bn_models:
+            n = len(prefix) + 1
+            model.load_buffers({k[n:]: v for k, v in arrays.items()
+                                if k.startswith(prefix + ".")})
+
+    def state(self):
+        return {"rng": rng_state(self.rng), "sampler_rng": rng_state(self.sampler.rng)}
+
+    def load_state(self, s):
+        set_rng_state(self.rng, s["rng"])
+        set_rng_state(self.sampler.rng, s["sampler_rng"])
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, params, support_x, support_y, query_x, bn="running"):
+        """-> (T, M) predicted labels; bn 'running' (no query sees another) or 'batch'."""
+        if self.cfg["algorithm"] == "matching":
+            return self.alg.predict(params, support_x, support_y, query_x,
+                                    int(support_y.max()) + 1, bn=bn)[1]
+        return self.alg.predict(params, support_x, support_y, query_x, bn=bn)
+
+    def _chunk(self, way, shots, queries):
+        """Tasks per forward pass: about 4000 images (relation: pairs) at a time."""
+        per_task = way * (shots + queries)
+        if self.cfg["algorithm"] == "relation":
+            per_task = max(per_task, way * queries * way)    # the relation module's pairs
+        return max(1, 4000 // per_task)
+
+    def episodes_accuracy(self, params, part, way, shots, queries, n, seed, bn):
+        """Accuracy over n episodes of the Vinyals `part` characters -> evaluate_episodes'
+        dict (accuracy, ci95, per_task, n_episodes)."""
+        from metacore.algorithms.protonet import evaluate_episodes
+        from metacore.data.omniglot import EpisodeSampler, split_characters
+        sampler = EpisodeSampler(self.data.images, split_characters(self.data, "vinyals", part),
+                                 way, shots, queries, rotate=True, seed=seed, dtype=self.dtype)
+        return evaluate_episodes(self.predict, params, sampler, n,
+                                 self._chunk(way, shots, queries), bn)
+
+    def evaluate_val(self, params):
+        """Accuracy on val_episodes fixed validation episodes (val_way-way, the training
+        shot, 15 queries per class), BN running statistics."""
+        c = self.cfg
+        r = self.episodes_accuracy(params, "val", c["val_way"], c["shots"], 15,
+                                   c["val_episodes"], c["seed"] + 2, "running")
+        return {"val_accuracy": r["accuracy"]}
+
+    def evaluate(self, params, opts):
+        """The test protocol of the module docstring; opts from `metacore eval` (None: the
+        default): tasks (episodes per setting, >= 1000 by default), way, shots, seed, bn."""
+        from metacore.algorithms.siamese import lake_accuracy
+        opts = dict(opts or {})
+        bn = opts.get("bn")
+        if bn not in BN_OPTS:
+            raise ValueError(f"{self.cfg['algorithm']} eval: bn must be one of "
+                             f"{sorted(k for k in BN_OPTS if k)}, got {bn!r}")
+        bn = BN_OPTS[bn]
+        n = opts.get("tasks") or EVAL_EPISODES
+        ways = (opts["way"],) if opts.get("way") else EVAL_WAYS
+        shots = (opts["shots"],) if opts.get("shots") else EVAL_SHOTS
+        seed = opts.get("seed")
+        seed = 2017 if seed is None else seed
+        for name, vals in (("way", ways), ("shots", shots)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
+                raise ValueError(f"eval: {name} must be a positive int, got {vals}")
+        if n < 2:
+            raise ValueError(f"eval: tasks must be >= 2 for a confidence interval, got {n}")
+        result = {"algorithm": self.cfg["algorithm"], "bn": bn, "bn_text": BN_TEXT[bn],
+                  "split": "vinyals test (423 characters x 4 rotations)", "settings": {}}
+        for way in ways:
+            for k in shots:
+                q = EVAL_QUERIES.get(way, 5)
+                r = self.episodes_accuracy(params, "test", way, k, q, n,
+                                           seed + 100 * way + k, bn)
+                result["settings"][f"{way}way_{k}shot"] = dict(
+                    way=way, shots=k, queries=q, episodes=n, accuracy=r["accuracy"],
+                    ci95=r["ci95"])
+        if 20 in ways and 1 in shots:
+            r = lake_accuracy(self.predict, params, self.data, bn=bn)
+            result["lake"] = dict(runs=int(r["per_run"].size), way=20, shots=1,
+                                  accuracy=r["accuracy"], ci95=r["ci95"])
+        return result
+
+    def format_result(self, result):
+        lines = [f"{result['algorithm']} on Omniglot, {result['split']}; BN: {result['bn_text']}"]
+        for name, s in result["settings"].items():
+            lines.append(f"  {s['way']:>2}-way {s['shots']}-shot ({s['queries']} queries/class, "
+                         f"{s['episodes']} episodes): {100 * s['accuracy']:.2f} "
+                         f"+- {100 * s['ci95']:.2f} %")
+        if "lake" in result:
+            s = result["lake"]
+            lines.append(f"  Lake's {s['runs']} runs, 20-way 1-shot within alphabet: "
+                         f"{100 * s['accuracy']:.2f} +- {100 * s['ci95']:.2f} %")
+        return "\n".join(lines)
+
+
+__all__ = ["NAMES", "TASKS", "DEFAULTS", "PAPER", "Method", "check_config"]

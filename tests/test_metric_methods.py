@@ -1,0 +1,194 @@
+"""The metric-based methods through the trainer (metacore.methods.metric): paper defaults,
+a few training steps of each, BN running statistics kept as buffers, SIGKILL mid-run then
+--resume bit-identical to an uninterrupted run, and `metacore eval` through the CLI. Tiny
+sizes throughout (8-channel embeddings, 3-way episodes with 2 queries per class)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from metacore.checkpoint import CheckpointError, load_checkpoint
+from metacore.training import Trainer, load_run, make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(channels=8, n_way=3, queries=2, val_way=3, val_episodes=3, pairs=4)
+TINY_SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return env
+
+
+def _ckpt_step(path):
+    try:
+        return load_checkpoint(path)[1]["step"]
+    except (FileNotFoundError, CheckpointError, OSError):
+        return -1
+
+
+def _strip_time(path):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    for r in recs:
+        r.pop("elapsed_s")
+    return recs
+
+
+def test_paper_defaults_resolved_per_algorithm(tmp_path):
+    p = make_config("protonet", "omniglot", tmp_path)
+    assert (p["n_way"], p["shots"], p["queries"]) == (60, 1, 5)
+    assert p["outer_opt"] == "adam" and p["outer_lr"] == 1e-3
+    assert p["lr_halve_every"] == p["halve_every"] == 2000
+    r1 = make_config("relation", "omniglot", tmp_path)
+    r5 = make_config("relation", "omniglot", tmp_path, shots=5)
+    assert (r1["n_way"], r1["queries"], r5["queries"]) == (5, 19, 15)
+    assert r1["lr_halve_every"] == 100000
+    m = make_config("matching", "omniglot", tmp_path)
+    assert (m["n_way"], m["shots"], m["fce"], m["lr_halve_every"]) == (5, 1, True, 0)
+    assert make_config("siamese", "omniglot", tmp_path)["pairs"] == 128
+    # the halving period: --lr-halve-every or --set halve_every, 0 = constant
+    assert make_config("protonet", "omniglot", tmp_path, lr_halve_every=7)["halve_every"] == 7
+    assert make_config("protonet", "omniglot", tmp_path, halve_every=0)["lr_halve_every"] == 0
+    with pytest.raises(ValueError, match="disagree"):
+        make_config("protonet", "omniglot", tmp_path, lr_halve_every=7, halve_every=5)
+    with pytest.raises(ValueError, match="fce must be true or false"):
+        make_config("matching", "omniglot", tmp_path, fce="yes")
+    with pytest.raises(ValueError, match="n_way must be an int >= 2"):
+        make_config("protonet", "omniglot", tmp_path, n_way=1)
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_config("relation", "sinusoid", tmp_path)
+
+
+@pytest.mark.parametrize("algo", ["protonet", "matching", "relation", "siamese"])
+def test_each_method_trains_through_the_trainer(tmp_path, algo):
+    cfg = make_config(algo, "omniglot", tmp_path, iterations=4, log_every=2, eval_every=4,
+                      ckpt_every=4, outer_lr=1e-2, **TINY)
+    t = Trainer(cfg, progress=False)
+    p0, b0 = t.params.copy(), {k: v.copy() for k, v in t.method.buffers().items()}
+    assert b0, "the BN running statistics must be buffers"
+    t.train()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in train)
+    assert 0 <= [r for r in recs if r["kind"] == "eval"][-1]["val_accuracy"] <= 1
+    assert not np.array_equal(p0, t.params) and np.isfinite(t.params).all()
+    b1 = t.method.buffers()
+    assert all(not np.array_equal(b0[k], b1[k]) for k in b0), "running stats not updated"
+    # the checkpoint restores the buffers exactly into a fresh method
+    _, method, params, meta = load_run(str(tmp_path))
+    assert meta["step"] == 4 and params.tobytes() == t.params.tobytes()
+    for k, v in method.buffers().items():
+        assert v.tobytes() == b1[k].tobytes(), k
+    with pytest.raises(ValueError, match="checkpoint buffers"):
+        method.load_buffers({})
+
+
+def _train_cmd(out, *extra):
+    return ([sys.executable, "-m", "metacore", "train", "protonet", "--task", "omniglot",
+             "--out", str(out), "--iterations", "40", "--ckpt-every", "4", "--log-every", "2",
+             "--eval-every", "20", "--seed", "3", "--no-progress", "--lr-halve-every", "10"]
+            + TINY_SETS + list(extra))
+
+
+def test_protonet_sigkill_and_resume_is_bit_identical(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(full), check=True, env=_env(), cwd=ROOT, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(killed), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.npz"
+    deadline = time.time() + 120
+    while _ckpt_step(ckpt) < 12 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 12 <= _ckpt_step(ckpt) < 40
+    # settings not given again come from the run's config.json
+    subprocess.run([sys.executable, "-m", "metacore", "train", "protonet", "--task",
+                    "omniglot", "--out", str(killed), "--resume", "--no-progress"],
+                   check=True, env=_env(), cwd=ROOT, capture_output=True)
+    a, ma = load_checkpoint(full / "checkpoint.npz")
+    b, mb = load_checkpoint(killed / "checkpoint.npz")
+    assert ma["step"] == mb["step"] == 40
+    assert sorted(a) == sorted(b) and any(k.startswith("buf.") for k in a)
+    for name in a:                        # params, Adam moments, BN running statistics
+        assert a[name].dtype == b[name].dtype
+        assert a[name].tobytes() == b[name].tobytes(), name
+    assert ma["opt"] == mb["opt"] and ma["method_state"] == mb["method_state"]
+    assert _strip_time(full / "metrics.jsonl") == _strip_time(killed / "metrics.jsonl")
+
+    # metacore eval on the finished tiny run: restricted to 5-way 1-shot, then JSON out
+    out = subprocess.run([sys.executable, "-m", "metacore", "eval", str(full), "--tasks", "6",
+                          "--way", "5", "--shots", "1", "--json", str(tmp_path / "e.json")],
+                         check=True, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert "BN: non-transductive" in out.stdout
+    assert "5-way 1-shot (15 queries/class, 6 episodes)" in out.stdout
+    assert "Lake" not in out.stdout and "20-way" not in out.stdout
+    r = json.load(open(tmp_path / "e.json"))
+    assert list(r["settings"]) == ["5way_1shot"] and r["bn"] == "running"
+    assert 0 <= r["settings"]["5way_1shot"]["accuracy"] <= 1
+
+
+def test_evaluate_protocol_and_bn_modes(tmp_path):
+    cfg = make_config("relation", "omniglot", tmp_path, iterations=1, log_every=1,
+                      eval_every=1, ckpt_every=1, **TINY)
+    t = Trainer(cfg, progress=False)
+    t.train()
+    m = t.method
+    r = m.evaluate(t.params, dict(tasks=3, way=20, shots=1, seed=None, bn=None))
+    s = r["settings"]["20way_1shot"]
+    assert (s["way"], s["shots"], s["queries"], s["episodes"]) == (20, 1, 5, 3)
+    assert r["lake"]["runs"] == 20 and r["bn"] == "running"
+    assert "Lake's 20 runs" in m.format_result(r)
+    # same seed, same episodes; transductive BN gives other numbers on the same episodes
+    again = m.evaluate(t.params, dict(tasks=3, way=20, shots=1, bn="non-transductive"))
+    assert again["settings"] == r["settings"]
+    tr = m.evaluate(t.params, dict(tasks=3, way=5, shots=1, bn="transductive"))
+    assert tr["bn"] == "batch" and "transductive" in m.format_result(tr)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        m.evaluate(t.params, dict(bn="both"))
+    with pytest.raises(ValueError, match="tasks must be >= 2"):
+        m.evaluate(t.params, dict(tasks=1, way=5, shots=1))
+
+
+def _scores(method, params, sx, sy, qx):
+    """The raw per-query scores behind method.predict (logits, log-probabilities, relation
+    scores or pair logits), BN running statistics."""
+    alg, algo = method.alg, method.cfg["algorithm"]
+    if algo == "protonet":
+        return alg.logits(params, sx, sy, qx)[0]
+    if algo == "matching":
+        return alg.predict(params, sx, sy, qx, int(sy.max()) + 1)[0]
+    if algo == "relation":
+        return alg.scores(params, sx, sy, qx)
+    return alg.pair_logits(params, sx, sy, qx)
+
+
+@pytest.mark.parametrize("algo", ["protonet", "matching", "relation", "siamese"])
+def test_default_evaluation_has_no_bn_leak(tmp_path, algo):
+    """One query's scores are the same alone as in its batch (the running statistics)."""
+    from metacore.data.omniglot import EpisodeSampler, split_characters
+    cfg = make_config(algo, "omniglot", tmp_path, iterations=2, log_every=1, eval_every=2,
+                      ckpt_every=2, **TINY)
+    t = Trainer(cfg, progress=False)
+    t.train()
+    data = t.method.data
+    ep = EpisodeSampler(data.images, split_characters(data, "vinyals", "val"), 3, 1, 3,
+                        seed=1, dtype=t.params.dtype).sample(1)
+    whole = _scores(t.method, t.params, ep.support_x, ep.support_y, ep.query_x)
+    assert np.ptp(whole) > 0
+    for j in range(ep.query_x.shape[1]):
+        alone = _scores(t.method, t.params, ep.support_x, ep.support_y, ep.query_x[:, j:j + 1])
+        np.testing.assert_allclose(alone[0, 0], whole[0, j], rtol=1e-5, atol=1e-6)
+    pred = t.method.predict(t.params, ep.support_x, ep.support_y, ep.query_x)
+    assert np.array_equal(pred, t.method.predict(t.params, ep.support_x, ep.support_y,
+                                                 ep.query_x, bn="running"))
