@@ -1,0 +1,182 @@
+"""Meta Networks (Munkhdalai & Yu 2017) through the trainer: Omniglot N-way K-shot, Vinyals
+et al.'s 1028 / 172 / 423 character split with rotations (metacore.data.omniglot, "ink28"
+images), one episode per step as in the authors' code (meta_batch averages several).
+
+The model and its exact outer gradient: metacore.algorithms.metanet. There is no batch
+normalisation, so every query is classified from the support set and itself alone (no
+transduction, no running statistics to keep).
+
+Shape letters: T episodes per step, N = n_way * shots supports, L = n_way * queries queries,
+P parameters.
+"""
+import math
+
+import numpy as np
+
+from metacore.algorithms.metanet import MetaNet
+from metacore.checkpoint import rng_state, set_rng_state
+from metacore.methods import MethodBase
+from metacore.stats import mean_ci
+
+NAMES = ("metanet",)
+TASKS = ("omniglot",)
+
+# Paper / authors' code settings where they exist: 5-way 1-shot; 64 filters per conv block;
+# fc1 64 units; LSTM d with 20 units and MLP m 2 -> 20 -> 20 -> 1, coordinate-wise on
+# gradients preprocessed with k = 7; Adam 1e-3 with the gradient norm clipped at 10; one
+# episode per update; one support per LSTM step (steps = N). Our choices: 4 conv blocks (the
+# floor-mode 2x2 pool takes 28 -> 1 in 4), 3 queries per class.
+DEFAULTS = {
+    "omniglot": dict(n_way=5, shots=1, queries=3, meta_batch=1, channels=64, depth=4,
+                     key_dim=64, hidden=64, lstm_hidden=20, mlp_hidden=20, steps=None,
+                     preproc_k=7.0, second_order=True, clip_norm=10.0, outer_opt="adam",
+                     outer_lr=1e-3, iterations=40000, eval_every=500, eval_tasks=100,
+                     log_every=50, ckpt_every=100, backend="auto"),
+}
+
+_INT_KEYS = ("n_way", "shots", "queries", "meta_batch", "channels", "depth", "key_dim",
+             "hidden", "lstm_hidden", "mlp_hidden", "eval_tasks")
+
+
+def check_config(cfg):
+    for key in _INT_KEYS:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+    s = cfg["steps"]
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1
+                          or (cfg["n_way"] * cfg["shots"]) % s):
+        raise ValueError(f"make_config: steps must be None or a positive divisor of "
+                         f"n_way * shots = {cfg['n_way'] * cfg['shots']}, got {s!r}")
+    if not isinstance(cfg["second_order"], bool):
+        raise ValueError(f"make_config: second_order must be true or false, "
+                         f"got {cfg['second_order']!r}")
+    for key in ("preproc_k", "clip_norm"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0 or (key == "preproc_k" and v == 0):
+            raise ValueError(f"make_config: {key} must be a finite number > 0 (clip_norm: "
+                             f">= 0, 0 = no clipping), got {v!r}")
+        cfg[key] = float(v)
+    if cfg["backend"] not in ("auto", "reference", "numba"):
+        raise ValueError(f"make_config: backend must be 'auto', 'reference' or 'numba', "
+                         f"got {cfg['backend']!r}")
+
+
+def build_net(cfg):
+    return MetaNet(cfg["n_way"], (28, 28, 1), cfg["channels"], cfg["depth"], cfg["key_dim"],
+                   cfg["hidden"], cfg["lstm_hidden"], cfg["mlp_hidden"], cfg["steps"],
+                   cfg["preproc_k"], cfg["backend"])
+
+
+_DATA = {}
+
+
+def omniglot_sampler(cfg, part, seed, way=None, shots=None, queries=None):
+    """An EpisodeSampler over the Vinyals split `part`, with rotations."""
+    from metacore.data.omniglot import EpisodeSampler, load_omniglot, split_characters
+    dtype = np.dtype(cfg["dtype"])
+    if dtype not in _DATA:
+        _DATA[dtype] = load_omniglot(version="ink28", dtype=dtype)
+    data = _DATA[dtype]
+    return EpisodeSampler(data.images, split_characters(data, "vinyals", part),
+                          way or cfg["n_way"], shots or cfg["shots"], queries or cfg["queries"],
+                          rotate=True, seed=seed, dtype=dtype)
+
+
+class Method(MethodBase):
+    """One step = meta_batch episodes from the training characters; validation on a fixed
+    set of eval_tasks episodes from the validation characters."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.net = build_net(cfg)
+        self.sampler = omniglot_sampler(cfg, "train", cfg["seed"])
+        self.val = omniglot_sampler(cfg, "val", cfg["seed"] + 1).sample(cfg["eval_tasks"])
+
+    def init_params(self, rng):
+        return self.net.init_params(rng, self.dtype)
+
+    def sample(self):
+        ep = self.sampler.sample(self.cfg["meta_batch"])
+        return ep.support_x, ep.support_y, ep.query_x, ep.query_y
+
+    def gradient(self, params, batch):
+        sx, sy, qx, qy = batch
+        T = sx.shape[0]
+        grad = np.zeros_like(params)
+        loss = acc = 0.0
+        for t in range(T):
+            lt, gt, z, _ = self.net.loss_and_grad(params, sx[t], sy[t], qx[t], qy[t],
+                                                  self.cfg["second_order"])
+            grad += gt
+            loss += lt
+            acc += float((z.argmax(axis=-1) == qy[t]).mean())
+        grad /= T
+        norm = float(np.sqrt((grad.astype(np.float64) ** 2).sum()))
+        c = self.cfg["clip_norm"]
+        if c > 0 and norm > c:                   # Chainer's GradientClipping(10), as the
+            grad *= c / norm                     # authors' code: rescale the global norm
+        return grad, {"loss": loss / T, "accuracy": acc / T, "grad_norm": norm}
+
+    def _accuracies(self, params, sx, sy, qx, qy):
+        """-> per-episode query accuracy (T,) and mean query loss (T,)."""
+        accs, losses = [], []
+        for t in range(sx.shape[0]):
+            z = self.net.predict(params, sx[t].astype(params.dtype), sy[t],
+                                 qx[t].astype(params.dtype))                   # (L, K)
+            zs = z - z.max(axis=-1, keepdims=True)
+            logp = zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
+            losses.append(-float(logp[np.arange(len(qy[t])), qy[t]].mean()))
+            accs.append(float((z.argmax(axis=-1) == qy[t]).mean()))
+        return np.array(accs), np.array(losses)
+
+    def evaluate_val(self, params):
+        v = self.val
+        accs, losses = self._accuracies(params, v.support_x, v.support_y, v.query_x, v.query_y)
+        return {"val_accuracy": float(accs.mean()), "val_loss": float(losses.mean())}
+
+    def evaluate(self, params, opts):
+        """Test episodes from the 423 Vinyals test characters (with rotations): opts tasks
+        (default 1000), way (default n_way), shots (default shots), seed (default 0); queries
+        per class as in training. -> accuracy, its 95% interval, per-episode accuracies."""
+        # opts["steps"] is ignored: the CLI always passes one (default 10), and Meta
+        # Networks has no inner gradient steps to count
+        if opts.get("inner_lr") is not None:
+            raise ValueError("metanet eval: --inner-lr does not apply (Meta Networks has no "
+                             "inner gradient steps)")
+        if opts.get("bn") is not None:
+            raise ValueError(f"metanet eval: --bn does not apply (the model has no batch "
+                             f"normalisation), got {opts['bn']!r}")
+        n = 1000 if opts.get("tasks") is None else int(opts["tasks"])
+        if n < 2:
+            raise ValueError(f"metanet eval: tasks must be >= 2, got {n}")
+        way = opts.get("way") or self.cfg["n_way"]
+        if way != self.cfg["n_way"]:
+            raise ValueError(f"metanet eval: the model's output layer has {self.cfg['n_way']} "
+                             f"classes; way {way} needs a model trained for it")
+        shots = opts.get("shots") or self.cfg["shots"]
+        seed = 0 if opts.get("seed") is None else int(opts["seed"])
+        sampler = omniglot_sampler(self.cfg, "test", seed, way, shots)
+        accs = []
+        for _ in range(n):
+            ep = sampler.sample(1)
+            a, _ = self._accuracies(params, ep.support_x, ep.support_y, ep.query_x, ep.query_y)
+            accs.append(a[0])
+        accs = np.array(accs)
+        mean, ci = mean_ci(accs)
+        return {"accuracy": mean, "ci95": ci, "episodes": n, "way": way, "shots": shots,
+                "queries_per_class": self.cfg["queries"], "seed": seed,
+                "per_episode": accs.tolist()}
+
+    def format_result(self, result):
+        return (f"Meta Networks, Omniglot {result['way']}-way {result['shots']}-shot, "
+                f"{result['episodes']} test episodes ({result['queries_per_class']} queries per "
+                f"class, seed {result['seed']}): accuracy {100 * result['accuracy']:.2f} +- "
+                f"{100 * result['ci95']:.2f} % (95% interval)")
+
+    def state(self):
+        return {"sampler_rng": rng_state(self.sampler.rng)}
+
+    def load_state(self, s):
+        set_rng_state(self.sampler.rng, s["sampler_rng"])
