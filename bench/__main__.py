@@ -1,0 +1,13 @@
+"""`python -m bench`: metacore against PyTorch and JAX on the headline workloads; writes
+BENCHMARKS.md (see bench/peers/). `python -m bench --quick` runs the quick subset on one
+thread; `--list` names the workloads; `--python PATH` picks an interpreter that has torch
+and jax for the peer columns (they say "not installed" otherwise).
+
+main(argv) is the entry point `metacore bench` calls.
+"""
+import sys
+
+from bench.peers.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,292 @@
+"""Runs every (workload, thread count, framework) measurement in its own process pinned with
+taskset to the same cores, and writes BENCHMARKS.md.
+
+Each child gets the same float32 inputs and float64 ground truth (saved once per workload),
+the thread count in every library's environment variable (OMP, OpenBLAS, MKL, Numba, XLA)
+and `taskset -c 0` (1 thread) or `taskset -c 0,1` (2 threads), because XLA and PyTorch start
+threads beyond their settings.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from bench.peers import workloads as W
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PEERS = ("torch-eager", "torch-func", "jax")
+
+
+def child_env(threads):
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+        env[var] = str(threads)
+    flags = f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def cpus_for(threads):
+    n = os.cpu_count() or 1
+    return ",".join(str(i) for i in range(min(threads, n)))
+
+
+def run_child(python, framework, wname, data, threads, budget, timeout):
+    cmd = ["taskset", "-c", cpus_for(threads), python, "-m", "bench.peers.child", framework,
+           wname, data, str(threads), str(budget)]
+    if shutil.which("taskset") is None:
+        cmd = cmd[3:]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(framework=framework, workload=wname, threads=threads, ok=False,
+                    error=f"timed out after {timeout} s")
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return dict(framework=framework, workload=wname, threads=threads, ok=False,
+                error="crashed: " + " | ".join(tail))
+
+
+def installed(python, module):
+    if python == sys.executable:
+        return importlib.util.find_spec(module) is not None
+    r = subprocess.run([python, "-c", f"import importlib.util as u, sys; "
+                        f"sys.exit(u.find_spec({module!r}) is None)"], capture_output=True)
+    return r.returncode == 0
+
+
+# ---------------------------------------------------------------- machine and imports
+def machine_info():
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+                if line.startswith("flags") and "avx512f" in line:
+                    info["avx512"] = True
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    try:
+        import numba
+        info["numba"] = numba.__version__
+    except ImportError:
+        info["numba"] = "not installed"
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = "; ".join(f"{d.get('internal_api')} {d.get('version')} "
+                                 f"({d.get('architecture', '?')}, {d.get('filepath', '').split('/')[-1]})"
+                                 for d in threadpool_info() if d.get("user_api") == "blas")
+    except ImportError:
+        cfg = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+        blas = cfg.get("Build Dependencies", {}).get("blas", {}) if cfg else {}
+        info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}"
+    return info
+
+
+def import_cost(python, module, dist_dirs, repeats=5):
+    """Median wall time of `import module` in a fresh process (pinned to one core), and
+    the size on disk of the package folders."""
+    if not installed(python, module):
+        return None
+    code = (f"import time; t = time.perf_counter(); import {module}; "
+            f"print(time.perf_counter() - t)")
+    times = []
+    for _ in range(repeats):
+        r = subprocess.run(["taskset", "-c", "0", python, "-c", code], cwd=ROOT,
+                           env=child_env(1), capture_output=True, text=True)
+        times.append(float(r.stdout.strip().splitlines()[-1]))
+    loc = subprocess.run([python, "-c", f"import importlib.util as u; "
+                          f"print(u.find_spec({module!r}).submodule_search_locations[0])"],
+                         cwd=ROOT, env=child_env(1), capture_output=True, text=True)
+    base = os.path.dirname(loc.stdout.strip())
+    size = 0
+    for d in dist_dirs:
+        for dirpath, _, files in os.walk(os.path.join(base, d)):
+            size += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files
+                        if not os.path.islink(os.path.join(dirpath, f)))
+    return float(np.median(times)), size
+
+
+# ---------------------------------------------------------------- report
+def fmt_t(s):
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s:.2f} s"
+
+
+def table(w, rows, threads_list, frameworks):
+    """One markdown table: a row per framework, per thread count its median, GFLOP/s and
+    the best metacore variant's speed-up over it."""
+    fl = W.flops(w)
+    head = "| framework |" + "".join(f" {t} thread{'s' * (t > 1)}: median | GFLOP/s |"
+                                    f" metacore speed-up |" for t in threads_list)
+    sep = "|---|" + "---|---|---|" * len(threads_list)
+    lines = [head, sep]
+    best = {}
+    for t in threads_list:
+        ok = [rows[(f, t)]["median_s"] for f in w.metacore if rows.get((f, t), {}).get("ok")]
+        best[t] = min(ok) if ok else None
+    for f in frameworks:
+        cells = [f"`{f}`"]
+        for t in threads_list:
+            r = rows.get((f, t))
+            if r is None:
+                cells += ["not run", "", ""]
+            elif not r.get("ok"):
+                cells += [r.get("error", "failed").split("(")[0].strip()
+                          if r.get("error", "").startswith("not installed")
+                          else "failed: " + r.get("error", "")[:120], "", ""]
+            else:
+                m = r["median_s"]
+                sp = (f"{m / best[t]:.2f}x" if best[t] else "-") \
+                    if f not in w.metacore else "(metacore)"
+                cells += [f"{fmt_t(m)} (n={r['repeats']})", f"{fl / m / 1e9:.1f}", sp]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), fl
+
+
+def write_report(path, args, argv, info, load_before, load_after, results, imports, elapsed):
+    L = ["# metacore benchmarks against PyTorch and JAX", "",
+         "Generated by `python -m bench " + " ".join(argv) + "` (bench/peers/); every cell "
+         "below was measured by that command in one run. Do not edit by hand.", "",
+         "## Machine", "",
+         f"- CPU: {info.get('cpu')}, {info['cores']} cores visible"
+         f"{', AVX-512' if info.get('avx512') else ''}",
+         f"- BLAS (NumPy, via threadpoolctl): {info.get('blas')}",
+         f"- Python {info['python']}, NumPy {info['numpy']}, Numba {info['numba']}, "
+         f"{args.peer_versions}",
+         f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}. The "
+         "machine is shared, so times are noisy; ratios are of medians measured in the same "
+         "run, each framework in its own process pinned with taskset to the same cores "
+         "(core 0 for 1 thread, cores 0-1 for 2 threads).",
+         f"- Wall time of the whole run: {elapsed / 60:.1f} min.", "",
+         "## Method", "",
+         "Every framework computes the same float32 function of the same inputs. Before "
+         "anything is timed, each output is compared with a float64 ground truth (metacore's "
+         "NumPy path in float64, itself checked against central finite differences by the "
+         "test suite): rel_error = max|a - b| / (max|a| + max|b|) must be within the "
+         "workload's float32 tolerance (printed in each table as `check`). Then one more "
+         "warm-up call, then at least 5 timed calls (as many as fit in "
+         f"{args.budget} s), median reported; `n` is the number of timed calls. Threads: "
+         "OMP/OpenBLAS/MKL/Numba thread variables set to the count, "
+         "`torch.set_num_threads`, XLA's Eigen pool off for 1 thread. Speed-up = the "
+         "framework's median / the fastest metacore variant's median (> 1: metacore is "
+         "faster). GFLOP/s = the stated FLOP count / the median.", ""]
+    L += ["## Import time and installed size", "",
+          "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
+          "|---|---|---|"]
+    for name, v in imports.items():
+        L.append(f"| {name} | " + ("not installed | - |" if v is None else
+                                   f"{fmt_t(v[0])} | {v[1] / 2**20:.1f} MiB |"))
+    L.append("")
+    for wname, (w, rows) in results.items():
+        frameworks = list(w.metacore) + list(w.peers)
+        tab, fl = table(w, rows, args.threads, frameworks)
+        checks = ", ".join(f"{f} {r['check_rel_error']:.1e}" for (f, t), r in rows.items()
+                           if t == args.threads[0] and "check_rel_error" in r)
+        L += [f"## {w.title}", "", w.note, "",
+              f"FLOP count: {fl:,} ({fl / 1e6:.2f} MFLOP) per call. Check (rel_error against "
+              f"float64, tolerance {w.tol:g}): {checks}.", "", tab, ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description="metacore against PyTorch and JAX; writes BENCHMARKS.md")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick subset, 1 thread only, shorter timing budget")
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2")
+    p.add_argument("--only", nargs="+", default=None, help="workload names (see --list)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per measurement (default 2, quick 0.5)")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter for the peer frameworks (one with torch and jax)")
+    p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = [1] if args.quick else [1, 2]
+    if args.budget is None:
+        args.budget = 0.5 if args.quick else 2.0
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.list:
+        for w in W.WORKLOADS.values():
+            print(f"{w.name:32s} {'quick ' if w.quick else '      '}{w.title}")
+        return 0
+    names = args.only or [n for n, w in W.WORKLOADS.items() if w.quick or not args.quick]
+    unknown = [n for n in names if n not in W.WORKLOADS]
+    if unknown:
+        raise SystemExit(f"python -m bench: unknown workload(s) {unknown}; see --list")
+    start = time.perf_counter()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    have = {"torch": installed(args.python, "torch"), "jax": installed(args.python, "jax")}
+    vers = []
+    for m in ("torch", "jax"):
+        if have[m]:
+            r = subprocess.run([args.python, "-c", f"import {m}; print({m}.__version__)"],
+                               capture_output=True, text=True, env=child_env(1))
+            vers.append(f"{m} {r.stdout.strip()}")
+        else:
+            vers.append(f"{m} not installed")
+    args.peer_versions = ", ".join(vers)
+    info = machine_info()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="metacore-bench-") as tmp:
+        for name in names:
+            w = W.WORKLOADS[name]
+            data = os.path.join(tmp, name)
+            os.makedirs(data)
+            inputs = W.make_inputs(w)
+            np.savez(os.path.join(data, "inputs.npz"), **inputs)
+            np.savez(os.path.join(data, "truth.npz"),
+                     **{f"out{i}": o for i, o in enumerate(W.truth(w, inputs))})
+            rows = {}
+            for t in args.threads:
+                for f in list(w.metacore) + list(w.peers):
+                    if f in PEERS and not have["torch" if f.startswith("torch") else "jax"]:
+                        rows[(f, t)] = dict(ok=False, error="not installed")
+                        continue
+                    py = sys.executable if f not in PEERS else args.python
+                    r = run_child(py, f, name, data, t, args.budget, args.timeout)
+                    rows[(f, t)] = r
+                    msg = (f"{fmt_t(r['median_s'])} (check {r['check_rel_error']:.1e})"
+                           if r.get("ok") else r.get("error"))
+                    print(f"{name:30s} {t}t {f:15s} {msg}", flush=True)
+            results[name] = (w, rows)
+    imports = {"metacore": import_cost(sys.executable, "metacore",
+                                       ["metacore", "kernels", "reference"]),
+               "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
+               "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    write_report(args.out, args, argv, info, load_before, load_after, results, imports,
+                 time.perf_counter() - start)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,252 @@
+"""The peer-benchmark workloads: inputs (float32), the float64 ground truth, the FLOP count,
+and metacore's calls. The PyTorch and JAX versions live in torch_impl.py and jax_impl.py and
+are looked up by `kind`.
+
+Shape letters: T tasks, N support points, M query points, P parameters, Q queries,
+D features.
+
+Every call returns a tuple of arrays in a fixed order (`outputs`); the child process checks
+each against the ground truth with rel_error = max|a - b| / (max|a| + max|b|) <= tol before
+anything is timed.
+
+FLOP counts are of the algorithm metacore runs, counting 2 per multiply-add of the matrix
+products only (elementwise work is a few percent at these sizes and is left out); the same
+count divides every framework's time, so GFLOP/s ratios are time ratios.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SINUSOID = dict(T=25, N=10, M=10, alpha=0.01)
+
+
+@dataclass
+class Workload:
+    name: str                 # id used on the command line and in the tables
+    kind: str                 # which builder each framework uses
+    title: str
+    cfg: dict
+    outputs: tuple            # names of the returned arrays, in order
+    tol: float = 1e-4         # float32 tolerance of rel_error against the float64 truth
+    quick: bool = True        # part of `python -m bench --quick`
+    note: str = ""
+    metacore: tuple = ("metacore",)          # metacore variants (labels)
+    peers: tuple = ("torch-eager", "torch-func", "jax")
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- sinusoid MLP family
+def _mlp_dims(model):
+    from metacore.kernels.mlp_maml import mlp_structure
+    return [int(d) for d in mlp_structure(model)[0]]
+
+
+def mlp_flops(dims, rows):
+    """(forward, backward to the weights and inputs, HVP given the forward) for `rows` points.
+    S = sum_l D_l D_{l+1}, S' = the same without the first layer (no dx at the input):
+    forward 2 rows S; backward dW 2 rows S + dx 2 rows S'; HVP: R-forward (a u_w for every
+    layer, ra w past the first) 2 rows (S + S'), R-backward a^T rdz + ra^T dz 2 rows (S + S'),
+    dx 2 rows S', rdx = rdz w^T + dz u_w^T 4 rows S'."""
+    S = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    S1 = S - dims[0] * dims[1]
+    return 2 * rows * S, 2 * rows * (S + S1), 2 * rows * (2 * S + 5 * S1)
+
+
+def sinusoid_flops(kind, k, T, N, M, dims):
+    fs, bs, hs = mlp_flops(dims, N)
+    fq, bq, _ = mlp_flops(dims, M)
+    inner = k * (fs + bs)
+    if kind == "reptile":
+        return T * inner
+    if kind == "fomaml":
+        return T * (inner + fq + bq)
+    # second order: k inner steps, the query gradient, k HVPs, and k - 1 support forwards
+    # recomputed in the reverse sweep (the pass at theta_{k-1} is kept)
+    return T * (inner + fq + bq + k * hs + (k - 1) * fs)
+
+
+def make_sinusoid(cfg, seed=0):
+    from metacore.models import sinusoid_mlp
+    from metacore.tasks import sample_sinusoid
+    rng = np.random.default_rng(seed)
+    model = sinusoid_mlp()
+    sx, sy, qx, qy = sample_sinusoid(rng, cfg["T"], cfg["N"] + cfg["M"], np.float32).split(cfg["N"])
+    theta = model.init_params(rng, np.float32)
+    return {"theta": theta, "sx": sx, "sy": sy, "qx": qx, "qy": qy}
+
+
+def sinusoid_layers(model):
+    """[(w slice, w shape, b slice, b shape)] per Linear layer, in the flat vector's order."""
+    from metacore.network import Linear
+    out = []
+    for name, layer in zip(model.layer_names, model.layers):
+        if isinstance(layer, Linear):
+            out.append((model.layout.slice(f"{name}.w"), (layer.d_in, layer.d_out),
+                        model.layout.slice(f"{name}.b"), (layer.d_out,)))
+    return out
+
+
+def metacore_sinusoid(kind, k, inputs, dtype, variant):
+    """-> zero-argument call returning (query_loss (T,), grad (P,)) or (loss0, d) for Reptile."""
+    from metacore.algorithms.maml import fomaml_gradient, maml_gradient
+    from metacore.algorithms.reptile import reptile_direction
+    from metacore.models import sinusoid_mlp
+    model = sinusoid_mlp()
+    a = {n: np.ascontiguousarray(v, dtype=dtype) for n, v in inputs.items()}
+    th, sx, sy, qx, qy = a["theta"], a["sx"], a["sy"], a["qx"], a["qy"]
+    alpha = SINUSOID["alpha"]
+    if variant == "metacore-fused":
+        from metacore.kernels.mlp_maml import mlp_maml_gradient
+        return lambda: mlp_maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k)
+    if kind == "maml":
+        def call():
+            r = maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k)
+            return r.query_loss, r.grad
+        return call
+    if kind == "fomaml":
+        def call():
+            r = fomaml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k)
+            return r.query_loss, r.grad
+        return call
+    return lambda: reptile_direction(model, th, sx, sy, alpha, k)
+
+
+# ---------------------------------------------------------------- distance kernels
+def make_distance(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, N, D = cfg["Q"], cfg["N"], cfg["D"]
+    return {"q": rng.standard_normal((1, Q, D)).astype(np.float32),
+            "s": rng.standard_normal((1, N, D)).astype(np.float32),
+            "g": rng.standard_normal((1, Q, N)).astype(np.float32),
+            "y": rng.integers(0, N, (1, Q)).astype(np.int64)}
+
+
+def metacore_distance(kind, inputs, dtype, variant):
+    """sqeuclidean: -> (d (1, Q, N), dq, ds) given upstream g; protonet_loss: -> (loss (1,),
+    dq, ds) of the fused distance + softmax cross-entropy."""
+    from metacore.kernels import distance as K
+    q, s, g, y = (np.ascontiguousarray(inputs[n], dtype=dtype if n != "y" else None)
+                  for n in ("q", "s", "g", "y"))
+    if variant == "numpy-blas":
+        return _blas_call(kind, q, s, g, y)
+    if kind == "sqeuclidean":
+        def call():
+            d = K.pairwise_sqeuclidean(q, s)
+            dq, ds = K.pairwise_sqeuclidean_backward(g, q, s)
+            return d, dq, ds
+        return call
+    def call():
+        loss, dq, ds, _ = K.protonet_loss(q, s, y)
+        return loss, dq, ds
+    return call
+
+
+def _blas_call(kind, q, s, g, y):
+    """The NumPy BLAS formulation: d = |q|^2 + |s|^2 - 2 q s^T, and its backward through
+    two matrix products."""
+    def dist():
+        return ((q * q).sum(-1)[:, :, None] + (s * s).sum(-1)[:, None, :]
+                - 2 * np.matmul(q, s.transpose(0, 2, 1)))
+
+    def back(gg):
+        dq = 2 * (gg.sum(2)[..., None] * q - np.matmul(gg, s))
+        ds = 2 * (gg.sum(1)[..., None] * s - np.matmul(gg.transpose(0, 2, 1), q))
+        return dq, ds
+
+    if kind == "sqeuclidean":
+        return lambda: (dist(),) + back(g)
+
+    def call():
+        logits = -dist()                                           # (1, Q, N)
+        z = logits - logits.max(-1, keepdims=True)
+        e = np.exp(z)
+        p = e / e.sum(-1, keepdims=True)
+        Q = q.shape[1]
+        ll = np.take_along_axis(z - np.log(e.sum(-1, keepdims=True)), y[..., None], -1)
+        loss = -ll[..., 0].mean(axis=1)                            # (1,)
+        dl = p.copy()
+        np.put_along_axis(dl, y[..., None], np.take_along_axis(p, y[..., None], -1) - 1, -1)
+        dl /= Q
+        return (loss,) + back(-dl)
+    return call
+
+
+def distance_flops(kind, Q, N, D):
+    """The GEMM count: forward q s^T 2QND, backward g s and g^T q 4QND."""
+    return 6 * Q * N * D
+
+
+# ---------------------------------------------------------------- registry
+def _sinusoid(kind, k, quick=True):
+    title = {"maml": "second-order MAML", "fomaml": "first-order MAML",
+             "reptile": "Reptile"}[kind]
+    outputs = ("loss0", "d") if kind == "reptile" else ("query_loss", "grad")
+    metacore = ("metacore-fused", "metacore") if kind == "maml" else ("metacore",)
+    return Workload(
+        name=f"sinusoid-{kind}-k{k}", kind=kind,
+        title=f"Sinusoid {title} meta-gradient, MLP 1-40-40-1, T=25 tasks, K=10 support + "
+              f"10 query, k={k}",
+        cfg=dict(SINUSOID, k=k), outputs=outputs, quick=quick, metacore=metacore,
+        note="Timed: the meta-gradient of one meta-batch (query losses and the (P,) gradient; "
+             "for Reptile the pre-update losses and d = theta - mean_t theta_k^t), no "
+             "optimizer step. `metacore-fused` is kernels/mlp_maml.py, `metacore` is "
+             "metacore.algorithms.maml (NumPy over all tasks at once).")
+
+
+def _distance(kind, Q, N, D, quick=True):
+    what = ("squared Euclidean distance forward + backward (given an upstream gradient)"
+            if kind == "sqeuclidean" else
+            "fused ProtoNet loss: distance, softmax cross-entropy, backward to q and s")
+    return Workload(
+        name=f"{'dist' if kind == 'sqeuclidean' else 'protoloss'}-Q{Q}-N{N}-D{D}",
+        kind=kind, title=f"{what[0].upper() + what[1:]}, Q={Q}, N={N}, D={D}",
+        cfg=dict(Q=Q, N=N, D=D), outputs=("d", "dq", "ds") if kind == "sqeuclidean" else
+        ("loss", "dq", "ds"), quick=quick, metacore=("metacore", "numpy-blas"),
+        tol=1e-4,
+        note="`metacore` is metacore.kernels.distance (Numba); `numpy-blas` the expansion "
+             "|q|^2 + |s|^2 - 2 q s^T through NumPy's BLAS.")
+
+
+WORKLOADS = {}
+for _w in [_sinusoid("maml", 1), _sinusoid("maml", 5), _sinusoid("fomaml", 1),
+           _sinusoid("fomaml", 5, quick=False), _sinusoid("reptile", 1),
+           _sinusoid("reptile", 5, quick=False),
+           _distance("sqeuclidean", 75, 5, 64), _distance("sqeuclidean", 300, 20, 64),
+           _distance("sqeuclidean", 2000, 2000, 1600, quick=False),
+           _distance("protonet_loss", 75, 5, 64), _distance("protonet_loss", 300, 20, 64)]:
+    WORKLOADS[_w.name] = _w
+
+
+def make_inputs(w, seed=0):
+    if w.kind in ("maml", "fomaml", "reptile"):
+        return make_sinusoid(w.cfg, seed)
+    if w.kind in ("sqeuclidean", "protonet_loss"):
+        return make_distance(w.cfg, seed)
+    raise KeyError(w.kind)
+
+
+def metacore_call(w, variant, inputs, dtype=np.float32):
+    if w.kind in ("maml", "fomaml", "reptile"):
+        return metacore_sinusoid(w.kind, w.cfg["k"], inputs, dtype, variant)
+    if w.kind in ("sqeuclidean", "protonet_loss"):
+        return metacore_distance(w.kind, inputs, dtype, variant)
+    raise KeyError(w.kind)
+
+
+def truth(w, inputs):
+    """The float64 ground truth: metacore's NumPy path in float64 (itself checked against
+    central finite differences by the test suite)."""
+    if w.kind in ("maml", "fomaml", "reptile"):
+        out = metacore_sinusoid(w.kind, w.cfg["k"], inputs, np.float64, "metacore")()
+    else:
+        out = metacore_distance(w.kind, inputs, np.float64, "numpy-blas")()
+    return tuple(np.asarray(o, np.float64) for o in out)
+
+
+def flops(w):
+    c = w.cfg
+    if w.kind in ("maml", "fomaml", "reptile"):
+        from metacore.models import sinusoid_mlp
+        return sinusoid_flops(w.kind, c["k"], c["T"], c["N"], c["M"],
+                              _mlp_dims(sinusoid_mlp()))
+    return distance_flops(w.kind, c["Q"], c["N"], c["D"])
