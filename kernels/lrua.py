@@ -9,6 +9,18 @@ Ops (each checks its inputs, then calls the chosen backend):
            w_lu (T, B, S), memory (B, S, W) (M_T)
     lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma)
         -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)
+    lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
+        -> read (B, H, W) r_t, memory (B, S, W) M_t, w_r (B, H, S), w_w (B, H, S), w_u (B, S)
+    lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
+                       gamma)
+        -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W),
+           dw_r_prev (B, H, S)
+The whole-episode pair needs every key up front. MANN's key k_t depends on r_{t-1} through
+its controller, so it runs the memory one step at a time with the step pair: key (B, H, W),
+alpha (H,) or (B, H), memory_prev (B, S, W) M_{t-1}, w_r_prev (B, H, S), w_u_prev (B, S);
+the backward takes dL/dr_t, dL/dM_t and dL/dw_r_t (the last two from step t + 1, zero after
+the last step) and returns them one step earlier. Chained, the step pair gives the
+whole-episode results (tests/test_lrua.py checks it).
 with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, H) (a gate
 per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
 float in [0, 1], 1 <= H <= S. All take backend="auto" | "reference" | "numba"; the order of
@@ -24,7 +36,7 @@ Backends:
                keeping M_t.
     auto       the first importable of AUTO_ORDER.
 
-Adding a backend is one line in BACKENDS, naming a module that defines the two functions
+Adding a backend is one line in BACKENDS, naming a module that defines the four functions
 above with the reference's signatures, and the package it needs.
 """
 import numbers
@@ -96,3 +108,57 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="a
     check_float_array(op, "dreads", dreads, shape=keys.shape, dtype=keys.dtype)
     return _backend(op, backend).lrua_backward(dreads, keys, alpha, memory0, read0, usage0,
                                                float(gamma))
+
+
+def _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
+    """key (B, H, W), alpha (H,) or (B, H), memory_prev (B, S, W), w_r_prev (B, H, S),
+    w_u_prev (B, S): one float dtype, finite; gamma a finite float in [0, 1]; 1 <= H <= S."""
+    check_float_array(op, "key", key, ndim=3)
+    B, H, W = key.shape
+    dt = key.dtype
+    if B < 1 or H < 1 or W < 1:
+        raise ValueError(f"{op}: key (B, H, W) needs at least one episode, head and "
+                         f"feature, got shape {key.shape}")
+    check_float_array(op, "memory_prev", memory_prev, ndim=3, dtype=dt)
+    S = memory_prev.shape[1]
+    check_float_array(op, "memory_prev", memory_prev, shape=(B, None, W))
+    if S < H:
+        raise ValueError(f"{op}: memory_prev has S = {S} slots, fewer than the H = {H} "
+                         f"heads; the least-used rule marks the n = H least-used slots, so "
+                         f"S >= H")
+    check_float_array(op, "alpha", alpha, dtype=dt)
+    if alpha.shape not in ((H,), (B, H)):
+        raise ValueError(f"{op}: alpha must have shape ({H},) (one gate per head) or "
+                         f"({B}, {H}) (one per episode), got {alpha.shape}")
+    check_float_array(op, "w_r_prev", w_r_prev, shape=(B, H, S), dtype=dt)
+    check_float_array(op, "w_u_prev", w_u_prev, shape=(B, S), dtype=dt)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"{op}: gamma must be a real number, got {type(gamma).__name__}")
+    if not (np.isfinite(gamma) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"{op}: gamma must be a finite number in [0, 1], got {gamma!r}")
+
+
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma, backend="auto"):
+    """One step t of B episodes; see the module docstring.
+    -> read (B, H, W), memory (B, S, W), w_r (B, H, S), w_w (B, H, S), w_u (B, S);
+    fresh arrays in the dtype of key."""
+    op = "lrua_step_forward"
+    _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
+    return _backend(op, backend).lrua_step_forward(key, alpha, memory_prev, w_r_prev,
+                                                   w_u_prev, float(gamma))
+
+
+def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
+                       gamma, backend="auto"):
+    """Reverse of one step: dread (B, H, W) dL/dr_t, dmemory (B, S, W) dL/dM_t, dw_r
+    (B, H, S) dL/dw_r_t -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W),
+    dw_r_prev (B, H, S); fresh arrays. The step's forward is recomputed inside."""
+    op = "lrua_step_backward"
+    _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
+    dt = key.dtype
+    check_float_array(op, "dread", dread, shape=key.shape, dtype=dt)
+    check_float_array(op, "dmemory", dmemory, shape=memory_prev.shape, dtype=dt)
+    check_float_array(op, "dw_r", dw_r, shape=w_r_prev.shape, dtype=dt)
+    return _backend(op, backend).lrua_step_backward(dread, dmemory, dw_r, key, alpha,
+                                                    memory_prev, w_r_prev, w_u_prev,
+                                                    float(gamma))

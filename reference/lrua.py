@@ -36,6 +36,11 @@ everywhere. Hence d/dgamma = 0 and d/dusage0 = 0 exactly, and the backward retur
 for keys, alpha, memory0 and read0 only; every path through those is differentiated exactly
 (the formulas are in docs/DERIVATIONS.md, under lrua_backward).
 
+Ops: lrua_forward / lrua_backward run whole episodes (every key known up front);
+lrua_step_forward / lrua_step_backward run one step t of a batch, for MANN, whose key k_t
+depends on r_{t-1} through the controller. Both pairs share _step and _step_back, so the
+chained step pair reproduces the whole-episode pair.
+
 Every function computes in float64 and returns fresh arrays in the input dtype. Inputs are
 assumed valid; `metacore.kernels.lrua` checks them before calling in here.
 """
@@ -118,6 +123,30 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
             w_lu.astype(dt), memory.astype(dt))
 
 
+def _step_back(dr, dM, dwr, k, g, M, wr, ww, wr_prev, wlu_prev, z):
+    """Reverse of one step of one episode (the formulas in lrua_backward's docstring).
+
+    dr: (H, W) dL/dr_t from this step's reads; dM: (S, W) dL/dM_t and dwr: (H, S)
+    dL/dw_r_t, both arriving from later steps; k: (H, W), g: (H,), M: (S, W) M_t,
+    wr, ww: (H, S) w_r_t, w_w_t, wr_prev: (H, S) w_r_{t-1}, wlu_prev: (S,) w_lu_{t-1},
+    z: the zeroed slot
+    -> dk (H, W), dalpha (H,) (per-step gate), dM_prev (S, W), dwr_prev (H, S); fresh."""
+    dwr = dwr + dr @ M.T                                                 # (H, S)
+    dM = dM + wr.T @ dr                                                  # (S, W)
+    dc = wr * (dwr - (wr * dwr).sum(axis=1, keepdims=True))              # (H, S)
+    kn, kon = _norms(k)                                                  # (H,)
+    mn, mon = _norms(M)                                                  # (S,)
+    inv = 1.0 / (kn[:, None] * mn[None, :])                              # (H, S)
+    c = (k @ M.T) * inv                                                  # (H, S)
+    dk = (dc * inv) @ M - ((dc * c).sum(axis=1) * kon / kn**2)[:, None] * k
+    dM = dM + (dc * inv).T @ k - ((dc * c).sum(axis=0) * mon / mn**2)[:, None] * M
+    dk = dk + ww @ dM                                                    # (H, W)
+    dww = k @ dM.T                                                       # (H, S)
+    dM[z] = 0.0                                                          # dM is fresh here
+    dalpha = g * (1.0 - g) * (dww * (wr_prev - wlu_prev[None, :])).sum(axis=1)
+    return dk, dalpha, dM, g[:, None] * dww
+
+
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
     """Backpropagation through time for the loss L with dL/dreads = dreads: (T, B, H, W).
 
@@ -157,28 +186,74 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
         dM = np.zeros((S, W))
         dwr = np.zeros((H, S))
         for t in range(T - 1, -1, -1):
-            k, M, wr, ww = k64[t, b], Ms[t + 1], wrs[t + 1], wws[t]
-            dr = dr64[t, b]                                              # (H, W)
-            dwr = dwr + dr @ M.T                                         # (H, S)
-            dM = dM + wr.T @ dr                                          # (S, W)
-            dc = wr * (dwr - (wr * dwr).sum(axis=1, keepdims=True))      # (H, S)
-            kn, kon = _norms(k)                                          # (H,)
-            mn, mon = _norms(M)                                          # (S,)
-            inv = 1.0 / (kn[:, None] * mn[None, :])                      # (H, S)
-            c = (k @ M.T) * inv                                          # (H, S)
-            dk = (dc * inv) @ M - ((dc * c).sum(axis=1) * kon / kn**2)[:, None] * k
-            dM = dM + (dc * inv).T @ k - ((dc * c).sum(axis=0) * mon / mn**2)[:, None] * M
-            dk = dk + ww @ dM                                            # (H, W)
-            dww = k @ dM.T                                               # (H, S)
-            dkeys[t, b] = dk
-            dM = dM.copy()
-            dM[zs[t]] = 0.0
-            gt = g[t, b]                                                 # (H,)
-            dalpha[t, b] = gt * (1.0 - gt) * (dww * (wrs[t] - wlus[t][None, :])).sum(axis=1)
-            dwr = gt[:, None] * dww                                      # dL/dw_r_{t-1}
+            dkeys[t, b], dalpha[t, b], dM, dwr = _step_back(
+                dr64[t, b], dM, dwr, k64[t, b], g[t, b], Ms[t + 1], wrs[t + 1], wws[t],
+                wrs[t], wlus[t], zs[t])
         dmemory0[b] = dM
         dread0[b] = dwr
     if np.ndim(alpha) == 1:
         dalpha = dalpha.sum(axis=(0, 1))                                 # (H,)
     dt = keys.dtype
     return (dkeys.astype(dt), dalpha.astype(dt), dmemory0.astype(dt), dread0.astype(dt))
+
+
+# ---------------------------------------------------------------- one step, a batch
+def _step_gates(alpha, B, H):
+    """alpha: (H,) or (B, H) -> sigmoid(alpha) broadcast to (B, H), float64."""
+    return np.broadcast_to(_sigmoid(np.asarray(alpha, dtype=np.float64)), (B, H))
+
+
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
+    """One step t of B episodes (steps 1-7 of the module docstring), for a caller whose key
+    k_t depends on the previous read r_{t-1} (MANN's controller), so that the whole episode
+    cannot be handed over at once.
+
+    key (B, H, W) k_t, alpha (H,) or (B, H), memory_prev (B, S, W) M_{t-1},
+    w_r_prev (B, H, S) w_r_{t-1}, w_u_prev (B, S) w_u_{t-1}
+    -> read (B, H, W) r_t, memory (B, S, W) M_t, w_r (B, H, S), w_w (B, H, S), w_u (B, S),
+       all in the dtype of key. Chaining T calls, feeding memory, w_r and w_u back, gives
+       exactly lrua_forward's reads, w_r, w_w, w_u and M_T."""
+    k64, m64, r64, u64 = _f64(key, memory_prev, w_r_prev, w_u_prev)
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    g = _step_gates(alpha, B, H)                                         # (B, H)
+    read = np.zeros((B, H, W))
+    memory = np.zeros((B, S, W))
+    w_r = np.zeros((B, H, S))
+    w_w = np.zeros((B, H, S))
+    w_u = np.zeros((B, S))
+    for b in range(B):
+        read[b], memory[b], w_r[b], w_w[b], w_u[b], _, _ = _step(
+            k64[b], g[b], m64[b], r64[b], u64[b], float(gamma))
+    dt = key.dtype
+    return (read.astype(dt), memory.astype(dt), w_r.astype(dt), w_w.astype(dt),
+            w_u.astype(dt))
+
+
+def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
+                       gamma):
+    """Reverse of lrua_step_forward for the loss L, given what flows back into step t:
+    dread (B, H, W) dL/dr_t, dmemory (B, S, W) dL/dM_t and dw_r (B, H, S) dL/dw_r_t (the
+    last two from step t + 1: zero after the last step; w_u has no gradient, see the module
+    docstring). The step's forward is recomputed from its inputs.
+    -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W) dL/dM_{t-1},
+       dw_r_prev (B, H, S) dL/dw_r_{t-1}; fresh arrays in the dtype of key."""
+    dr64, dm64, dw64, k64, m64, r64, u64 = _f64(dread, dmemory, dw_r, key, memory_prev,
+                                                w_r_prev, w_u_prev)
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    g = _step_gates(alpha, B, H)                                         # (B, H)
+    dkey = np.zeros((B, H, W))
+    dalpha = np.zeros((B, H))
+    dmemory_prev = np.zeros((B, S, W))
+    dw_r_prev = np.zeros((B, H, S))
+    for b in range(B):
+        _, M, wr, ww, _, wlu_prev, z = _step(k64[b], g[b], m64[b], r64[b], u64[b],
+                                             float(gamma))
+        dkey[b], dalpha[b], dmemory_prev[b], dw_r_prev[b] = _step_back(
+            dr64[b], dm64[b], dw64[b], k64[b], g[b], M, wr, ww, r64[b], wlu_prev, z)
+    if np.ndim(alpha) == 1:
+        dalpha = dalpha.sum(axis=0)                                      # (H,)
+    dt = key.dtype
+    return (dkey.astype(dt), dalpha.astype(dt), dmemory_prev.astype(dt),
+            dw_r_prev.astype(dt))

@@ -329,6 +329,148 @@ def test_bad_inputs_name_the_problem():
             F, keys, alpha, memory0, read0, usage0, GAMMA, backend="cuda")
 
 
+# ---------------------------------------------------------------- the step pair
+def step_data(shape, dtype, seed, per_episode=False):
+    """shape (B, H, S, W) -> key, alpha, memory_prev, w_r_prev, w_u_prev and the probe
+    weights c_r (B, H, W), c_m (B, S, W), c_w (B, H, S) on read, memory and w_r."""
+    B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, _ = data((1, B, H, S, W), np.float64, seed,
+                                                  per_step=per_episode)
+    rng = np.random.default_rng(seed + 100)
+    out = [keys[0], alpha[0] if per_episode else alpha, memory0, read0, usage0,
+           rng.standard_normal((B, H, W)), rng.standard_normal((B, S, W)),
+           rng.standard_normal((B, H, S))]
+    return [x.astype(dtype) for x in out]
+
+
+def step_probe(backend, key, alpha, memory_prev, w_r_prev, w_u_prev, c_r, c_m, c_w):
+    """sum(c_r read) + sum(c_m memory) + sum(c_w w_r): every output that flows onward."""
+    read, memory, w_r, _, _ = K.lrua_step_forward(key, alpha, memory_prev, w_r_prev,
+                                                  w_u_prev, GAMMA, backend=backend)
+    return float((c_r * read).sum() + (c_m * memory).sum() + (c_w * w_r).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_episode", [False, True])
+@pytest.mark.parametrize("shape, seed", [((2, 2, 7, 3), 1), ((1, 3, 4, 2), 2),
+                                         ((3, 1, 3, 1), 3)])
+def test_step_backward_matches_finite_differences(shape, seed, per_episode, backend):
+    key, alpha, mp, wrp, wup, c_r, c_m, c_w = step_data(shape, np.float64, seed, per_episode)
+    assert selection_margin(wup, wup[None], shape[1]) > MARGIN
+    grads = K.lrua_step_backward(c_r, c_m, c_w, key, alpha, mp, wrp, wup, GAMMA,
+                                 backend=backend)
+
+    def f():
+        return step_probe(backend, key, alpha, mp, wrp, wup, c_r, c_m, c_w)
+
+    for name, x, dx in zip(("key", "alpha", "memory_prev", "w_r_prev"),
+                           (key, alpha, mp, wrp), grads):
+        assert dx.shape == x.shape and dx.dtype == x.dtype, name
+        assert np.abs(dx).max() > 1e-3, f"d{name} is ~0: a comparison that cannot fail"
+        err = gradcheck.rel_error(dx, gradcheck.numerical_gradient(f, x))
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_step", [False, True])
+def test_chained_steps_equal_the_whole_episode(backend, per_step):
+    """T step calls, feeding M_t, w_r_t and w_u_t forward, then T reverse calls, feeding
+    dL/dM and dL/dw_r back, give lrua_forward's and lrua_backward's results. The same
+    scalar code runs in both paths and the sums run in the same order, so the results agree
+    to rounding only (bound: 64 eps relative)."""
+    T, B, H, S, W = 6, 3, 2, 9, 4
+    keys, alpha, memory0, read0, usage0, c = data((T, B, H, S, W), np.float64, seed=10,
+                                                  per_step=per_step)
+    ref = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    assert selection_margin(usage0, ref[3], H) > MARGIN
+    at = (lambda t: alpha[t]) if per_step else (lambda t: alpha)          # noqa: E731
+    M, wr, wu = memory0, read0, usage0
+    states, reads, w_rs, w_ws, w_us = [], [], [], [], []
+    for t in range(T):
+        states.append((M, wr, wu))
+        r, M, wr, ww, wu = K.lrua_step_forward(keys[t], at(t), M, wr, wu, GAMMA,
+                                               backend=backend)
+        reads.append(r), w_rs.append(wr), w_ws.append(ww), w_us.append(wu)
+    tol = 64 * np.finfo(np.float64).eps
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "memory"),
+                          (np.stack(reads), np.stack(w_rs), np.stack(w_ws), np.stack(w_us),
+                           M), (ref[0], ref[1], ref[2], ref[3], ref[5])):
+        assert gradcheck.rel_error(a, r) <= tol, name
+    dk_ref, da_ref, dm_ref, dr_ref = K.lrua_backward(c, keys, alpha, memory0, read0, usage0,
+                                                     GAMMA, backend=backend)
+    dM, dwr = np.zeros_like(memory0), np.zeros_like(read0)
+    dks, das = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1):
+        Mp, wrp, wup = states[t]
+        dks[t], das[t], dM, dwr = K.lrua_step_backward(c[t], dM, dwr, keys[t], at(t), Mp,
+                                                       wrp, wup, GAMMA, backend=backend)
+    da = np.stack(das) if per_step else np.sum(das, axis=0)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"),
+                          (np.stack(dks), da, dM, dwr), (dk_ref, da_ref, dm_ref, dr_ref)):
+        assert np.abs(r).max() > 1e-3, name
+        assert gradcheck.rel_error(a, r) <= tol, f"{name}: {gradcheck.rel_error(a, r):.3g}"
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("per_episode", [False, True])
+@pytest.mark.parametrize("shape, seed", [((3, 2, 11, 5), 6), ((1, 1, 3, 1), 3),
+                                         ((2, 3, 3, 2), 6), ((5, 4, 31, 17), 6)])
+def test_numba_step_matches_reference(shape, seed, per_episode, dtype):
+    B, H, S, W = shape
+    args = step_data(shape, dtype, seed, per_episode)
+    as64 = [x.astype(np.float64) for x in args]
+    assert selection_margin(as64[4], as64[4][None], H) > 1e-4
+    bound = 4 * (S + W + H)
+    got = K.lrua_step_forward(*args[:5], GAMMA, backend="numba")
+    ref = K.lrua_step_forward(*as64[:5], GAMMA, backend="reference")
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close(name, a, r, dtype, bound)
+    got = K.lrua_step_backward(*args[5:], *args[:5], GAMMA, backend="numba")
+    ref = K.lrua_step_backward(*as64[5:], *as64[:5], GAMMA, backend="reference")
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert np.abs(r).max() > 1e-3, f"reference {name} is ~0: no scale to compare at"
+        assert_close(name, a, r, dtype, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_returns_fresh_arrays_and_leaves_inputs(backend):
+    args = step_data((2, 2, 5, 4), np.float32, seed=8)
+    before = [x.copy() for x in args]
+    out = K.lrua_step_forward(*args[:5], GAMMA, backend=backend)
+    grads = K.lrua_step_backward(*args[5:], *args[:5], GAMMA, backend=backend)
+    for x in out + grads:
+        assert x.dtype == np.float32
+        assert not any(np.shares_memory(x, y) for y in args)
+    for x, y in zip(args, before):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_step_bad_inputs_name_the_problem():
+    key, alpha, mp, wrp, wup, c_r, c_m, c_w = step_data((2, 2, 5, 4), np.float64, seed=9)
+    F, Bk = K.lrua_step_forward, K.lrua_step_backward
+    _raises(ValueError, ["lrua_step_forward", "key", "3 dimensions"],
+            F, key[0], alpha, mp, wrp, wup, GAMMA)
+    _raises(ValueError, ["lrua_step_forward", "alpha", "(2,)", "(2, 2)", "(3,)"],
+            F, key, np.zeros(3), mp, wrp, wup, GAMMA)
+    _raises(ValueError, ["lrua_step_forward", "memory_prev", "S = 1", "H = 2"],
+            F, key, alpha, mp[:, :1], wrp[..., :1], wup[:, :1], GAMMA)
+    _raises(ValueError, ["lrua_step_forward", "w_r_prev", "(2, 2, 5)"],
+            F, key, alpha, mp, wrp[:, :1], wup, GAMMA)
+    _raises(TypeError, ["lrua_step_forward", "w_u_prev", "float32", "float64"],
+            F, key, alpha, mp, wrp, wup.astype(np.float32), GAMMA)
+    _raises(ValueError, ["lrua_step_forward", "gamma", "[0, 1]"],
+            F, key, alpha, mp, wrp, wup, 2.0)
+    _raises(ValueError, ["lrua_step_backward", "dmemory", "(2, 5, 4)"],
+            Bk, c_r, c_m[:, :3], c_w, key, alpha, mp, wrp, wup, GAMMA)
+    _raises(ValueError, ["lrua_step_backward", "dw_r", "(2, 2, 5)"],
+            Bk, c_r, c_m, c_w[..., :2], key, alpha, mp, wrp, wup, GAMMA)
+    _raises(ValueError, ["lrua_step_backward", "dread", "(2, 2, 4)"],
+            Bk, c_r[..., :1], c_m, c_w, key, alpha, mp, wrp, wup, GAMMA)
+
+
 def test_works_without_numba():
     """With numba blocked, the module imports, auto falls back to the reference, and asking
     for numba says what is missing."""
