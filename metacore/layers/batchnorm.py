@@ -17,9 +17,14 @@ Batch mode, with g = dy * gamma and mean() over the M entries of one (task, chan
 The Jacobian d xhat / d x = rstd * (I - 1 1^T / M - xhat xhat^T / M) is symmetric, so the
 R-forward has the same form:  R{xhat} = rstd * (rx - mean(rx) - xhat * mean(xhat * rx)),
 and R{rstd} = -rstd^2 * mean(xhat * rx). See docs/DERIVATIONS.md for R{dx}.
+
+Batch mode runs on the Numba kernels of metacore.kernels.convnet_numba when numba is
+available (two or three passes per call instead of a dozen NumPy passes; sums in float64);
+the NumPy code below is the fallback and the ground truth (METACORE_NO_NUMBA=1 forces it).
 """
 import numpy as np
 
+from metacore.kernels.convnet import kernels_for
 from metacore.validate import check_float_array, check_same
 
 
@@ -45,12 +50,36 @@ def _mean(a, axes):
     return a.mean(axis=axes, keepdims=True)
 
 
+def _kernels(*arrays):
+    """The Numba kernel module when it can take these arrays (float32/64, not empty)."""
+    return kernels_for(*arrays) if arrays[0].size else None
+
+
+def _rows(a):
+    """(T, ..., C) -> a C-contiguous (T, M, C) view (a copy only if a is not contiguous)."""
+    return np.ascontiguousarray(a).reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _tc(p):
+    """(T, 1.., C) or (T, C) -> a C-contiguous (T, C) array."""
+    return np.ascontiguousarray(p).reshape(p.shape[0], p.shape[-1])
+
+
 # ---------------------------------------------------------------- batch statistics
 
 
 def batchnorm_forward(x, gamma, beta, eps=1e-5):
     """x: (T, ..., C), gamma, beta: (T, C) -> y like x; cache = (xhat, rstd, gamma, mean, var)."""
     _check_params("batchnorm", x, gamma, beta)
+    k = _kernels(x, gamma, beta)
+    if k is not None:
+        T, C = x.shape[0], x.shape[-1]
+        xhat, y = np.empty_like(x, order="C"), np.empty_like(x, order="C")
+        mu, var, rstd = np.empty((3, T, C), x.dtype)
+        k.bn_forward(_rows(x), _tc(gamma), _tc(beta), float(eps), _rows(xhat), _rows(y),
+                     mu, var, rstd)
+        bc = (T,) + (1,) * (x.ndim - 2) + (C,)
+        return y, (xhat, rstd.reshape(bc), gamma, mu.reshape(bc), var.reshape(bc))
     axes = _middle_axes(x)
     mu = _mean(x, axes)                       # (T, 1.., C)
     xc = x - mu                               # (T, ..., C)
@@ -65,6 +94,13 @@ def batchnorm_backward(dy, cache):
     """dy: (T, ..., C) -> dx (T, ..., C), dgamma (T, C), dbeta (T, C)."""
     xhat, rstd, gamma, _, _ = cache
     check_same("batchnorm backward", "dy", dy, "x", xhat)
+    k = _kernels(dy, xhat, rstd, gamma)
+    if k is not None:
+        T, C = dy.shape[0], dy.shape[-1]
+        dx = np.empty_like(dy, order="C")
+        dgamma, dbeta = np.empty((2, T, C), dy.dtype)
+        k.bn_backward(_rows(dy), _rows(xhat), _tc(rstd), _tc(gamma), _rows(dx), dgamma, dbeta)
+        return dx, dgamma, dbeta
     axes = _middle_axes(dy)
     g = dy * _bc(gamma, dy.ndim)              # d loss / d xhat
     dx = rstd * (g - _mean(g, axes) - xhat * _mean(g * xhat, axes))
@@ -79,6 +115,15 @@ def batchnorm_rforward(rx, rgamma, rbeta, cache):
     xhat, rstd, gamma, _, _ = cache
     check_same("batchnorm rforward", "rgamma", rgamma, "gamma", gamma)
     nd = xhat.ndim
+    k = None if rx is None else _kernels(rx, xhat, rstd, gamma, rgamma, rbeta)
+    if k is not None:
+        check_same("batchnorm rforward", "rx", rx, "x", xhat)
+        T, C = xhat.shape[0], xhat.shape[-1]
+        rxhat, ry = np.empty_like(xhat, order="C"), np.empty_like(xhat, order="C")
+        rrstd = np.empty((T, C), xhat.dtype)
+        k.bn_rforward(_rows(rx), _rows(xhat), _tc(rstd), _tc(gamma), _tc(rgamma), _tc(rbeta),
+                      _rows(rxhat), _rows(ry), rrstd)
+        return ry, (rxhat, rrstd.reshape(rstd.shape), rgamma)
     if rx is None:
         rxhat, rrstd = np.zeros_like(xhat), np.zeros_like(rstd)
     else:
@@ -99,6 +144,16 @@ def batchnorm_rbackward(dy, rdy, cache, rcache):
     -> rdx (T, ..., C), rdgamma (T, C), rdbeta (T, C)."""
     xhat, rstd, gamma, _, _ = cache
     rxhat, rrstd, rgamma = rcache
+    k = _kernels(dy, rdy, xhat, rxhat, rstd, rrstd, gamma, rgamma)
+    if k is not None:
+        check_same("batchnorm rbackward", "dy", dy, "x", xhat)
+        check_same("batchnorm rbackward", "rdy", rdy, "x", xhat)
+        T, C = dy.shape[0], dy.shape[-1]
+        rdx = np.empty_like(dy, order="C")
+        rdgamma, rdbeta = np.empty((2, T, C), dy.dtype)
+        k.bn_rbackward(_rows(dy), _rows(rdy), _rows(xhat), _rows(rxhat), _tc(rstd), _tc(rrstd),
+                       _tc(gamma), _tc(rgamma), _rows(rdx), rdgamma, rdbeta)
+        return rdx, rdgamma, rdbeta
     axes = _middle_axes(dy)
     nd = dy.ndim
     g = dy * _bc(gamma, nd)

@@ -1,0 +1,201 @@
+"""Numba CPU kernels of the Conv-4 layers: batch norm (batch statistics), ReLU, 2x2 max-pool,
+and im2col / col2im for the 3x3 convolution. Called by metacore.layers through
+metacore.kernels.convnet, which owns the switch; the NumPy code in metacore.layers is the
+ground truth (tests/test_conv_fast.py compares the two).
+
+Shape letters (this module):
+    T tasks, M entries per (task, channel) that batch norm averages over (M = B*H*W for
+    images), C channels, B images (for the image kernels, T*B images in one axis), H x W input
+    size, Ho x Wo output size, F filters, K = 3 kernel size, R rows of an im2col chunk.
+
+Every kernel overwrites its output arguments (none accumulates) and returns nothing.
+Inputs must be C-contiguous; the wrappers in metacore.layers make them so.
+
+How they differ from the NumPy code (results equal up to float rounding):
+  * Batch norm sums over the M entries in float64 whatever the data dtype (NumPy sums float32
+    data in float32), in one pass for all the sums a call needs, the vectorized loop over
+    channels; the elementwise pass then evaluates the NumPy code's centred formula in float64
+    with the per-channel means precomputed.
+  * ReLU and the max-pool scatter multiply by a 0/1 factor exactly as NumPy's `x * mask`
+    does, so NaN, inf and -0.0 propagate the same way; max-pool ties go to the first maximum
+    in row-major window order and a NaN wins its window, as np.argmax.
+  * im2col writes R rows of the (M, K*K*C) patch matrix for a few images, padding on the fly
+    (no padded copy of x); col2im is its adjoint for the same images. The layer then runs the
+    GEMM on that chunk while it is still in cache.
+"""
+import numpy as np
+from numba import njit
+
+_JIT = dict(cache=True, error_model="numpy", fastmath=False)
+
+
+# ---------------------------------------------------------------- batch norm (batch statistics)
+@njit(**_JIT)
+def bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd):
+    """x: (T, M, C), gamma, beta: (T, C) -> xhat, y: (T, M, C); mu, var, rstd: (T, C).
+    var is biased (divides by M), computed as the mean of (x - mu)^2 (two passes)."""
+    T, M, C = x.shape
+    s = np.empty(C, np.float64)
+    mu64 = np.empty(C, np.float64)
+    r64 = np.empty(C, np.float64)
+    g64 = np.empty(C, np.float64)
+    b64 = np.empty(C, np.float64)
+    for t in range(T):
+        s[:] = 0.0
+        for m in range(M):
+            for c in range(C):
+                s[c] += np.float64(x[t, m, c])
+        for c in range(C):
+            mu64[c] = s[c] / M
+        s[:] = 0.0
+        for m in range(M):
+            for c in range(C):
+                d = np.float64(x[t, m, c]) - mu64[c]
+                s[c] += d * d
+        for c in range(C):
+            v = s[c] / M
+            r64[c] = 1.0 / np.sqrt(v + eps)
+            mu[t, c] = mu64[c]
+            var[t, c] = v
+            rstd[t, c] = r64[c]
+            g64[c] = gamma[t, c]
+            b64[c] = beta[t, c]
+        for m in range(M):
+            for c in range(C):
+                xh = (np.float64(x[t, m, c]) - mu64[c]) * r64[c]
+                xhat[t, m, c] = xh
+                y[t, m, c] = g64[c] * xh + b64[c]
+
+
+@njit(**_JIT)
+def bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta):
+    """dy, xhat: (T, M, C), rstd, gamma: (T, C) -> dx: (T, M, C), dgamma, dbeta: (T, C).
+    With g = gamma dy: dx = rstd (g - mean(g) - xhat mean(g xhat)), written per channel as
+    dx = a ((dy - mean(dy)) - k xhat), a = rstd gamma, k = mean(dy xhat): centred first, as
+    the NumPy code, so that a constant dy gives exactly zero (M = 1, for one)."""
+    T, M, C = dy.shape
+    s1 = np.empty(C, np.float64)
+    s2 = np.empty(C, np.float64)
+    ca = np.empty(C, np.float64)
+    cm = np.empty(C, np.float64)
+    ck = np.empty(C, np.float64)
+    for t in range(T):
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for m in range(M):
+            for c in range(C):
+                d = np.float64(dy[t, m, c])
+                s1[c] += d
+                s2[c] += d * np.float64(xhat[t, m, c])
+        for c in range(C):
+            dbeta[t, c] = s1[c]
+            dgamma[t, c] = s2[c]
+            ca[c] = np.float64(rstd[t, c]) * np.float64(gamma[t, c])
+            cm[c] = s1[c] / M
+            ck[c] = s2[c] / M
+        for m in range(M):
+            for c in range(C):
+                dx[t, m, c] = ca[c] * ((np.float64(dy[t, m, c]) - cm[c])
+                                       - ck[c] * np.float64(xhat[t, m, c]))
+
+
+@njit(**_JIT)
+def bn_rforward(rx, xhat, rstd, gamma, rgamma, rbeta, rxhat, ry, rrstd):
+    """rx, xhat: (T, M, C), rstd, gamma, rgamma, rbeta: (T, C) -> rxhat, ry: (T, M, C),
+    rrstd: (T, C). With a = mean(xhat rx): R{xhat} = rstd (rx - mean(rx) - xhat a),
+    R{rstd} = -rstd^2 a, R{y} = R{gamma} xhat + gamma R{xhat} + R{beta}."""
+    T, M, C = rx.shape
+    s1 = np.empty(C, np.float64)
+    s2 = np.empty(C, np.float64)
+    r64 = np.empty(C, np.float64)
+    k0 = np.empty(C, np.float64)
+    kx = np.empty(C, np.float64)
+    g64 = np.empty(C, np.float64)
+    rg64 = np.empty(C, np.float64)
+    rb64 = np.empty(C, np.float64)
+    for t in range(T):
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for m in range(M):
+            for c in range(C):
+                v = np.float64(rx[t, m, c])
+                s1[c] += v
+                s2[c] += v * np.float64(xhat[t, m, c])
+        for c in range(C):
+            r = np.float64(rstd[t, c])
+            a = s2[c] / M
+            r64[c] = r
+            k0[c] = s1[c] / M
+            kx[c] = a
+            rrstd[t, c] = -r * r * a
+            g64[c] = gamma[t, c]
+            rg64[c] = rgamma[t, c]
+            rb64[c] = rbeta[t, c]
+        for m in range(M):
+            for c in range(C):
+                xh = np.float64(xhat[t, m, c])
+                rxh = r64[c] * ((np.float64(rx[t, m, c]) - k0[c]) - kx[c] * xh)
+                rxhat[t, m, c] = rxh
+                ry[t, m, c] = rg64[c] * xh + g64[c] * rxh + rb64[c]
+
+
+@njit(**_JIT)
+def bn_rbackward(dy, rdy, xhat, rxhat, rstd, rrstd, gamma, rgamma, rdx, rdgamma, rdbeta):
+    """R-operator of bn_backward. dy, rdy, xhat, rxhat: (T, M, C); rstd, rrstd, gamma, rgamma:
+    (T, C) -> rdx: (T, M, C), rdgamma, rdbeta: (T, C).
+    With g = gamma dy, R{g} = gamma R{dy} + R{gamma} dy, s2 = mean(g xhat),
+    s3 = mean(R{g} xhat + g R{xhat}):
+      R{dx} = R{rstd} (g - mean(g) - xhat s2) + rstd (R{g} - mean(R{g}) - R{xhat} s2 - xhat s3)
+    evaluated per element in that centred form (as the NumPy code), with the per-channel
+    means and s2, s3 computed once from five float64 sums;
+    R{dgamma} = sum(R{dy} xhat + dy R{xhat}), R{dbeta} = sum(R{dy})."""
+    T, M, C = dy.shape
+    s_dy = np.empty(C, np.float64)
+    s_dyx = np.empty(C, np.float64)
+    s_rdy = np.empty(C, np.float64)
+    s_rdyx = np.empty(C, np.float64)
+    s_dyrx = np.empty(C, np.float64)
+    ga = np.empty(C, np.float64)
+    rga = np.empty(C, np.float64)
+    r = np.empty(C, np.float64)
+    rr = np.empty(C, np.float64)
+    mg = np.empty(C, np.float64)
+    mrg = np.empty(C, np.float64)
+    s2 = np.empty(C, np.float64)
+    s3 = np.empty(C, np.float64)
+    for t in range(T):
+        s_dy[:] = 0.0
+        s_dyx[:] = 0.0
+        s_rdy[:] = 0.0
+        s_rdyx[:] = 0.0
+        s_dyrx[:] = 0.0
+        for m in range(M):
+            for c in range(C):
+                d = np.float64(dy[t, m, c])
+                rd = np.float64(rdy[t, m, c])
+                xh = np.float64(xhat[t, m, c])
+                s_dy[c] += d
+                s_dyx[c] += d * xh
+                s_rdy[c] += rd
+                s_rdyx[c] += rd * xh
+                s_dyrx[c] += d * np.float64(rxhat[t, m, c])
+        for c in range(C):
+            ga[c] = gamma[t, c]
+            rga[c] = rgamma[t, c]
+            r[c] = rstd[t, c]
+            rr[c] = rrstd[t, c]
+            mg[c] = ga[c] * s_dy[c] / M
+            mrg[c] = (ga[c] * s_rdy[c] + rga[c] * s_dy[c]) / M
+            s2[c] = ga[c] * s_dyx[c] / M
+            s3[c] = (ga[c] * s_rdyx[c] + rga[c] * s_dyx[c] + ga[c] * s_dyrx[c]) / M
+            rdgamma[t, c] = s_rdyx[c] + s_dyrx[c]
+            rdbeta[t, c] = s_rdy[c]
+        for m in range(M):
+            for c in range(C):
+                d = np.float64(dy[t, m, c])
+                xh = np.float64(xhat[t, m, c])
+                g = ga[c] * d
+                rg = ga[c] * np.float64(rdy[t, m, c]) + rga[c] * d
+                rdx[t, m, c] = (rr[c] * ((g - mg[c]) - xh * s2[c])
+                                + r[c] * ((rg - mrg[c]) - np.float64(rxhat[t, m, c]) * s2[c]
+                                          - xh * s3[c]))

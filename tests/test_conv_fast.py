@@ -1,0 +1,136 @@
+"""The Numba kernels of the Conv-4 layers (metacore.kernels.convnet_numba) against the layers'
+NumPy code (the same public functions under `numpy_only()`) and against `reference/`.
+
+Tolerances (rel_error: max|a - b| / (max|a| + max|b|), normwise, see metacore.gradcheck):
+float64 1e-12 (both paths compute the same formulas; only the order of sums differs), float32
+TOL32 = 1e-5 (about 80 float32 eps: the NumPy path sums float32 data in float32 and the
+kernels in float64, so the two differ by the NumPy path's rounding). Integer outputs (the
+max-pool argmax) and the ReLU mask must be identical. Shapes are ugly on purpose: size 1,
+odd sizes, T > 1.
+"""
+import subprocess
+import sys
+import os
+
+import numpy as np
+import pytest
+
+from metacore.gradcheck import rel_error
+from metacore.kernels import convnet
+from metacore.layers import batchnorm as bn
+from metacore import reference as _ref  # noqa: F401  (metacore.reference is importable)
+from metacore.reference import batchnorm as rbn
+
+pytestmark = pytest.mark.skipif(convnet.numba_kernels() is None,
+                                reason="numba not importable (or METACORE_NO_NUMBA set)")
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def both(fn):
+    """fn() on the Numba path and on the NumPy path -> (fast outputs, numpy outputs)."""
+    fast = fn()
+    with convnet.numpy_only():
+        slow = fn()
+    return fast, slow
+
+
+def assert_close(fast, slow, dtype, what):
+    assert len(fast) == len(slow)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (what, i, a.shape, b.shape,
+                                                           a.dtype, b.dtype)
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, b, err_msg=f"{what} output {i}")
+            continue
+        err = rel_error(a, b)
+        assert err <= TOL[dtype], f"{what} output {i}: rel_error {err:.2e} > {TOL[dtype]}"
+
+
+# ---------------------------------------------------------------- batch norm
+BN_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 4), (1, 1, 3, 3, 1), (3, 2, 1, 5, 6), (2, 7, 3),
+             (1, 4, 2, 2, 64)]
+
+
+def _bn_inputs(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    T, C = shape[0], shape[-1]
+    f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    x = (3 * f(*shape) + 1.5).astype(dtype)
+    return dict(x=x, g=f(T, C), b=f(T, C), dy=f(*shape), rx=f(*shape), rdy=f(*shape),
+                rg=f(T, C), rb=f(T, C))
+
+
+def _bn_all(a):
+    y, c = bn.batchnorm_forward(a["x"], a["g"], a["b"])
+    dx, dg, db = bn.batchnorm_backward(a["dy"], c)
+    ry, rc = bn.batchnorm_rforward(a["rx"], a["rg"], a["rb"], c)
+    rdx, rdg, rdb = bn.batchnorm_rbackward(a["dy"], a["rdy"], c, rc)
+    xhat, rstd, _, mu, var = c
+    rxhat, rrstd, _ = rc
+    return [y, xhat, rstd, mu, var, dx, dg, db, ry, rxhat, rrstd, rdx, rdg, rdb]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batchnorm_numba_matches_numpy(shape, dtype):
+    a = _bn_inputs(shape, dtype)
+    assert_close(*both(lambda: _bn_all(a)), dtype, f"batchnorm {shape}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 4), (2, 1, 3, 3, 1)], ids=str)
+def test_batchnorm_numba_matches_reference(shape):
+    a = _bn_inputs(shape, np.float64, seed=1)
+    y, dx, dg, db, ry, rdx, rdg, rdb = (_bn_all(a)[i] for i in (0, 5, 6, 7, 8, 11, 12, 13))
+    for t in range(shape[0]):
+        g, b, rg, rb = a["g"][t], a["b"][t], a["rg"][t], a["rb"][t]
+        x, dy, rx, rdy = a["x"][t], a["dy"][t], a["rx"][t], a["rdy"][t]
+        ref = [rbn.batchnorm_forward(x, g, b), *rbn.batchnorm_backward(dy, x, g),
+               rbn.batchnorm_rforward(x, g, rx, rg, rb),
+               *rbn.batchnorm_rbackward(dy, rdy, x, g, rx, rg)]
+        for out, r in zip([y[t], dx[t], dg[t], db[t], ry[t], rdx[t], rdg[t], rdb[t]], ref):
+            assert rel_error(out, r) <= 1e-11
+
+
+def test_batchnorm_numba_takes_strided_params():
+    """gamma / beta are views into a flat (T, P) theta in the models: not contiguous."""
+    a = _bn_inputs((3, 4, 5, 5, 6), np.float64)
+    theta = np.random.default_rng(2).standard_normal((3, 20))
+    g, b = theta[:, 2:8], theta[:, 10:16]
+    assert not g.flags.c_contiguous
+    fast, slow = both(lambda: bn.batchnorm_forward(a["x"], g, b)[0:1])
+    assert_close(fast, slow, np.float64, "strided gamma")
+
+
+def test_switch_and_env_var():
+    assert convnet.numba_kernels() is not None
+    with convnet.numpy_only():
+        assert convnet.numba_kernels() is None
+    assert convnet.numba_kernels() is not None
+    code = ("from metacore.kernels import convnet; import sys; "
+            "sys.exit(0 if convnet.numba_kernels() is None else 1)")
+    env = dict(os.environ, METACORE_NO_NUMBA="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_conv4_models_without_numba():
+    """The layers fall back to NumPy when numba cannot be imported at all."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np\n"
+        "from metacore.models import conv4_protonet, conv4_maml\n"
+        "from metacore.params import tile_tasks\n"
+        "from metacore.kernels import convnet\n"
+        "rng = np.random.default_rng(0)\n"
+        "m = conv4_maml(n_way=3, image_shape=(9, 9, 1), channels=4)\n"
+        "th = tile_tasks(m.init_params(rng), 2); x = rng.standard_normal((2, 3, 9, 9, 1))\n"
+        "loss, g, hv = m.hvp(th, x, np.zeros((2, 3), np.int64), th)\n"
+        "p = conv4_protonet(image_shape=(16, 16, 1), channels=4, depth=3)\n"
+        "out, _ = p.forward(tile_tasks(p.init_params(rng), 1), rng.standard_normal((1, 3, 16, 16, 1)))\n"
+        "assert np.isfinite(hv).all() and np.isfinite(out).all()\n"
+        "assert convnet.numba_kernels() is None\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
