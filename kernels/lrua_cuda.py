@@ -1,0 +1,478 @@
+"""LRUA memory of MANN (Santoro et al. 2016): Numba CUDA backend ('numba-cuda').
+
+Shape letters (this module):
+    T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
+
+Same contract and conventions as `metacore.reference.lrua` (the order of the operations in a
+step, EPS, ties, what is non-differentiable). Arrays in, arrays out of the same kind: device
+arrays (Numba's, or anything with __cuda_array_interface__) stay on the device and the
+results are Numba device arrays; NumPy arrays are copied to the device and back. Device
+inputs must be C-contiguous.
+
+How the kernels work (whole episodes fused, not one launch per step):
+  * One thread block per episode b; the time loop runs inside the kernel, and each phase
+    of a step (least-used selection, write weights, memory write, norms, cosines, softmax,
+    reads, usage) is a block-strided loop over its independent outputs, separated by
+    __syncthreads. The recurrence is sequential in t, so the parallelism is over the
+    H S, S W and H W outputs of a step and over the B episodes.
+  * The least-used indicator needs the n-th smallest usage m(w_u, n): w_lu(i) = 1 iff
+    #{j : w_u(j) < w_u(i)} < n, which equals w_u(i) <= m(w_u, n) exactly (ties included),
+    so each slot counts on its own; no sort. The zeroed slot (first argmin) is one serial
+    scan by thread 0.
+  * Memories M_t live in global memory, Ms: (B, K, S, W); lrua_forward ping-pongs two
+    (K = 2), lrua_backward reruns the forward keeping all T + 1 (K = T + 1), then runs the
+    reverse sweep (formulas: metacore.reference.lrua.lrua_backward) with dL/dM and
+    dL/dw_r in per-episode scratch.
+  * Everything accumulates in the input dtype, each sum in the reference's order.
+Kernels (one set per dtype; `kernel_signatures` lists them for the PTX tests):
+    gates       g = sigmoid(alpha) = (1 + tanh(alpha / 2)) / 2 broadcast to (T, B, H)
+    forward     the T steps of every episode
+    backward    the reverse sweep of every episode
+    sum_tb      dalpha (T, B, H) -> (H,) when alpha was one gate per head
+"""
+import math
+
+import numpy as np
+from numba import config, cuda, float32, float64, int64
+
+EPS = 1e-8
+# The simulator runs every CUDA thread as a Python thread: 8 per block keeps its tests fast.
+THREADS = 8 if config.ENABLE_CUDASIM else 128
+_NBTYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
+_cache = {}
+
+
+def _build(nbt):
+    """The kernels for one Numba float type `nbt` (float32 or float64)."""
+
+    @cuda.jit
+    def gates(alpha, per_step, g):
+        """alpha: (H,) (per_step 0) or (T, B, H) flattened to (T B H,) (per_step 1)
+        -> g: (T, B, H) = sigmoid(alpha), overwritten."""
+        T, B, H = g.shape
+        p = cuda.grid(1)
+        if p < T * B * H:
+            t = p // (B * H)
+            r = p - t * B * H
+            b = r // H
+            h = r - b * H
+            a = alpha[p] if per_step else alpha[h]
+            half = nbt(0.5)
+            g[t, b, h] = half * (nbt(1) + math.tanh(half * a))
+
+    @cuda.jit
+    def forward(keys, g, memory0, read0, usage0, gamma, eps,
+                reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory, kn, mn, c):
+        """Block b runs episode b over T steps (steps 1-7 of metacore.reference.lrua),
+        overwriting reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b], w_lu[:, b],
+        wlu_prev[b], zs[b] and Ms[b, (t + 1) % K] with M_t (K = Ms.shape[1]).
+
+        keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S),
+        usage0: (B, S); reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S),
+        Ms: (B, K, S, W), wlu_prev: (B, T, S), zs: (B, T) int64, memory: (B, S, W) M_T;
+        scratch kn: (B, H),
+        mn: (B, S), c: (B, H, S)."""
+        T, B, H, W = keys.shape
+        S = memory0.shape[1]
+        K = Ms.shape[1]
+        b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        zsh = cuda.shared.array(1, int64)
+        for p in range(tid, S * W, nt):
+            i = p // W
+            x = p - i * W
+            Ms[b, 0, i, x] = memory0[b, i, x]
+        cuda.syncthreads()
+        for t in range(T):
+            Mp = Ms[b, t % K]                           # (S, W)  M_{t-1}
+            M = Ms[b, (t + 1) % K]                      # (S, W)  M_t
+            wr_prev = read0[b] if t == 0 else w_r[t - 1, b]     # (H, S)
+            wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]    # (S,)
+            k = keys[t, b]                              # (H, W)
+            ww = w_w[t, b]                              # (H, S)
+            wr = w_r[t, b]                              # (H, S)
+            wlu = wlu_prev[b, t]                        # (S,)
+            # 1. least-used indicator of the previous usage (counting, no sort)
+            for i in range(tid, S, nt):
+                below = 0
+                for j in range(S):
+                    if wu_prev[j] < wu_prev[i]:
+                        below += 1
+                wlu[i] = nbt(1) if below < H else nbt(0)
+            # 3. the slot to zero: first argmin
+            if tid == 0:
+                z = 0
+                for i in range(1, S):
+                    if wu_prev[i] < wu_prev[z]:
+                        z = i
+                zsh[0] = z
+                zs[b, t] = z
+            cuda.syncthreads()
+            z = zsh[0]
+            # 2. write weights
+            for p in range(tid, H * S, nt):
+                h = p // S
+                i = p - h * S
+                gh = g[t, b, h]
+                ww[h, i] = gh * wr_prev[h, i] + (nbt(1) - gh) * wlu[i]
+            cuda.syncthreads()
+            # 3-4. zero slot z, then write every head's key (sum over h in order)
+            for p in range(tid, S * W, nt):
+                i = p // W
+                x = p - i * W
+                v = nbt(0) if i == z else Mp[i, x]
+                for h in range(H):
+                    v += ww[h, i] * k[h, x]
+                M[i, x] = v
+            cuda.syncthreads()
+            # 5. clamped norms, cosines, softmax over slots
+            for h in range(tid, H, nt):
+                acc = nbt(0)
+                for x in range(W):
+                    acc += k[h, x] * k[h, x]
+                kn[b, h] = max(math.sqrt(acc), eps)
+            for i in range(tid, S, nt):
+                acc = nbt(0)
+                for x in range(W):
+                    acc += M[i, x] * M[i, x]
+                mn[b, i] = max(math.sqrt(acc), eps)
+            cuda.syncthreads()
+            for p in range(tid, H * S, nt):
+                h = p // S
+                i = p - h * S
+                acc = nbt(0)
+                for x in range(W):
+                    acc += k[h, x] * M[i, x]
+                c[b, h, i] = acc / (kn[b, h] * mn[b, i])
+            cuda.syncthreads()
+            for h in range(tid, H, nt):
+                cmax = c[b, h, 0]
+                for i in range(1, S):
+                    cmax = max(cmax, c[b, h, i])
+                tot = nbt(0)
+                for i in range(S):
+                    e = math.exp(c[b, h, i] - cmax)
+                    wr[h, i] = e
+                    tot += e
+                for i in range(S):
+                    wr[h, i] /= tot
+            cuda.syncthreads()
+            # 6. reads; 7. usage
+            for p in range(tid, H * W, nt):
+                h = p // W
+                x = p - h * W
+                acc = nbt(0)
+                for i in range(S):
+                    acc += wr[h, i] * M[i, x]
+                reads[t, b, h, x] = acc
+            wu = w_u[t, b]                              # (S,)
+            for i in range(tid, S, nt):
+                sr = nbt(0)
+                sw = nbt(0)
+                for h in range(H):
+                    sr += wr[h, i]
+                    sw += ww[h, i]
+                wu[i] = gamma * wu_prev[i] + sr + sw
+            cuda.syncthreads()
+            # the least-used indicator of the new usage (returned; step t + 1 recomputes it)
+            for i in range(tid, S, nt):
+                below = 0
+                for j in range(S):
+                    if wu[j] < wu[i]:
+                        below += 1
+                w_lu[t, b, i] = nbt(1) if below < H else nbt(0)
+            cuda.syncthreads()
+        MT = Ms[b, T % K]                               # (S, W)  M_T
+        for p in range(tid, S * W, nt):
+            i = p // W
+            x = p - i * W
+            memory[b, i, x] = MT[i, x]
+
+    @cuda.jit
+    def backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
+                 dkeys, dalpha, dmemory0, dread0, dM, dwr, dc, gi, kn, kon, sk, mn, mon,
+                 sm):
+        """Block b runs the reverse sweep of episode b (formulas:
+        metacore.reference.lrua.lrua_backward), overwriting dkeys[:, b], dalpha[:, b],
+        dmemory0[b], dread0[b].
+
+        dreads, keys: (T, B, H, W), g: (T, B, H), read0: (B, H, S), w_r, w_w: (T, B, H, S),
+        Ms: (B, T + 1, S, W) with M_t at index t, wlu_prev: (B, T, S), zs: (B, T);
+        dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S);
+        scratch dM: (B, S, W), dwr, dc, gi: (B, H, S), kn, kon, sk: (B, H),
+        mn, mon, sm: (B, S)."""
+        T, B, H, W = keys.shape
+        S = Ms.shape[2]
+        b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        for p in range(tid, S * W, nt):
+            i = p // W
+            x = p - i * W
+            dM[b, i, x] = nbt(0)
+        for p in range(tid, H * S, nt):
+            h = p // S
+            i = p - h * S
+            dwr[b, h, i] = nbt(0)
+        cuda.syncthreads()
+        for t in range(T - 1, -1, -1):
+            M = Ms[b, t + 1]                            # (S, W)  M_t
+            k = keys[t, b]                              # (H, W)
+            wr = w_r[t, b]                              # (H, S)
+            ww = w_w[t, b]                              # (H, S)
+            dr = dreads[t, b]                           # (H, W)
+            dk = dkeys[t, b]                            # (H, W)
+            # read r = w_r M; and the clamped norms
+            for p in range(tid, H * S, nt):
+                h = p // S
+                i = p - h * S
+                acc = dwr[b, h, i]
+                for x in range(W):
+                    acc += dr[h, x] * M[i, x]
+                dwr[b, h, i] = acc
+            for p in range(tid, S * W, nt):
+                i = p // W
+                x = p - i * W
+                acc = dM[b, i, x]
+                for h in range(H):
+                    acc += wr[h, i] * dr[h, x]
+                dM[b, i, x] = acc
+            for h in range(tid, H, nt):
+                acc = nbt(0)
+                for x in range(W):
+                    acc += k[h, x] * k[h, x]
+                nrm = math.sqrt(acc)
+                kn[b, h] = max(nrm, eps)
+                kon[b, h] = nbt(1) if nrm > eps else nbt(0)
+            for i in range(tid, S, nt):
+                acc = nbt(0)
+                for x in range(W):
+                    acc += M[i, x] * M[i, x]
+                nrm = math.sqrt(acc)
+                mn[b, i] = max(nrm, eps)
+                mon[b, i] = nbt(1) if nrm > eps else nbt(0)
+            cuda.syncthreads()
+            # softmax over slots: dc = w_r (dwr - sum_j w_r dwr); sk holds the inner sums
+            for h in range(tid, H, nt):
+                acc = nbt(0)
+                for i in range(S):
+                    acc += wr[h, i] * dwr[b, h, i]
+                sk[b, h] = acc
+            cuda.syncthreads()
+            # cosine: c, gi = dc / (a_h b_i), and dc c (kept in dc)
+            for p in range(tid, H * S, nt):
+                h = p // S
+                i = p - h * S
+                d = wr[h, i] * (dwr[b, h, i] - sk[b, h])
+                acc = nbt(0)
+                for x in range(W):
+                    acc += k[h, x] * M[i, x]
+                inv = nbt(1) / (kn[b, h] * mn[b, i])
+                cv = acc * inv
+                gi[b, h, i] = d * inv
+                dc[b, h, i] = d * cv
+            cuda.syncthreads()
+            for h in range(tid, H, nt):
+                acc = nbt(0)
+                for i in range(S):
+                    acc += dc[b, h, i]
+                sk[b, h] = acc * kon[b, h] / (kn[b, h] * kn[b, h])
+            for i in range(tid, S, nt):
+                acc = nbt(0)
+                for h in range(H):
+                    acc += dc[b, h, i]
+                sm[b, i] = acc * mon[b, i] / (mn[b, i] * mn[b, i])
+            cuda.syncthreads()
+            for p in range(tid, H * W, nt):
+                h = p // W
+                x = p - h * W
+                acc = -sk[b, h] * k[h, x]
+                for i in range(S):
+                    acc += gi[b, h, i] * M[i, x]
+                dk[h, x] = acc
+            for p in range(tid, S * W, nt):
+                i = p // W
+                x = p - i * W
+                acc = dM[b, i, x] - sm[b, i] * M[i, x]
+                for h in range(H):
+                    acc += gi[b, h, i] * k[h, x]
+                dM[b, i, x] = acc
+            cuda.syncthreads()
+            # write M_t = M' + w_w^T k: key gradient, write-weight gradient (into dwr)
+            for p in range(tid, H * W, nt):
+                h = p // W
+                x = p - h * W
+                acc = dk[h, x]
+                for i in range(S):
+                    acc += ww[h, i] * dM[b, i, x]
+                dk[h, x] = acc
+            for p in range(tid, H * S, nt):
+                h = p // S
+                i = p - h * S
+                acc = nbt(0)
+                for x in range(W):
+                    acc += k[h, x] * dM[b, i, x]
+                dwr[b, h, i] = acc
+            cuda.syncthreads()
+            # zeroing of the least-used slot; gate w_w = g w_r_{t-1} + (1 - g) w_lu_{t-1}
+            z = zs[b, t]
+            for x in range(tid, W, nt):
+                dM[b, z, x] = nbt(0)
+            wr_prev = read0[b] if t == 0 else w_r[t - 1, b]     # (H, S)
+            wlu = wlu_prev[b, t]                        # (S,)
+            for h in range(tid, H, nt):
+                gh = g[t, b, h]
+                acc = nbt(0)
+                for i in range(S):
+                    acc += dwr[b, h, i] * (wr_prev[h, i] - wlu[i])
+                    dwr[b, h, i] *= gh
+                dalpha[t, b, h] = gh * (nbt(1) - gh) * acc
+            cuda.syncthreads()
+        for p in range(tid, S * W, nt):
+            i = p // W
+            x = p - i * W
+            dmemory0[b, i, x] = dM[b, i, x]
+        for p in range(tid, H * S, nt):
+            h = p // S
+            i = p - h * S
+            dread0[b, h, i] = dwr[b, h, i]
+
+    @cuda.jit
+    def sum_tb(dalpha, out):
+        """dalpha: (T, B, H) -> out: (H,) = sum over t then b (in order), overwritten."""
+        T, B, H = dalpha.shape
+        h = cuda.grid(1)
+        if h < H:
+            acc = nbt(0)
+            for t in range(T):
+                for b in range(B):
+                    acc += dalpha[t, b, h]
+            out[h] = acc
+
+    return {"gates": gates, "forward": forward, "backward": backward, "sum_tb": sum_tb}
+
+
+def kernels(dtype):
+    """The kernel dict for float32 or float64, built once per dtype."""
+    dtype = np.dtype(dtype)
+    if dtype not in _cache:
+        _cache[dtype] = _build(_NBTYPES[dtype])
+    return _cache[dtype]
+
+
+def kernel_signatures(dtype):
+    """[(name, dispatcher, argument types)] for every kernel of one dtype (PTX tests)."""
+    f = _NBTYPES[np.dtype(dtype)]
+    a4, a3, a2, a1 = f[:, :, :, ::1], f[:, :, ::1], f[:, ::1], f[::1]
+    i2 = int64[:, ::1]
+    sigs = {
+        "gates": (a1, int64, a3),
+        "forward": (a4, a3, a3, a3, a2, f, f, a4, a4, a4, a3, a3, a4, a3, i2, a3,
+                    a2, a2, a3),
+        "backward": (a4, a4, a3, a3, a4, a4, a4, a3, i2, f, a4, a3, a3, a3,
+                     a3, a3, a3, a3, a2, a2, a2, a2, a2, a2),
+        "sum_tb": (a3, a1),
+    }
+    ks = kernels(dtype)
+    return [(name, ks[name], sig) for name, sig in sigs.items()]
+
+
+# ---------------------------------------------------------------- availability, arrays
+def unavailable():
+    """None when kernels can run here (a CUDA GPU and driver, or the simulator), else a
+    sentence saying what is missing."""
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as err:
+        return f"numba.cuda could not initialise CUDA ({err})"
+    return ("numba.cuda finds no usable CUDA GPU and driver on this machine "
+            "(set NUMBA_ENABLE_CUDASIM=1 for the slow CPU simulator)")
+
+
+def _is_device(x):
+    if isinstance(x, np.ndarray):
+        return False
+    if hasattr(cuda, "is_cuda_array"):
+        return cuda.is_cuda_array(x)
+    return isinstance(x, cuda.devicearray.FakeCUDAArray)      # the simulator
+
+
+def _dev(op, name, x, dtype):
+    """A device view of x (device arrays: zero copy, must be C-contiguous; NumPy: copied)."""
+    if _is_device(x):
+        d = cuda.as_cuda_array(x) if hasattr(cuda, "as_cuda_array") else x
+        if not d.is_c_contiguous():
+            raise ValueError(f"{op}: {name} must be a C-contiguous device array, got "
+                             f"strides {d.strides}")
+        if d.dtype != np.dtype(dtype):
+            raise TypeError(f"{op}: {name} has dtype {d.dtype}, expected {np.dtype(dtype)}")
+        return d
+    return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
+
+
+def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
+    """-> host flag, kernels and the device arrays of one forward run (see `forward`)."""
+    host = not any(_is_device(a) for a in (keys, alpha, memory0, read0, usage0))
+    dt = np.dtype(keys.dtype)
+    keys = _dev(op, "keys", keys, dt)
+    alpha = _dev(op, "alpha", alpha, dt)
+    memory0 = _dev(op, "memory0", memory0, dt)
+    read0 = _dev(op, "read0", read0, dt)
+    usage0 = _dev(op, "usage0", usage0, dt)
+    ks = kernels(dt)
+    T, B, H, W = keys.shape
+    S = memory0.shape[1]
+    e = cuda.device_array
+    g = e((T, B, H), dt)
+    n = T * B * H
+    per_step = int(alpha.ndim == 3)
+    flat = alpha.reshape(alpha.size) if per_step else alpha    # contiguous: a view
+    ks["gates"][(n + THREADS - 1) // THREADS, THREADS](flat, per_step, g)
+    reads, w_r, w_w = e((T, B, H, W), dt), e((T, B, H, S), dt), e((T, B, H, S), dt)
+    w_u, w_lu = e((T, B, S), dt), e((T, B, S), dt)
+    Ms = e((B, T + 1 if keep else 2, S, W), dt)
+    wlu_prev, zs, memory = e((B, T, S), dt), e((B, T), np.int64), e((B, S, W), dt)
+    ks["forward"][B, THREADS](keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
+                              reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory,
+                              e((B, H), dt), e((B, S), dt), e((B, H, S), dt))
+    return (host, ks, keys, alpha, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs,
+            memory)
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_forward:
+    -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W)."""
+    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False)
+    host, _, _, _, _, _, reads, w_r, w_w, w_u, w_lu, _, _, _, memory = out
+    res = (reads, w_r, w_w, w_u, w_lu, memory)
+    return tuple(a.copy_to_host() for a in res) if host else res
+
+
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_backward:
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
+    op = "lrua_backward"
+    host = not _is_device(dreads)
+    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True)
+    host_f, ks, keys, alpha, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs, _ = out
+    host = host and host_f
+    dt = keys.dtype
+    dreads = _dev(op, "dreads", dreads, dt)
+    T, B, H, W = keys.shape
+    S = Ms.shape[2]
+    e = cuda.device_array
+    dkeys, dalpha = e((T, B, H, W), dt), e((T, B, H), dt)
+    dmemory0, dread0 = e((B, S, W), dt), e((B, H, S), dt)
+    ks["backward"][B, THREADS](dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs,
+                               dt.type(EPS), dkeys, dalpha, dmemory0, dread0,
+                               e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt),
+                               e((B, H, S), dt), e((B, H), dt), e((B, H), dt), e((B, H), dt),
+                               e((B, S), dt), e((B, S), dt), e((B, S), dt))
+    if alpha.ndim == 1:
+        da = e((H,), dt)
+        ks["sum_tb"][(H + THREADS - 1) // THREADS, THREADS](dalpha, da)
+        dalpha = da
+    res = (dkeys, dalpha, dmemory0, dread0)
+    return tuple(a.copy_to_host() for a in res) if host else res
