@@ -312,3 +312,15 @@ def test_omniglot_mlp_task_one_unroll(tmp_path):
     assert np.array_equal(m2.prob.x, m.prob.x) and np.array_equal(m2.theta, m.theta)
     acc = prob.test_accuracy(theta)
     assert acc.shape == (1,) and 0 <= acc[0] <= 1
+
+
+def test_pool_images_block_mean(tmp_path):
+    from metacore.methods import lstm_optimizer as LM
+    from metacore.training import make_config
+    img = np.arange(2 * 1 * 4 * 4, dtype=np.float64).reshape(2, 1, 4, 4)
+    out = LM.pool_images(img, 2)
+    assert out.shape == (2, 1, 2, 2)
+    assert out[1, 0, 0, 1] == img[1, 0, 0:2, 2:4].mean()
+    assert LM.pool_images(img, 1) is img
+    with pytest.raises(ValueError, match="pool must divide the image size 28, got 3"):
+        make_config("lstm_optimizer", "omniglot_mlp", tmp_path, pool=3)
