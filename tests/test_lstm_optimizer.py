@@ -126,13 +126,13 @@ def test_meta_gradient_paper_constants_and_mlp_optimizee():
 def test_dropped_second_derivatives_are_really_dropped():
     """The full objective (gradients recomputed along the perturbed trajectory) has a
     different derivative: the check above is about the surrogate, not a coincidence."""
-    layout, phi, q, theta0, state0 = _setup(2, 3, 3, seed=0)
+    layout, phi, q, theta0, state0 = _setup(2, 3, 3, seed=234)   # the first FD case above
     S = 4
     L, dphi, _ = A.meta_gradient(phi, layout, theta0, state0, q.loss_grad, S, scale=0.5)
     full = lambda: A.meta_loss(A.unroll(phi, layout, theta0, state0, q.loss_grad, S,   # noqa
                                         scale=0.5)["losses"])
     assert full() == L
-    assert rel_error(dphi, numerical_gradient(full, phi)) > 1e-5
+    assert rel_error(dphi, numerical_gradient(full, phi)) > 1e-5    # measured 3.1e-3
 
 
 def test_unrolls_chain_exactly():
