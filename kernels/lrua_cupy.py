@@ -1,0 +1,123 @@
+"""LRUA memory of MANN (Santoro et al. 2016): CuPy raw-kernel backend ('cupy').
+
+Shape letters (this module):
+    T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
+
+The kernels are CUDA C in `lrua.cu` beside this file: the same whole-episode kernels
+(one thread block per episode, the time loop inside) as the Numba CUDA backend
+`lrua_cuda.py`, whose docstring says how they work. This wrapper checks dtypes and
+contiguity, casts every scalar, allocates outputs and scratch, and launches.
+
+Arrays in, arrays out of the same kind: CuPy arrays (or any __cuda_array_interface__
+array) stay on the device and the results are CuPy arrays; NumPy arrays are copied to the
+device and the results back. Non-contiguous device inputs are made contiguous on the device.
+"""
+import os
+
+import cupy as cp
+import numpy as np
+
+EPS = 1e-8
+THREADS = 128                             # threads per block (one block per episode)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lrua.cu")
+OPTIONS = ("--std=c++11",)
+ENTRY_POINTS = ("lrua_gates", "lrua_forward", "lrua_backward", "lrua_sum_tb")
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_module = None
+
+
+def unavailable():
+    """None when a CUDA device is usable through CuPy, else what is missing."""
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as err:
+        return f"CuPy cannot reach a CUDA device ({type(err).__name__}: {err})"
+    return None if n > 0 else "CuPy sees no CUDA device"
+
+
+def _fn(name, dtype):
+    global _module
+    if _module is None:
+        with open(SOURCE, encoding="utf-8") as f:
+            _module = cp.RawModule(code=f.read(), options=OPTIONS)
+    return _module.get_function(f"{name}_{_SUFFIX[np.dtype(dtype)]}")
+
+
+def _dev(op, name, x, dtype):
+    if not isinstance(x, np.ndarray):
+        x = cp.asarray(x)
+        if x.dtype != np.dtype(dtype):
+            raise TypeError(f"{op}: {name} has dtype {x.dtype}, expected {np.dtype(dtype)}")
+        return cp.ascontiguousarray(x)
+    return cp.asarray(np.ascontiguousarray(x, dtype=dtype))
+
+
+def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
+    host = all(isinstance(a, np.ndarray) for a in (keys, alpha, memory0, read0, usage0))
+    dt = np.dtype(keys.dtype)
+    if dt not in _SUFFIX:
+        raise TypeError(f"{op}: keys must be float32 or float64, got dtype {dt}")
+    keys, alpha, memory0, read0, usage0 = (
+        _dev(op, n, a, dt) for n, a in (("keys", keys), ("alpha", alpha),
+                                        ("memory0", memory0), ("read0", read0),
+                                        ("usage0", usage0)))
+    T, B, H, W = keys.shape
+    S = memory0.shape[1]
+    i32 = np.int32
+    g = cp.empty((T, B, H), dt)
+    n = T * B * H
+    _fn("lrua_gates", dt)(((n + THREADS - 1) // THREADS,), (THREADS,),
+                          (alpha, i32(alpha.ndim == 3), i32(T), i32(B), i32(H), g))
+    K = T + 1 if keep else 2
+    reads, w_r, w_w = cp.empty((T, B, H, W), dt), cp.empty((T, B, H, S), dt), \
+        cp.empty((T, B, H, S), dt)
+    w_u, w_lu = cp.empty((T, B, S), dt), cp.empty((T, B, S), dt)
+    Ms = cp.empty((B, K, S, W), dt)
+    wlu_prev, zs, memory = cp.empty((B, T, S), dt), cp.empty((B, T), cp.int64), \
+        cp.empty((B, S, W), dt)
+    _fn("lrua_forward", dt)((B,), (THREADS,),
+                            (keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
+                             i32(T), i32(B), i32(H), i32(S), i32(W), i32(K), reads, w_r, w_w,
+                             w_u, w_lu, Ms, wlu_prev, zs, memory, cp.empty((B, H), dt),
+                             cp.empty((B, S), dt), cp.empty((B, H, S), dt)))
+    return host, keys, alpha, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_forward:
+    -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W)."""
+    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False)
+    host, _, _, _, _, reads, w_r, w_w, w_u, w_lu, _, _, _, memory = out
+    res = (reads, w_r, w_w, w_u, w_lu, memory)
+    return tuple(cp.asnumpy(a) for a in res) if host else res
+
+
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_backward:
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
+    op = "lrua_backward"
+    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True)
+    host, keys, alpha, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs, _ = out
+    host = host and isinstance(dreads, np.ndarray)
+    dt = keys.dtype
+    dreads = _dev(op, "dreads", dreads, dt)
+    T, B, H, W = keys.shape
+    S = Ms.shape[2]
+    i32 = np.int32
+    e = cp.empty
+    dkeys, dalpha = e((T, B, H, W), dt), e((T, B, H), dt)
+    dmemory0, dread0 = e((B, S, W), dt), e((B, H, S), dt)
+    _fn("lrua_backward", dt)((B,), (THREADS,),
+                             (dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs,
+                              dt.type(EPS), i32(T), i32(B), i32(H), i32(S), i32(W),
+                              dkeys, dalpha, dmemory0, dread0,
+                              e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt),
+                              e((B, H, S), dt), e((B, H), dt), e((B, H), dt), e((B, H), dt),
+                              e((B, S), dt), e((B, S), dt), e((B, S), dt)))
+    if alpha.ndim == 1:
+        da = e((H,), dt)
+        _fn("lrua_sum_tb", dt)(((H + THREADS - 1) // THREADS,), (THREADS,),
+                               (dalpha, i32(T), i32(B), i32(H), da))
+        dalpha = da
+    res = (dkeys, dalpha, dmemory0, dread0)
+    return tuple(cp.asnumpy(a) for a in res) if host else res
