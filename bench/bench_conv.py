@@ -26,7 +26,10 @@ import time
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)                                  # _timing
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))             # run as a script from a checkout
 from _timing import median_seconds  # noqa: E402
 
 from metacore.algorithms.protonet import ProtoNet  # noqa: E402

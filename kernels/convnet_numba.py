@@ -199,3 +199,90 @@ def bn_rbackward(dy, rdy, xhat, rxhat, rstd, rrstd, gamma, rgamma, rdx, rdgamma,
                 rdx[t, m, c] = (rr[c] * ((g - mg[c]) - xh * s2[c])
                                 + r[c] * ((rg - mrg[c]) - np.float64(rxhat[t, m, c]) * s2[c]
                                           - xh * s3[c]))
+
+
+# ---------------------------------------------------------------- ReLU
+@njit(**_JIT)
+def relu_forward(x, y, mask):
+    """x: (S,) flat -> y = x * [x > 0] (NumPy's x * mask: NaN and -0.0 kept), mask: bool."""
+    for i in range(x.size):
+        p = x[i] > 0
+        mask[i] = p
+        y[i] = x[i] * (1.0 if p else 0.0)
+
+
+@njit(**_JIT)
+def relu_gate(d, mask, out):
+    """d: (S,) flat, mask: bool (S,) -> out = d * mask (NumPy's product with a bool array)."""
+    for i in range(d.size):
+        out[i] = d[i] * (1.0 if mask[i] else 0.0)
+
+
+# ---------------------------------------------------------------- 2x2 max-pool, stride 2
+@njit(inline="always")
+def _beats(v, best):
+    """np.argmax's order: greater wins, a NaN beats any number, the first of equals stays."""
+    return v > best or (v != v and best == best)
+
+
+@njit(**_JIT)
+def maxpool_forward(x, y, arg):
+    """x: (B, H, W, C) -> y: (B, Ho, Wo, C) the window maxima, arg: (B, Ho, Wo, C) int8 the
+    winner's index 0..3 in row-major window order (first maximum on ties, as np.argmax)."""
+    B, Ho, Wo, C = y.shape
+    for n in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                for c in range(C):
+                    best = x[n, 2 * i, 2 * j, c]
+                    k = 0
+                    v = x[n, 2 * i, 2 * j + 1, c]
+                    if _beats(v, best):
+                        best, k = v, 1
+                    v = x[n, 2 * i + 1, 2 * j, c]
+                    if _beats(v, best):
+                        best, k = v, 2
+                    v = x[n, 2 * i + 1, 2 * j + 1, c]
+                    if _beats(v, best):
+                        best, k = v, 3
+                    y[n, i, j, c] = best
+                    arg[n, i, j, c] = k
+
+
+@njit(**_JIT)
+def maxpool_scatter(dy, arg, dx):
+    """dy, arg: (B, Ho, Wo, C) -> dx: (B, H, W, C), every entry written: dy times 1 at the
+    window's winner and times 0 elsewhere (as the NumPy one-hot product: NaN spreads over its
+    window like there), 0 on a trailing odd row or column."""
+    B, Ho, Wo, C = dy.shape
+    H, W = dx.shape[1], dx.shape[2]
+    for n in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                for c in range(C):
+                    d = dy[n, i, j, c]
+                    k = arg[n, i, j, c]
+                    dx[n, 2 * i, 2 * j, c] = d * (1.0 if k == 0 else 0.0)
+                    dx[n, 2 * i, 2 * j + 1, c] = d * (1.0 if k == 1 else 0.0)
+                    dx[n, 2 * i + 1, 2 * j, c] = d * (1.0 if k == 2 else 0.0)
+                    dx[n, 2 * i + 1, 2 * j + 1, c] = d * (1.0 if k == 3 else 0.0)
+            if W > 2 * Wo:
+                for c in range(C):
+                    dx[n, 2 * i, W - 1, c] = 0.0
+                    dx[n, 2 * i + 1, W - 1, c] = 0.0
+        if H > 2 * Ho:
+            for j in range(W):
+                for c in range(C):
+                    dx[n, H - 1, j, c] = 0.0
+
+
+@njit(**_JIT)
+def maxpool_gather(rx, arg, ry):
+    """rx: (B, H, W, C), arg: (B, Ho, Wo, C) -> ry: (B, Ho, Wo, C), rx at each winner."""
+    B, Ho, Wo, C = ry.shape
+    for n in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                for c in range(C):
+                    k = arg[n, i, j, c]
+                    ry[n, i, j, c] = rx[n, 2 * i + k // 2, 2 * j + k % 2, c]

@@ -134,3 +134,102 @@ def test_conv4_models_without_numba():
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# ---------------------------------------------------------------- ReLU and max-pool
+from metacore.layers import maxpool as mp  # noqa: E402
+from metacore.layers import relu as rl  # noqa: E402
+from metacore.reference import maxpool as rmp  # noqa: E402
+
+POOL_SHAPES = [(1, 1, 2, 2, 1), (2, 3, 5, 7, 4), (1, 2, 7, 7, 3), (3, 1, 4, 3, 1),
+               (1, 2, 6, 8, 64)]
+
+
+def _tied(shape, dtype, seed):
+    """Small integers: most windows hold ties, and there are exact zeros (ReLU's kink)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-2, 3, shape).astype(dtype)
+
+
+def _pool_all(x, dy, rx, rdy):
+    y, c = mp.maxpool_forward(x)
+    dx = mp.maxpool_backward(dy, c)
+    ry, rc = mp.maxpool_rforward(rx, c)
+    rdx = mp.maxpool_rbackward(dy, rdy, c, rc)
+    return [y, c[0].astype(np.int64), dx, ry, rdx]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+def test_maxpool_numba_matches_numpy_with_ties(shape, dtype):
+    x = _tied(shape, dtype, 0)
+    T, B, H, W, C = shape
+    rng = np.random.default_rng(1)
+    dy, rdy = (rng.standard_normal((T, B, H // 2, W // 2, C)).astype(dtype) for _ in range(2))
+    rx = rng.standard_normal(shape).astype(dtype)
+    fast, slow = both(lambda: _pool_all(x, dy, rx, rdy))
+    for a, b in zip(fast, slow):                 # routing only: bit-identical
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+def test_maxpool_numba_matches_reference():
+    x = _tied((2, 3, 7, 5, 4), np.float64, 3)
+    rng = np.random.default_rng(4)
+    dy, rdy = rng.standard_normal((2, 2, 3, 3, 2, 4))
+    rx = rng.standard_normal(x.shape)
+    y, _, dx, ry, rdx = _pool_all(x, dy, rx, rdy)
+    for t in range(2):
+        np.testing.assert_array_equal(y[t], rmp.maxpool_forward(x[t]))
+        np.testing.assert_array_equal(dx[t], rmp.maxpool_backward(dy[t], x[t]))
+        np.testing.assert_array_equal(ry[t], rmp.maxpool_rforward(x[t], rx[t]))
+        np.testing.assert_array_equal(rdx[t], rmp.maxpool_rbackward(dy[t], rdy[t], x[t]))
+
+
+def test_maxpool_nan_and_signed_zero_like_numpy():
+    """np.argmax lets a NaN win its window; the one-hot product spreads a NaN in dy over its
+    window and gives -0.0 for negative dy: the kernels do the same."""
+    x = np.zeros((1, 1, 4, 4, 2))
+    x[0, 0, 1, 1, 0] = np.nan
+    x[0, 0, 0, 0, 0] = 5.0
+    x[0, 0, 2, 3, 1] = -0.0
+    dy = -np.ones((1, 1, 2, 2, 2))
+    dy[0, 0, 1, 1, 1] = np.nan
+    fast, slow = both(lambda: _pool_all(x, dy, x, dy))
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.signbit(a), np.signbit(b))
+
+
+def test_maxpool_bad_upstream_shape():
+    _, c = mp.maxpool_forward(np.zeros((1, 2, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"maxpool2d backward: dy must have shape"):
+        mp.maxpool_backward(np.zeros((1, 2, 2, 3, 3)), c)
+    with pytest.raises(ValueError, match=r"maxpool2d rforward: rx must have shape"):
+        mp.maxpool_rforward(np.zeros((1, 2, 4, 5, 3)), c)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(1,), (2, 3, 5, 7, 4), (3, 1, 1, 1, 1), (2, 9, 64)], ids=str)
+def test_relu_numba_matches_numpy(shape, dtype):
+    rng = np.random.default_rng(5)
+    x = _tied(shape, dtype, 6)
+    x.reshape(-1)[:1] = np.nan if x.size > 3 else x.reshape(-1)[:1]
+    dy, rx, rdy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+
+    def run():
+        y, mask = rl.relu_forward(x)
+        ry, rc = rl.relu_rforward(rx, mask)
+        return [y, mask, rl.relu_backward(dy, mask), ry, rl.relu_rbackward(dy, rdy, mask, rc)]
+    fast, slow = both(run)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.signbit(a), np.signbit(b))
+        assert a.dtype == b.dtype
+
+
+def test_relu_noncontiguous_input():
+    x = np.random.default_rng(7).standard_normal((2, 6, 5, 4)).transpose(0, 2, 1, 3)
+    fast, slow = both(lambda: list(rl.relu_forward(x)))
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
