@@ -51,7 +51,7 @@ import numpy as np
 
 from metacore.layers.lstm import lstm_cell_backward, lstm_cell_forward, lstm_init
 from metacore.params import ParamLayout
-from metacore.validate import FLOAT_DTYPES, check_float_array
+from metacore.validate import check_float_array
 
 HIDDEN = 20          # units per LSTM layer (paper)
 PREPROC_P = 10.0     # p of the gradient preprocessing (paper, Appendix A)
@@ -277,9 +277,3 @@ def tune_lr(name, grid, theta0, loss_grad, steps):
     best = min(scores, key=lambda k: (scores[k], k))
     return best, scores
 
-
-def check_dtype(op, dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: dtype must be float32 or float64, got {dtype}")
-    return dtype
