@@ -247,3 +247,21 @@ def test_evaluate_and_config_errors(tmp_path):
         _cfg(tmp_path / "x", steps=2)
     with pytest.raises(ValueError, match="second_order must be true or false"):
         _cfg(tmp_path / "x", second_order="yes")
+
+
+def test_method_gradient_averages_episodes_and_clips_the_norm(tmp_path):
+    from metacore.training import build_method
+    m = build_method(_cfg(tmp_path, meta_batch=2, dtype="float64"))
+    params = m.init_params(m.rng)
+    batch = m.sample()
+    g, info = m.gradient(params, batch)
+    parts = [m.net.loss_and_grad(params, *(a[t] for a in batch))[1] for t in range(2)]
+    want = (parts[0] + parts[1]) / 2
+    assert info["grad_norm"] == pytest.approx(np.linalg.norm(want), rel=1e-12)
+    if info["grad_norm"] > 10.0:
+        want *= 10.0 / info["grad_norm"]
+    assert np.allclose(g, want, rtol=1e-12, atol=0)
+    small = build_method(_cfg(tmp_path / "c", meta_batch=2, dtype="float64", clip_norm=1e-3))
+    g2, info2 = small.gradient(params, batch)
+    assert info2["grad_norm"] == pytest.approx(info["grad_norm"], rel=1e-12)
+    assert np.linalg.norm(g2) == pytest.approx(1e-3, rel=1e-9)
