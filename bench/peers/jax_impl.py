@@ -102,11 +102,101 @@ def distance(kind, inputs):
     return lambda: jax.block_until_ready(fn(q, s))
 
 
+# ---------------------------------------------------------------- Conv-4 (NHWC, HWIO)
+def _layout_params(model, theta):
+    return tuple(jnp.asarray(theta[off:off + int(np.prod(sh))].reshape(sh))
+                 for _, sh, off in model.layout.describe())
+
+
+def _conv(x, w, b, stride):
+    """x (B, H, W, C), w (3, 3, C_in, C_out); XLA's 'SAME' padding is metacore's 'same'."""
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + b
+
+
+def _bn(x, gamma, beta, eps=1e-5):
+    mean = x.mean((0, 1, 2))
+    var = ((x - mean) ** 2).mean((0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + eps) * gamma + beta
+
+
+def _ce_logits(logits, y):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, y[:, None], -1).mean()
+
+
+def _conv4_maml(p, x):
+    for l in range(4):
+        w, b, g, be = p[4 * l:4 * l + 4]
+        x = jax.nn.relu(_bn(_conv(x, w, b, 2), g, be))
+    return x.mean((1, 2)) @ p[16] + p[17]
+
+
+def conv4_maml(cfg, inputs):
+    from metacore.models import conv4_maml as model_fn
+    alpha, k = cfg["alpha"], cfg["k"]
+    params = _layout_params(model_fn(n_way=cfg["n_way"]), inputs["theta"])
+    sx, qx = jnp.asarray(inputs["sx"]), jnp.asarray(inputs["qx"])
+    sy, qy = (jnp.asarray(inputs[n].astype(np.int32)) for n in ("sy", "qy"))
+
+    def ce(p, x, y):
+        return _ce_logits(_conv4_maml(p, x), y)
+
+    def task_loss(p, x, y, xq, yq):
+        for _ in range(k):
+            g = jax.grad(ce)(p, x, y)
+            p = tuple(pi - alpha * gi for pi, gi in zip(p, g))
+        return ce(p, xq, yq)
+
+    def meta(p, sx, sy, qx, qy):
+        losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy)
+        return losses.mean(), losses
+
+    @jax.jit
+    def fn(p, sx, sy, qx, qy):
+        g, losses = jax.grad(meta, has_aux=True)(p, sx, sy, qx, qy)
+        return losses, _flat(g)
+    return lambda: jax.block_until_ready(fn(params, sx, sy, qx, qy))
+
+
+def protonet(cfg, inputs):
+    from metacore.models import conv4_protonet
+    params = _layout_params(conv4_protonet(), inputs["theta"])
+    x = jnp.concatenate([jnp.asarray(inputs["sx"][0]), jnp.asarray(inputs["qx"][0])])
+    A, qy = jnp.asarray(inputs["A"][0]), jnp.asarray(inputs["qy"][0].astype(np.int32))
+    S = A.shape[1]
+
+    def embed(p, x):
+        for l in range(4):
+            w, b, g, be = p[4 * l:4 * l + 4]
+            x = jax.nn.relu(_bn(_conv(x, w, b, 1), g, be))
+            B, H, W, C = x.shape
+            x = x[:, :H // 2 * 2, :W // 2 * 2].reshape(B, H // 2, 2, W // 2, 2, C).max((2, 4))
+        return x.reshape(x.shape[0], -1)
+
+    def loss_fn(p):
+        emb = embed(p, x)
+        protos, q = A @ emb[:S], emb[S:]
+        logits = -((q[:, None, :] - protos[None]) ** 2).sum(-1)
+        return _ce_logits(logits, qy)
+
+    @jax.jit
+    def fn(p):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        return loss.reshape(1), _flat(g)
+    return lambda: jax.block_until_ready(fn(params))
+
+
 def build(variant, w, inputs):
     if w.kind in ("maml", "fomaml", "reptile"):
         return sinusoid(w.kind, w.cfg["k"], inputs)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return distance(w.kind, inputs)
+    if w.kind == "conv4_maml":
+        return conv4_maml(w.cfg, inputs)
+    if w.kind == "protonet":
+        return protonet(w.cfg, inputs)
     raise KeyError(w.kind)
 
 

@@ -179,12 +179,129 @@ def distance(kind, inputs, variant):
     return call
 
 
+# ---------------------------------------------------------------- Conv-4 (NCHW inside)
+def _layout_params(model, theta):
+    """The flat vector as a tuple of tensors in the layout's order and shapes (conv weights
+    stay (3, 3, C_in, C_out); the model permutes them, so the gradient keeps that layout)."""
+    th = _t(theta)
+    return tuple(th[off:off + int(np.prod(sh))].reshape(sh).clone()
+                 for _, sh, off in model.layout.describe())
+
+
+def _conv_same(x, w, b, stride):
+    """x (B, C, H, W); w (3, 3, C_in, C_out) -> TensorFlow 'same' padding (extra row/column
+    at the bottom/right), as metacore's conv2d_geometry."""
+    H, Wd = x.shape[-2:]
+    Ho, Wo = -(-H // stride), -(-Wd // stride)
+    ph, pw = max((Ho - 1) * stride + 3 - H, 0), max((Wo - 1) * stride + 3 - Wd, 0)
+    x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return torch.nn.functional.conv2d(x, w.permute(3, 2, 0, 1), b, stride=stride)
+
+
+def _bn(x, gamma, beta, eps=1e-5):
+    """Batch norm with the batch's own statistics (biased variance), over (B, H, W)."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * gamma[:, None, None] + beta[:, None, None]
+
+
+def _conv4_maml(p, x):
+    """x (B, 1, 28, 28) -> logits (B, n_way)."""
+    for l in range(4):
+        w, b, g, be = p[4 * l:4 * l + 4]
+        x = torch.relu(_bn(_conv_same(x, w, b, 2), g, be))
+    return x.mean((2, 3)) @ p[16] + p[17]
+
+
+def _ce(p, x, y):
+    return torch.nn.functional.cross_entropy(_conv4_maml(p, x), y)
+
+
+def _nchw(a):
+    return _t(a).permute(0, 1, 4, 2, 3).contiguous()      # (T, B, H, W, C) -> (T, B, C, H, W)
+
+
+def conv4_maml(variant, cfg, inputs):
+    from metacore.models import conv4_maml as model_fn
+    alpha, k = cfg["alpha"], cfg["k"]
+    params = _layout_params(model_fn(n_way=cfg["n_way"]), inputs["theta"])
+    sx, qx = _nchw(inputs["sx"]), _nchw(inputs["qx"])
+    sy, qy = _t(inputs["sy"]), _t(inputs["qy"])
+    T = sx.shape[0]
+    if variant == "torch-eager":
+        ps = [p.requires_grad_() for p in params]
+
+        def call():
+            for p in ps:
+                p.grad = None
+            losses = []
+            for t in range(T):
+                fast = ps
+                for _ in range(k):
+                    g = torch.autograd.grad(_ce(fast, sx[t], sy[t]), fast, create_graph=True)
+                    fast = [p - alpha * gi for p, gi in zip(fast, g)]
+                losses.append(_ce(fast, qx[t], qy[t]))
+            losses = torch.stack(losses)
+            losses.mean().backward()
+            return losses.detach(), _flat([p.grad for p in ps])
+        return call
+
+    def task_loss(p, x, y, xq, yq):
+        for _ in range(k):
+            g = grad(_ce)(p, x, y)
+            p = tuple(pi - alpha * gi for pi, gi in zip(p, g))
+        return _ce(p, xq, yq)
+
+    def meta(p):
+        losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy)
+        return losses.mean(), losses
+
+    meta_grad = grad(meta, has_aux=True)
+
+    def call():
+        g, losses = meta_grad(params)
+        return losses, _flat(g)
+    return call
+
+
+def _conv4_embed(p, x):
+    """x (B, 1, 28, 28) -> (B, 64): 4 x [conv 'same', batch norm, ReLU, 2x2 max-pool]."""
+    for l in range(4):
+        w, b, g, be = p[4 * l:4 * l + 4]
+        x = torch.relu(_bn(_conv_same(x, w, b, 1), g, be))
+        x = torch.nn.functional.max_pool2d(x, 2)
+    return x.reshape(x.shape[0], -1)
+
+
+def protonet(cfg, inputs):
+    from metacore.models import conv4_protonet
+    ps = [p.requires_grad_() for p in _layout_params(conv4_protonet(), inputs["theta"])]
+    x = torch.cat([_nchw(inputs["sx"])[0], _nchw(inputs["qx"])[0]])   # (S + M, 1, 28, 28)
+    A, qy = _t(inputs["A"])[0], _t(inputs["qy"])[0]                     # (N, S), (M,)
+    S = A.shape[1]
+
+    def call():
+        for p in ps:
+            p.grad = None
+        emb = _conv4_embed(ps, x)                                        # (S + M, 64)
+        protos, q = A @ emb[:S], emb[S:]
+        logits = -((q[:, None, :] - protos[None]) ** 2).sum(-1)          # (M, N)
+        loss = torch.nn.functional.cross_entropy(logits, qy)
+        loss.backward()
+        return loss.detach().reshape(1), _flat([p.grad for p in ps])
+    return call
+
+
 def build(variant, w, inputs):
     if w.kind in ("maml", "fomaml", "reptile"):
         make = sinusoid_eager if variant == "torch-eager" else sinusoid_func
         return make(w.kind, w.cfg["k"], inputs)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return distance(w.kind, inputs, variant)
+    if w.kind == "conv4_maml":
+        return conv4_maml(variant, w.cfg, inputs)
+    if w.kind == "protonet":
+        return protonet(w.cfg, inputs)
     raise KeyError(w.kind)
 
 

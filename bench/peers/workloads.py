@@ -176,6 +176,87 @@ def distance_flops(kind, Q, N, D):
     return 6 * Q * N * D
 
 
+# ---------------------------------------------------------------- Omniglot Conv-4
+def _episodes(n_way, shots, queries, T, seed):
+    """Real Omniglot episodes (MAML's split, train part, rotations): on random images batch
+    norm over a 5-image support set is too badly conditioned for a float32 comparison."""
+    from metacore.data.omniglot import EpisodeSampler, load_omniglot, split_characters
+    data = load_omniglot(version="maml", dtype=np.float32)
+    sampler = EpisodeSampler(data.images, split_characters(data, "maml", "train"), n_way,
+                             shots, queries, rotate=True, seed=seed, dtype=np.float32)
+    ep = sampler.sample(T)
+    return ep.support_x, ep.support_y, ep.query_x, ep.query_y
+
+
+def make_conv4(cfg, seed=0):
+    from metacore.models import conv4_maml
+    sx, sy, qx, qy = _episodes(cfg["n_way"], cfg["shots"], cfg["queries"], cfg["T"], seed)
+    theta = conv4_maml(n_way=cfg["n_way"]).init_params(np.random.default_rng(seed), np.float32)
+    return {"theta": theta, "sx": sx, "sy": sy.astype(np.int64), "qx": qx,
+            "qy": qy.astype(np.int64)}
+
+
+def metacore_conv4(inputs, dtype, k, alpha, n_way):
+    """-> call returning (query_loss (T,), grad (P,)), second-order MAML."""
+    from metacore.algorithms.maml import maml_gradient
+    from metacore.models import conv4_maml
+    model = conv4_maml(n_way=n_way)
+    a = {n: (np.ascontiguousarray(v, dtype=dtype) if v.dtype.kind == "f" else v)
+         for n, v in inputs.items()}
+
+    def call():
+        r = maml_gradient(model, a["theta"], a["sx"], a["sy"], a["qx"], a["qy"], alpha,
+                          steps=k)
+        return r.query_loss, r.grad
+    return call
+
+
+def conv_macs(model):
+    """Multiply-adds per image of each Conv2d / Linear layer, in order."""
+    from metacore.network import Conv2d, Linear
+    shape, macs = model.in_shape, []
+    for layer in model.layers:
+        out = layer.out_shape(shape)
+        if isinstance(layer, Conv2d):
+            macs.append(out[0] * out[1] * 9 * layer.c_in * layer.c_out)
+        elif isinstance(layer, Linear):
+            macs.append(layer.d_in * layer.d_out)
+        shape = out
+    return macs
+
+
+def macs_flops(macs, rows):
+    """(forward, backward, HVP given the forward) of a stack of bilinear layers with these
+    per-row multiply-adds; the same accounting as mlp_flops (the first layer has no dx)."""
+    S = sum(macs)
+    S1 = S - macs[0]
+    return 2 * rows * S, 2 * rows * (S + S1), 2 * rows * (2 * S + 5 * S1)
+
+
+def make_protonet(cfg, seed=0):
+    from metacore.algorithms.protonet import class_mean_matrix
+    from metacore.models import conv4_protonet
+    sx, sy, qx, qy = _episodes(cfg["n_way"], cfg["shots"], cfg["queries"], 1, seed)
+    theta = conv4_protonet().init_params(np.random.default_rng(seed), np.float32)
+    return {"theta": theta, "sx": sx, "sy": sy.astype(np.int64), "qx": qx,
+            "qy": qy.astype(np.int64),
+            "A": class_mean_matrix(sy, cfg["n_way"], np.float32)}
+
+
+def metacore_protonet(inputs, dtype):
+    """-> call returning (loss (1,), grad (P,)) of one training episode."""
+    from metacore.algorithms.protonet import ProtoNet
+    net = ProtoNet()
+    a = {n: (np.ascontiguousarray(v, dtype=dtype) if v.dtype.kind == "f" else v)
+         for n, v in inputs.items()}
+
+    def call():
+        loss, grad, _ = net.episode_loss_and_grad(a["theta"], a["sx"], a["sy"], a["qx"],
+                                                  a["qy"])
+        return np.array([loss]), grad
+    return call
+
+
 # ---------------------------------------------------------------- registry
 def _sinusoid(kind, k, quick=True):
     title = {"maml": "second-order MAML", "fomaml": "first-order MAML",
@@ -207,13 +288,45 @@ def _distance(kind, Q, N, D, quick=True):
              "|q|^2 + |s|^2 - 2 q s^T through NumPy's BLAS.")
 
 
+def _conv4(T, k, quick=True):
+    return Workload(
+        name=f"conv4-maml-T{T}-k{k}", kind="conv4_maml",
+        title=f"Omniglot Conv-4 second-order MAML meta-gradient, 5-way 1-shot, 15 queries per "
+              f"class, meta-batch {T}, k={k}",
+        cfg=dict(T=T, k=k, n_way=5, shots=1, queries=15, alpha=0.4), outputs=("query_loss", "grad"),
+        quick=quick, tol=1e-3,
+        note="conv4_maml (4 x [3x3 conv 64 stride 2 'same', batch norm with the task's batch "
+             "statistics, ReLU], spatial mean, linear 5-way head; P = 112,005), softmax "
+             "cross-entropy, alpha = 0.4, real Omniglot episodes. Timed: the meta-gradient "
+             "(query losses and the (P,) gradient). Tolerance 1e-3: batch norm over 5 support "
+             "images amplifies float32 rounding.")
+
+
+def _protonet(quick=True):
+    return Workload(
+        name="protonet-60w5s", kind="protonet",
+        title="ProtoNet training episode, Conv-4, 60-way 5-shot, 5 queries per class, "
+              "forward + backward",
+        cfg=dict(n_way=60, shots=5, queries=5), outputs=("loss", "grad"), quick=quick,
+        tol=5e-3, peers=("torch-eager", "jax"),
+        note="conv4_protonet (4 x [3x3 conv 64 'same', batch norm over the episode's 600 "
+             "images, ReLU, 2x2 max-pool], 64-d embedding; P = 111,936), prototypes = class "
+             "means of the support embeddings, logits = -squared distance, softmax "
+             "cross-entropy over the 300 queries. Timed: loss and (P,) gradient. torch.func "
+             "is left out: one episode has nothing to vmap over. Tolerance 5e-3: in float32 "
+             "both metacore and PyTorch eager land about 3e-3 from the float64 gradient "
+             "(JAX about 3e-4; batch norm over 600 images and 4 layers of it), measured on "
+             "this input, not yet explained.")
+
+
 WORKLOADS = {}
 for _w in [_sinusoid("maml", 1), _sinusoid("maml", 5), _sinusoid("fomaml", 1),
            _sinusoid("fomaml", 5, quick=False), _sinusoid("reptile", 1),
            _sinusoid("reptile", 5, quick=False),
            _distance("sqeuclidean", 75, 5, 64), _distance("sqeuclidean", 300, 20, 64),
            _distance("sqeuclidean", 2000, 2000, 1600, quick=False),
-           _distance("protonet_loss", 75, 5, 64), _distance("protonet_loss", 300, 20, 64)]:
+           _distance("protonet_loss", 75, 5, 64), _distance("protonet_loss", 300, 20, 64),
+           _conv4(4, 1), _conv4(32, 1, quick=False), _protonet()]:
     WORKLOADS[_w.name] = _w
 
 
@@ -222,6 +335,10 @@ def make_inputs(w, seed=0):
         return make_sinusoid(w.cfg, seed)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return make_distance(w.cfg, seed)
+    if w.kind == "conv4_maml":
+        return make_conv4(w.cfg, seed)
+    if w.kind == "protonet":
+        return make_protonet(w.cfg, seed)
     raise KeyError(w.kind)
 
 
@@ -230,6 +347,10 @@ def metacore_call(w, variant, inputs, dtype=np.float32):
         return metacore_sinusoid(w.kind, w.cfg["k"], inputs, dtype, variant)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return metacore_distance(w.kind, inputs, dtype, variant)
+    if w.kind == "conv4_maml":
+        return metacore_conv4(inputs, dtype, w.cfg["k"], w.cfg["alpha"], w.cfg["n_way"])
+    if w.kind == "protonet":
+        return metacore_protonet(inputs, dtype)
     raise KeyError(w.kind)
 
 
@@ -238,8 +359,10 @@ def truth(w, inputs):
     central finite differences by the test suite)."""
     if w.kind in ("maml", "fomaml", "reptile"):
         out = metacore_sinusoid(w.kind, w.cfg["k"], inputs, np.float64, "metacore")()
-    else:
+    elif w.kind in ("sqeuclidean", "protonet_loss"):
         out = metacore_distance(w.kind, inputs, np.float64, "numpy-blas")()
+    else:
+        out = metacore_call(w, "metacore", inputs, np.float64)()
     return tuple(np.asarray(o, np.float64) for o in out)
 
 
@@ -249,4 +372,17 @@ def flops(w):
         from metacore.models import sinusoid_mlp
         return sinusoid_flops(w.kind, c["k"], c["T"], c["N"], c["M"],
                               _mlp_dims(sinusoid_mlp()))
-    return distance_flops(w.kind, c["Q"], c["N"], c["D"])
+    if w.kind in ("sqeuclidean", "protonet_loss"):
+        return distance_flops(w.kind, c["Q"], c["N"], c["D"])
+    if w.kind == "conv4_maml":
+        from metacore.models import conv4_maml
+        fs, bs, hs = macs_flops(conv_macs(conv4_maml(n_way=c["n_way"])), c["shots"] * c["n_way"])
+        fq, bq, _ = macs_flops(conv_macs(conv4_maml(n_way=c["n_way"])),
+                               c["queries"] * c["n_way"])
+        k = c["k"]
+        return c["T"] * (k * (fs + bs) + fq + bq + k * hs + (k - 1) * fs)
+    if w.kind == "protonet":
+        from metacore.models import conv4_protonet
+        f, b, _ = macs_flops(conv_macs(conv4_protonet()), c["n_way"] * (c["shots"] + c["queries"]))
+        return f + b
+    raise KeyError(w.kind)
