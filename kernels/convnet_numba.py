@@ -286,3 +286,58 @@ def maxpool_gather(rx, arg, ry):
                 for c in range(C):
                     k = arg[n, i, j, c]
                     ry[n, i, j, c] = rx[n, 2 * i + k // 2, 2 * j + k % 2, c]
+
+
+# ---------------------------------------------------------------- 3x3 convolution: im2col, col2im
+@njit(**_JIT)
+def im2col(x, b0, b1, stride, pt, pl, Ho, Wo, cols, off):
+    """x: (B, H, W, C) one task's images -> cols[r, off:off + K*K*C] for the R = (b1-b0)*Ho*Wo
+    output pixels of images b0..b1-1 (row r = ((n - b0) * Ho + i) * Wo + j), the patch in
+    (p, q, c) order; entries in the zero padding (pt rows on top, pl columns on the left, the
+    rest after) are written as 0. Only those R rows and K*K*C columns are written."""
+    B, H, W, C = x.shape
+    r = 0
+    for n in range(b0, b1):
+        for i in range(Ho):
+            for j in range(Wo):
+                for p in range(3):
+                    ii = stride * i + p - pt
+                    for q in range(3):
+                        jj = stride * j + q - pl
+                        o = off + (p * 3 + q) * C
+                        if 0 <= ii < H and 0 <= jj < W:
+                            for c in range(C):
+                                cols[r, o + c] = x[n, ii, jj, c]
+                        else:
+                            for c in range(C):
+                                cols[r, o + c] = 0.0
+                r += 1
+
+
+@njit(**_JIT)
+def col2im(dcols, b0, b1, stride, pt, pl, Ho, Wo, dx):
+    """Adjoint of im2col (off = 0): dx[b0:b1] (B, H, W, C) overwritten with the sum, over the
+    rows of dcols (R, K*K*C) of images b0..b1-1, of each row's patch put back where it was read;
+    padding entries are dropped."""
+    B, H, W, C = dx.shape
+    for n in range(b0, b1):
+        for ii in range(H):
+            for jj in range(W):
+                for c in range(C):
+                    dx[n, ii, jj, c] = 0.0
+    r = 0
+    for n in range(b0, b1):
+        for i in range(Ho):
+            for j in range(Wo):
+                for p in range(3):
+                    ii = stride * i + p - pt
+                    if ii < 0 or ii >= H:
+                        continue
+                    for q in range(3):
+                        jj = stride * j + q - pl
+                        if jj < 0 or jj >= W:
+                            continue
+                        o = (p * 3 + q) * C
+                        for c in range(C):
+                            dx[n, ii, jj, c] += dcols[r, o + c]
+                r += 1

@@ -233,3 +233,74 @@ def test_relu_noncontiguous_input():
     fast, slow = both(lambda: list(rl.relu_forward(x)))
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- conv2d
+from metacore.layers import conv2d as cv  # noqa: E402
+from metacore.reference import conv2d as rcv  # noqa: E402
+
+CONV_CASES = [  # (T, B, H, W, C, F)
+    (1, 1, 3, 3, 1, 1), (2, 5, 7, 6, 3, 4), (1, 3, 5, 9, 1, 8), (3, 2, 4, 4, 2, 5),
+    (1, 4, 8, 7, 16, 3)]
+
+
+def _conv_inputs(case, stride, padding, dtype, seed=0):
+    T, B, H, W, C, F = case
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    Ho, Wo, _, _ = cv.conv2d_geometry(H, W, stride, padding)
+    return dict(x=f(T, B, H, W, C), w=f(T, 3, 3, C, F), b=f(T, F), rx=f(T, B, H, W, C),
+                rw=f(T, 3, 3, C, F), rb=f(T, F), dy=f(T, B, Ho, Wo, F), rdy=f(T, B, Ho, Wo, F))
+
+
+def _conv_all(a, stride, padding):
+    y, c = cv.conv2d_forward(a["x"], a["w"], a["b"], stride, padding)
+    out = [y, *cv.conv2d_backward(a["dy"], c)]
+    out.append(cv.conv2d_backward(a["dy"], c, need_dx=False)[1])
+    for rx in (a["rx"], None):                   # hidden layer, and the data input (R{x} = 0)
+        ry, rc = cv.conv2d_rforward(rx, a["rw"], a["rb"], c)
+        out += [ry, *cv.conv2d_rbackward(a["dy"], a["rdy"], c, rc)]
+        out.append(cv.conv2d_rbackward(a["dy"], a["rdy"], c, rc, need_dx=False)[1])
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 200, 1 << 17], ids=["1img", "some", "default"])
+@pytest.mark.parametrize("geom", [(1, "same"), (2, "same"), (1, "valid"), (2, "valid")],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_conv2d_numba_matches_numpy(geom, dtype, chunk, monkeypatch):
+    """Every case, with chunks of one image, of a few images (a short last chunk) and one
+    chunk for the whole batch."""
+    monkeypatch.setattr(cv, "CHUNK_ELEMS", chunk)
+    stride, padding = geom
+    for case in CONV_CASES:
+        a = _conv_inputs(case, stride, padding, dtype)
+        assert_close(*both(lambda: _conv_all(a, stride, padding)), dtype,
+                     f"conv2d {case} {geom} chunk {chunk}")
+
+
+@pytest.mark.parametrize("geom", [(1, "same"), (2, "same"), (2, "valid")], ids=str)
+def test_conv2d_numba_matches_reference(geom, monkeypatch):
+    monkeypatch.setattr(cv, "CHUNK_ELEMS", 200)
+    stride, padding = geom
+    a = _conv_inputs((2, 3, 7, 6, 3, 4), stride, padding, np.float64, seed=1)
+    y, dx, dw, db, _, ry, rdx, rdw, rdb = _conv_all(a, stride, padding)[:9]
+    for t in range(2):
+        x, w, rx, rw, dy, rdy = (a[k][t] for k in ("x", "w", "rx", "rw", "dy", "rdy"))
+        ref = [rcv.conv2d_forward(x, w, a["b"][t], stride, padding),
+               *rcv.conv2d_backward(dy, x, w, stride, padding),
+               rcv.conv2d_rforward(x, w, rx, rw, a["rb"][t], stride, padding),
+               *rcv.conv2d_rbackward(dy, rdy, x, w, rx, rw, stride, padding)]
+        for out, r in zip([y[t], dx[t], dw[t], db[t], ry[t], rdx[t], rdw[t], rdb[t]], ref):
+            assert rel_error(out, r) <= 1e-12
+
+
+def test_conv2d_numba_takes_strided_inputs():
+    """w and b are views into a flat theta; x may be a non-contiguous view."""
+    rng = np.random.default_rng(3)
+    theta = rng.standard_normal((2, 3 * 3 * 3 * 4 + 4 + 5))
+    w = theta[:, 5:5 + 108].reshape(2, 3, 3, 3, 4)
+    b = theta[:, 113:117]
+    x = rng.standard_normal((2, 4, 6, 7, 3)).transpose(0, 1, 3, 2, 4)   # (2, 4, 7, 6, 3)
+    fast, slow = both(lambda: [cv.conv2d_forward(x, w, b, 2, "same")[0]])
+    assert_close(fast, slow, np.float64, "strided conv2d")

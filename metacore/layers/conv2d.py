@@ -17,13 +17,22 @@ is one pixel on each side; for stride 2 on an even size, one pixel after only.
 Fast path: im2col (a strided view copied to cols: (T, M, K*K*C)) and one batched GEMM per
 call. cols is recomputed in backward instead of cached: it is K*K = 9 times the input.
 The layer is bilinear in (x, w), so the R-operator is the product rule on the same GEMMs.
+
+With numba available (float32/float64), the same GEMMs run chunk by chunk: im2col of a few
+images at a time (metacore.kernels.convnet_numba, padding on the fly) into a buffer of about
+CHUNK_ELEMS entries that stays in cache, the GEMM on it at once, and for dx the adjoint
+col2im of that chunk. A product-rule sum of two GEMMs (R-passes) becomes one GEMM on
+stacked operands. Only the order of the sums changes (dw and db are summed chunk by chunk).
+The NumPy code below is the fallback and the ground truth.
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from metacore.kernels.convnet import kernels_for
 from metacore.validate import check_float_array, check_same
 
 KSIZE = 3
+CHUNK_ELEMS = 1 << 17      # entries of one im2col chunk (512 KiB in float32), whole images
 
 
 def conv2d_geometry(H, W, stride, padding):
@@ -83,6 +92,98 @@ class Conv2dCache:
         return _im2col(_pad(x, self.pads_h, self.pads_w), self.Ho, self.Wo, self.stride)
 
 
+# ---------------------------------------------------------------- chunked fast path
+def _chunk_images(c, kkc, B):
+    """Images per chunk: as many whole images as fit CHUNK_ELEMS im2col entries (at least 1)."""
+    return int(min(B, max(1, CHUNK_ELEMS // (c.Ho * c.Wo * kkc))))
+
+
+def _task_w(w, t):
+    """w: (T, K, K, C, F) -> task t's (K*K*C, F) matrix, C-contiguous."""
+    return np.ascontiguousarray(w[t].reshape(-1, w.shape[-1]))
+
+
+def _fast_out(k, c, terms, bias):
+    """sum over terms (x, w) of conv(x, w), plus bias (T, F): y (T, B, Ho, Wo, F). Two terms
+    are one GEMM: [cols(x1), cols(x2)] (R, 2 KKC) @ [w1; w2] (2 KKC, F)."""
+    T, B, H, W, C = terms[0][0].shape
+    F, kkc, R = terms[0][1].shape[-1], KSIZE * KSIZE * C, c.Ho * c.Wo
+    xs = [np.ascontiguousarray(x) for x, _ in terms]
+    nb = _chunk_images(c, kkc * len(terms), B)
+    dtype = xs[0].dtype
+    y = np.empty((T, B, c.Ho, c.Wo, F), dtype)
+    y2 = y.reshape(T, B * R, F)                                   # (T, M, F)
+    cols = np.empty((nb * R, kkc * len(terms)), dtype)            # (R chunk, KKC per term)
+    for t in range(T):
+        wt = np.concatenate([_task_w(w, t) for _, w in terms], axis=0)   # (terms*KKC, F)
+        bt = bias[t]
+        for b0 in range(0, B, nb):
+            b1 = min(B, b0 + nb)
+            rows = (b1 - b0) * R
+            for i, x in enumerate(xs):
+                k.im2col(x[t], b0, b1, c.stride, c.pads_h[0], c.pads_w[0], c.Ho, c.Wo,
+                         cols, i * kkc)
+            out = y2[t, b0 * R:b1 * R]
+            np.matmul(cols[:rows], wt, out=out)
+            out += bt
+    return y
+
+
+def _fast_back(k, c, dw_terms, dx_terms, need_dx):
+    """dw = sum over dw_terms (x, g) of cols(x)^T g, db-like sums are the caller's;
+    dx = col2im(sum over dx_terms (g, w) of g w^T) when need_dx (else None).
+    x: (T, B, H, W, C), g: (T, B, Ho, Wo, F), w: (T, K, K, C, F). Two terms are one GEMM on
+    stacked operands: [cols(x1); cols(x2)]^T [g1; g2] and [g1, g2] [w1^T; w2^T]."""
+    x0 = dw_terms[0][0]
+    T, B, H, W, C = x0.shape
+    F, kkc, R = dw_terms[0][1].shape[-1], KSIZE * KSIZE * C, c.Ho * c.Wo
+    dtype = x0.dtype
+    xs = [np.ascontiguousarray(x) for x, _ in dw_terms]
+    gs = [np.ascontiguousarray(g).reshape(T, B * R, F) for _, g in dw_terms]
+    nt = len(dw_terms)
+    nb = _chunk_images(c, kkc * nt, B)
+    cols = np.empty((nt * nb * R, kkc), dtype)                    # terms stacked by rows
+    gstack = np.empty((nt * nb * R, F), dtype) if nt > 1 else None
+    dw = np.empty((T, kkc, F), dtype)
+    wpart = np.empty((kkc, F), dtype)
+    dx = None
+    if need_dx:
+        nd = len(dx_terms)
+        dgs = [np.ascontiguousarray(g).reshape(T, B * R, F) for g, _ in dx_terms]
+        dx = np.empty((T, B, H, W, C), dtype)
+        dcols = np.empty((nb * R, kkc), dtype)                    # (R chunk, KKC)
+        dgcat = np.empty((nb * R, nd * F), dtype) if nd > 1 else None
+    for t in range(T):
+        dw[t] = 0.0
+        if need_dx:
+            wT = np.concatenate([_task_w(w, t).T for _, w in dx_terms], axis=0)  # (nd*F, KKC)
+        for b0 in range(0, B, nb):
+            b1 = min(B, b0 + nb)
+            rows = (b1 - b0) * R
+            m0, m1 = b0 * R, b1 * R
+            for i, x in enumerate(xs):
+                k.im2col(x[t], b0, b1, c.stride, c.pads_h[0], c.pads_w[0], c.Ho, c.Wo,
+                         cols[i * rows:(i + 1) * rows], 0)
+            if nt == 1:
+                g = gs[0][t, m0:m1]
+            else:
+                g = gstack[:nt * rows]
+                for i in range(nt):
+                    g[i * rows:(i + 1) * rows] = gs[i][t, m0:m1]
+            np.matmul(cols[:nt * rows].T, g, out=wpart)
+            dw[t] += wpart
+            if need_dx:
+                if nd == 1:
+                    dg = dgs[0][t, m0:m1]
+                else:
+                    dg = dgcat[:rows]
+                    for i in range(nd):
+                        dg[:, i * F:(i + 1) * F] = dgs[i][t, m0:m1]
+                np.matmul(dg, wT, out=dcols[:rows])
+                k.col2im(dcols, b0, b1, c.stride, c.pads_h[0], c.pads_w[0], c.Ho, c.Wo, dx[t])
+    return dx, dw.reshape((T, KSIZE, KSIZE, C, F))
+
+
 def _gemm_out(cols, w, c):
     """cols: (T, M, KKC) @ w: (T, K, K, C, F) -> (T, B, Ho, Wo, F)."""
     T, F = w.shape[0], w.shape[-1]
@@ -99,6 +200,9 @@ def conv2d_forward(x, w, b, stride=1, padding="same"):
     check_float_array("conv2d", "b", b, shape=(T, w.shape[-1]), dtype=x.dtype, finite=False)
     Ho, Wo, pads_h, pads_w = conv2d_geometry(H, W, stride, padding)
     cache = Conv2dCache(x, w, stride, Ho, Wo, pads_h, pads_w)
+    k = kernels_for(x, w, b)
+    if k is not None and x.size and w.size:
+        return _fast_out(k, cache, [(x, w)], b), cache
     y = _gemm_out(cache.cols(x), w, cache)
     y += b[:, None, None, None, :]
     return y, cache
@@ -123,6 +227,10 @@ def conv2d_backward(dy, cache, need_dx=True):
     check_float_array("conv2d backward", "dy", dy,
                       shape=(x.shape[0], x.shape[1], cache.Ho, cache.Wo, cache.w.shape[-1]),
                       dtype=x.dtype, finite=False)
+    k = kernels_for(dy, x, cache.w)
+    if k is not None and x.size and dy.size:
+        dx, dw = _fast_back(k, cache, [(x, dy)], [(dy, cache.w)], need_dx)
+        return dx, dw, dy.sum(axis=(1, 2, 3))
     dx, dw = _conv_backward_parts(dy, cache.cols(cache.x), cache.w, cache, need_dx)
     db = dy.sum(axis=(1, 2, 3))                                 # (T, F)
     return dx, dw, db
@@ -134,6 +242,10 @@ def conv2d_rforward(rx, rw, rb, cache):
     check_same("conv2d rforward", "rw", rw, "w", cache.w)
     if rx is not None:
         check_same("conv2d rforward", "rx", rx, "x", cache.x)
+    k = kernels_for(cache.x, cache.w, rw, rb)
+    if k is not None and cache.x.size and rw.size:
+        terms = [(cache.x, rw)] + ([(rx, cache.w)] if rx is not None else [])
+        return _fast_out(k, cache, terms, rb), (rx, rw)
     ry = _gemm_out(cache.cols(cache.x), rw, cache)
     if rx is not None:
         ry += _gemm_out(cache.cols(rx), cache.w, cache)
@@ -149,6 +261,11 @@ def conv2d_rbackward(dy, rdy, cache, rcache, need_dx=True):
     -> rdx (T, B, H, W, C) or None, rdw (T, K, K, C, F), rdb (T, F)."""
     rx, rw = rcache
     check_same("conv2d rbackward", "rdy", rdy, "dy", dy)
+    k = kernels_for(dy, cache.x, cache.w, rw)
+    if k is not None and cache.x.size and dy.size:
+        dw_terms = [(cache.x, rdy)] + ([(rx, dy)] if rx is not None else [])
+        rdx, rdw = _fast_back(k, cache, dw_terms, [(rdy, cache.w), (dy, rw)], need_dx)
+        return rdx, rdw, rdy.sum(axis=(1, 2, 3))
     rdx, rdw = _conv_backward_parts(rdy, cache.cols(cache.x), cache.w, cache, need_dx)
     if need_dx:
         T, F = rw.shape[0], rw.shape[-1]
