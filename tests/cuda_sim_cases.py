@@ -1,0 +1,288 @@
+"""Every Numba CUDA kernel run by the CUDA simulator against reference/ (odd shapes).
+
+NOT collected by the normal suite (the name does not match test_*.py): tests/test_cuda_sim.py
+runs this file in a fresh `python -m pytest` subprocess with NUMBA_ENABLE_CUDASIM=1, because
+Numba reads that variable once, when numba is first imported, and the main test session has
+long imported numba (and numba.cuda) by then. Running it by hand:
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim_cases.py -q
+
+Under the simulator the distance tiles are 4 x 4 and the LRUA blocks 8 threads (see the
+kernel modules), so these small shapes cross several tile and thread-stride boundaries:
+sizes not a multiple of the tile, N = 1, Q = 1, D = 1, and an empty query set.
+
+Tolerances (kernel a against the float64 reference r of the same inputs), as in
+tests/test_distance.py and tests/test_lrua.py:
+    distances: |a - r| <= mag * eps(dtype) * c, mag the sum of |terms| behind each output,
+               c the rounding steps per output plus a margin;
+    LRUA:      |a - r| <= eps(dtype) * 4 T (S + W + H) * max|r| per array; w_lu exactly.
+"""
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("run by tests/test_cuda_sim.py with NUMBA_ENABLE_CUDASIM=1",
+                allow_module_level=True)
+
+import metacore  # noqa: E402,F401  (aliases kernels/ and reference/ from a checkout)
+from numba import cuda  # noqa: E402
+from metacore.kernels import _dispatch  # noqa: E402
+from metacore.kernels import distance_cuda as DC  # noqa: E402
+from metacore.kernels import lrua_cuda as LC  # noqa: E402
+from metacore.reference import distance as RD  # noqa: E402
+from metacore.reference import lrua as RL  # noqa: E402
+
+OPS = ("sqeuclidean", "l1", "cosine")
+DTYPES = (np.float32, np.float64)
+
+
+def test_simulator_is_active():
+    assert DC.TILE == 4 and LC.THREADS == 8, "the kernel modules did not see the simulator"
+    assert DC.unavailable() is None and LC.unavailable() is None
+
+
+# ---------------------------------------------------------------- distance helpers
+def assert_close(name, a, ref, mag, dtype, c):
+    """|a - ref| <= mag * eps(dtype) * c elementwise; prints the first mismatches."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
+    bound = np.broadcast_to(mag, ref.shape) * np.finfo(dtype).eps * c
+    bad = ~(np.abs(a - ref) <= bound)
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        lines = [f"  at {tuple(i)}: got {a[tuple(i)]!r}, ref {ref[tuple(i)]!r}, "
+                 f"bound {bound[tuple(i)]:.3g}" for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} entries out of bounds\n"
+                             + "\n".join(lines))
+
+
+def magnitudes(op, g, q, s):
+    """Sum of |terms| behind each output: -> mag_out (T, Q, N), mag_dq (T, Q, D),
+    mag_ds (T, N, D), in float64 (tests/test_distance.py's bound)."""
+    g, q, s = (np.asarray(x, dtype=np.float64) for x in (g, q, s))
+    diff = q[:, :, None, :] - s[:, None, :, :]            # (T, Q, N, D)
+    ag = np.abs(g)[..., None]                             # (T, Q, N, 1)
+    if op == "sqeuclidean":
+        t = 2 * ag * np.abs(diff)
+        return (diff ** 2).sum(-1), t.sum(2), t.sum(1)
+    if op == "l1":
+        t = np.broadcast_to(ag, diff.shape)
+        return np.abs(diff).sum(-1), t.sum(2), t.sum(1)
+    qn = np.maximum(np.sqrt((q * q).sum(-1)), RD.EPS)     # (T, Q)
+    sn = np.maximum(np.sqrt((s * s).sum(-1)), RD.EPS)     # (T, N)
+    inv = 1 / (qn[:, :, None] * sn[:, None, :])           # (T, Q, N)
+    mag_out = (np.abs(q)[:, :, None, :] * np.abs(s)[:, None, :, :]).sum(-1) * inv
+    gi = ag[..., 0] * inv
+    gc = ag[..., 0] * mag_out
+    mag_dq = (gi[..., None] * np.abs(s)[:, None]).sum(2) + (gc.sum(2) / qn)[..., None] \
+        * np.abs(q) / qn[..., None]
+    mag_ds = (gi[..., None] * np.abs(q)[:, :, None]).sum(1) + (gc.sum(1) / sn)[..., None] \
+        * np.abs(s) / sn[..., None]
+    return mag_out, mag_dq, mag_ds
+
+
+def steps(op, shape):
+    """Rounding steps per output (forward, dq, ds) plus a margin of 8."""
+    T, Q, N, D = shape
+    extra = 2 * D if op == "cosine" else 0
+    return D + 8 + extra, N + D + 8 + extra, Q + D + 8 + extra
+
+
+def ddata(shape, dtype, seed):
+    T, Q, N, D = shape
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((T, Q, D)).astype(dtype)      # (T, Q, D)
+    s = rng.standard_normal((T, N, D)).astype(dtype)      # (T, N, D)
+    g = rng.standard_normal((T, Q, N)).astype(dtype)      # (T, Q, N)
+    return q, s, g
+
+
+# (T, Q, N, D): 5, 6, 7 cross the 4-wide tiles; size-1 axes; an empty query set
+DSHAPES = [(1, 5, 6, 7), (1, 1, 1, 1), (2, 1, 5, 1), (1, 3, 1, 6), (2, 0, 3, 2)]
+
+
+# ---------------------------------------------------------------- distance kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", DSHAPES)
+@pytest.mark.parametrize("op", OPS)
+def test_distance_forward_backward(op, shape, dtype):
+    """pair_fwd (+ row_norms, cos_div) and pair_grad in both orientations (+ cos_prep,
+    cos_fix) against the reference."""
+    q, s, g = ddata(shape, dtype, seed=11)
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    c_out, c_dq, c_ds = steps(op, shape)
+    m_out, m_dq, m_ds = magnitudes(op, g, q, s)
+    out = getattr(DC, "pairwise_" + op)(q, s)
+    dq, ds = getattr(DC, "pairwise_" + op + "_backward")(g, q, s)
+    assert out.dtype == dq.dtype == ds.dtype == dtype
+    assert_close(f"{op} forward", out, getattr(RD, "pairwise_" + op)(q64, s64), m_out, dtype,
+                 c_out)
+    rdq, rds = getattr(RD, "pairwise_" + op + "_backward")(g64, q64, s64)
+    assert_close(f"{op} dq", dq, rdq, m_dq, dtype, c_dq)
+    assert_close(f"{op} ds", ds, rds, m_ds, dtype, c_ds)
+
+
+def test_cosine_zero_vectors_follow_the_clamp():
+    """A zero query / support has cosine 0 and the EPS-clamped gradient of the reference."""
+    q, s, g = ddata((1, 3, 5, 6), np.float64, seed=12)
+    q[0, 1] = 0.0
+    s[0, 2] = 0.0
+    out = DC.pairwise_cosine(q, s)
+    dq, ds = DC.pairwise_cosine_backward(g, q, s)
+    np.testing.assert_allclose(out, RD.pairwise_cosine(q, s), rtol=1e-13, atol=1e-15)
+    rdq, rds = RD.pairwise_cosine_backward(g, q, s)
+    np.testing.assert_allclose(dq, rdq, rtol=1e-12, atol=1e-12 * np.abs(rdq).max())
+    np.testing.assert_allclose(ds, rds, rtol=1e-12, atol=1e-12 * np.abs(rds).max())
+
+
+def test_l1_sign_of_zero_is_zero():
+    q = np.array([[[1.0, 2.0, 3.0]]])                      # (1, 1, 3)
+    s = np.array([[[1.0, 0.0, 5.0]]])                      # (1, 1, 3)
+    g = np.ones((1, 1, 1))
+    dq, ds = DC.pairwise_l1_backward(g, q, s)
+    np.testing.assert_array_equal(dq, [[[0.0, 1.0, -1.0]]])
+    np.testing.assert_array_equal(ds, [[[0.0, -1.0, 1.0]]])
+
+
+# (T, Q, N, D) with Q, N >= 1
+PSHAPES = [(2, 5, 6, 7), (1, 1, 1, 1), (1, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PSHAPES)
+@pytest.mark.parametrize("metric", OPS)
+def test_protonet_loss(metric, shape, dtype):
+    """softmax_ce and row_mean (with the distance kernels around them) against the
+    reference, with an upstream gloss and a non-unit scale."""
+    T, Q, N, D = shape
+    q, s, _ = ddata(shape, dtype, seed=13)
+    rng = np.random.default_rng(14)
+    y = rng.integers(0, N, size=(T, Q))
+    gloss = rng.standard_normal(T).astype(dtype)
+    loss, dq, ds, pred = DC.protonet_loss(q, s, y, gloss=gloss, metric=metric, scale=0.7)
+    rl, rdq, rds, rpred = RD.protonet_loss(q.astype(np.float64), s.astype(np.float64), y,
+                                           gloss=gloss.astype(np.float64), metric=metric,
+                                           scale=0.7)
+    assert loss.dtype == dq.dtype == ds.dtype == dtype and pred.dtype == np.int64
+    # loss: logsumexp of N logits, each a D-term sum; gradients through the distance
+    # backward with |dlogits| <= 0.7 |gloss| / Q per entry
+    eps, tol = np.finfo(dtype).eps, 8 * (N + D + Q + 8)
+    lmag = 0.7 * (np.abs(q).max() + np.abs(s).max()) ** 2 * D + np.log(N) + 1
+    np.testing.assert_array_less(np.abs(loss - rl), lmag * eps * tol + 1e-300)
+    gmag = np.abs(gloss).max() * 0.7 * 2 * (np.abs(q).max() + np.abs(s).max()) * (N + Q)
+    np.testing.assert_array_less(np.abs(dq - rdq), gmag * eps * tol + 1e-300)
+    np.testing.assert_array_less(np.abs(ds - rds), gmag * eps * tol + 1e-300)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(pred, rpred)
+
+
+def test_protonet_loss_default_gloss_is_ones():
+    q, s, _ = ddata((2, 3, 4, 5), np.float64, seed=15)
+    y = np.array([[0, 1, 3], [2, 2, 0]])
+    a = DC.protonet_loss(q, s, y)
+    b = DC.protonet_loss(q, s, y, gloss=np.ones(2))
+    for x, z in zip(a, b):
+        np.testing.assert_array_equal(x, z)
+
+
+def test_device_arrays_stay_on_the_device():
+    """Device arrays in, device arrays out (no copy back), equal to the host path; and
+    dispatch 'auto' picks numba-cuda for them."""
+    q, s, g = ddata((1, 5, 6, 3), np.float64, seed=16)
+    dq_, ds_, dg_ = (cuda.to_device(x) for x in (q, s, g))
+    out = DC.pairwise_sqeuclidean(dq_, ds_)
+    assert _dispatch.array_kind(out) == "numba-cuda"
+    np.testing.assert_array_equal(out.copy_to_host(), DC.pairwise_sqeuclidean(q, s))
+    dq, ds = DC.pairwise_l1_backward(dg_, dq_, ds_)
+    assert _dispatch.array_kind(dq) == _dispatch.array_kind(ds) == "numba-cuda"
+    from metacore.kernels import distance as K
+    assert K._backend("t", "auto", dq_, ds_) is DC
+    assert K._backend("t", "auto", q, s) is not DC        # NumPy arrays stay on the host
+    with pytest.raises(TypeError, match="runs on the host"):
+        K._backend("t", "numba", dq_, ds_)
+
+
+# ---------------------------------------------------------------- LRUA kernels
+def ldata(shape, dtype, seed, per_step):
+    """shape (T, B, H, S, W) -> keys, alpha, memory0, read0, usage0, dreads; usage0 a
+    permutation of 0, 0.3, ... (distinct), read0 rows on the simplex."""
+    T, B, H, S, W = shape
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((T, B, H, W))                           # (T, B, H, W)
+    alpha = rng.standard_normal((T, B, H) if per_step else (H,))       # (H,) or (T, B, H)
+    memory0 = rng.standard_normal((B, S, W))                           # (B, S, W)
+    e = np.exp(rng.standard_normal((B, H, S)))
+    read0 = e / e.sum(axis=-1, keepdims=True)                          # (B, H, S)
+    usage0 = 0.3 * np.stack([rng.permutation(S) for _ in range(B)])    # (B, S)
+    dreads = rng.standard_normal((T, B, H, W))                         # (T, B, H, W)
+    return [x.astype(dtype) for x in (keys, alpha, memory0, read0, usage0, dreads)]
+
+
+def lassert(name, a, ref, dtype, c):
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
+    bound = np.finfo(dtype).eps * c * max(np.abs(ref).max(), np.finfo(dtype).tiny)
+    err = np.abs(a - ref).max() if a.size else 0.0
+    assert err <= bound, f"{name}: max error {err:.3g} above the bound {bound:.3g}"
+
+
+# (T, B, H, S, W): 9 slots and 3 heads cross the 8-thread strides; H = S; W = 1; T = 1
+LSHAPES = [(3, 2, 3, 9, 5), (2, 1, 1, 1, 1), (1, 2, 2, 2, 3), (4, 1, 2, 5, 1)]
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LSHAPES)
+def test_lrua_forward_backward(shape, dtype, per_step):
+    """gates, forward (ping-pong and keep-all memories), backward and sum_tb against the
+    reference."""
+    T, B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, dreads = ldata(shape, dtype, 21, per_step)
+    c = 4 * T * (S + W + H)
+    got = LC.lrua_forward(keys, alpha, memory0, read0, usage0, 0.9)
+    ref = RL.lrua_forward(*(x.astype(np.float64) for x in (keys, alpha, memory0, read0,
+                                                           usage0)), 0.9)
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), got, ref):
+        assert a.dtype == dtype, name
+        if name == "w_lu":
+            np.testing.assert_array_equal(a, r)
+        else:
+            lassert(name, a, r, dtype, c)
+    got = LC.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, 0.9)
+    ref = RL.lrua_backward(*(x.astype(np.float64) for x in (dreads, keys, alpha, memory0,
+                                                            read0, usage0)), 0.9)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        lassert(name, a, r, dtype, c)
+
+
+def test_lrua_ties_mark_every_slot_at_the_threshold():
+    """Counting ranks instead of sorting: tied usages at the n-th smallest are all marked,
+    and the zeroed slot is the first argmin, as in the reference."""
+    keys, alpha, memory0, read0, _, dreads = ldata((2, 1, 2, 6, 3), np.float64, 22, False)
+    usage0 = np.array([[0.5, 0.2, 0.2, 0.9, 0.2, 0.7]])      # three-way tie at the minimum
+    got = LC.lrua_forward(keys, alpha, memory0, read0, usage0, 1.0)
+    ref = RL.lrua_forward(keys, alpha, memory0, read0, usage0, 1.0)
+    np.testing.assert_array_equal(got[2][0, 0] > 0, ref[2][0, 0] > 0)
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-13)
+    for a, r in zip(LC.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, 1.0),
+                    RL.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, 1.0)):
+        np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-12 * np.abs(r).max())
+
+
+def test_lrua_device_arrays_stay_on_the_device():
+    args = ldata((2, 2, 2, 5, 3), np.float64, 23, False)
+    dev = [cuda.to_device(x) for x in args]
+    out = LC.lrua_forward(*dev[:5], 0.5)
+    assert all(_dispatch.array_kind(a) == "numba-cuda" for a in out)
+    host = LC.lrua_forward(*args[:5], 0.5)
+    for a, b in zip(out, host):
+        np.testing.assert_array_equal(a.copy_to_host(), b)
+    grads = LC.lrua_backward(dev[5], *dev[:5], 0.5)
+    assert all(_dispatch.array_kind(a) == "numba-cuda" for a in grads)
+    from metacore.kernels import lrua as K
+    assert K._backend("t", "auto", *dev[:5]) is LC

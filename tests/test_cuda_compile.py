@@ -1,0 +1,127 @@
+"""Every CUDA kernel compiled for compute capabilities 8.0 and 9.0 without a GPU.
+
+* Numba CUDA kernels (kernels/*_cuda.py): lowered once per kernel and dtype, then turned
+  into PTX by NVVM for sm_80 and sm_90 (what numba.cuda.compile_ptx does for one cc; the
+  lowering is shared because it is the slow, cc-independent part). One kernel also goes
+  through the public numba.cuda.compile_ptx for both ccs, so the shortcut is checked
+  against the documented API.
+* CuPy raw kernels (kernels/*.cu): compiled by NVRTC (cuda-bindings' nvrtc module and the
+  nvidia-cuda-nvrtc wheel; no device or driver needed) for compute_80 and compute_90 with
+  the wrapper's own options, and every entry point the wrapper launches must be in the PTX
+  for both dtypes.
+Skips with the reason when the `cuda` extra (numba-cuda, cupy, cuda-bindings) is missing.
+"""
+import importlib
+import os
+import re
+
+import numpy as np
+import pytest
+
+import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
+
+CCS = ((8, 0), (9, 0))
+DTYPES = (np.float32, np.float64)
+NUMBA_MODULES = ("metacore.kernels.distance_cuda", "metacore.kernels.lrua_cuda")
+CUPY_MODULES = ("metacore.kernels.distance_cupy", "metacore.kernels.lrua_cupy")
+
+
+def _import(name, why):
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        pytest.skip(f"{why} ({err}); install the cuda extra: pip install -e '.[cuda]'")
+
+
+def _numba_ptx(disp, sig):
+    """{cc: ptx} for one kernel; one lowering, NVVM once per cc."""
+    from numba.cuda import compiler
+    lower = getattr(compiler, "_compile_pyfunc_with_fixup", None)
+    if lower is None:           # internals moved: the public API, one full compile per cc
+        from numba import cuda
+        return {cc: cuda.compile_ptx(disp.py_func, sig, cc=cc)[0] for cc in CCS}
+    lib, _ = lower(disp.py_func, sig, debug=None, lineinfo=False, device=False,
+                   fastmath=False, cc=CCS[0], opt=None, abi="numba", abi_info=None,
+                   forceinline=False, launch_bounds=None, lto=False)
+    out = {}
+    for cc in CCS:
+        codes = lib.get_asm_strs(cc=cc)
+        assert len(codes) == 1
+        out[cc] = codes[0]
+    return out
+
+
+def _check_ptx(ptx, cc, what):
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx, f"{what}: no .target sm_{cc[0]}{cc[1]}"
+    assert re.search(r"\.entry\s+\S+", ptx), f"{what}: no kernel entry in the PTX"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("modname", NUMBA_MODULES)
+def test_numba_cuda_kernels_compile_to_ptx(modname, dtype):
+    _import("numba.cuda", "numba-cuda is not installed")
+    mod = _import(modname, "the Numba CUDA backend does not import")
+    if getattr(mod, "_SIM", False) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("NUMBA_ENABLE_CUDASIM=1 in this process: the simulator compiles nothing")
+    sigs = mod.kernel_signatures(dtype)
+    assert sigs, "no kernels listed"
+    for name, disp, sig in sigs:
+        ptx = _numba_ptx(disp, sig)
+        for cc in CCS:
+            _check_ptx(ptx[cc], cc, f"{modname}.{name} {np.dtype(dtype)}")
+            if "shared" in name or name in ("pair_fwd", "pair_grad"):
+                assert ".shared" in ptx[cc], f"{name}: the tile is not in shared memory"
+
+
+def test_public_compile_ptx_agrees():
+    """numba.cuda.compile_ptx itself, for both ccs, on the tiled forward kernel."""
+    cuda = _import("numba.cuda", "numba-cuda is not installed")
+    mod = _import("metacore.kernels.distance_cuda", "the Numba CUDA backend does not import")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("NUMBA_ENABLE_CUDASIM=1 in this process")
+    name, disp, sig = mod.kernel_signatures(np.float32)[0]
+    for cc in CCS:
+        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc)
+        _check_ptx(ptx, cc, name)
+
+
+def _nvrtc_compile(source, name, options, arch):
+    from cuda.bindings import nvrtc
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    try:
+        opts = [o.encode() for o in options] + [f"--gpu-architecture={arch}".encode()]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, \
+            f"{name} for {arch}: {err}\n{log.decode(errors='replace')}"
+        _, n = nvrtc.nvrtcGetPTXSize(prog)
+        ptx = b" " * n
+        nvrtc.nvrtcGetPTX(prog, ptx)
+        return ptx.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("modname", CUPY_MODULES)
+def test_cu_sources_compile_with_nvrtc(modname):
+    _import("cuda.bindings.nvrtc", "cuda-bindings (NVRTC's Python binding) is not installed")
+    mod = _import(modname, "cupy is not installed")
+    with open(mod.SOURCE, encoding="utf-8") as f:
+        source = f.read()
+    for arch in ("compute_80", "compute_90"):
+        ptx = _nvrtc_compile(source, os.path.basename(mod.SOURCE), mod.OPTIONS, arch)
+        entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
+        want = {f"{e}_{sfx}" for e in mod.ENTRY_POINTS for sfx in ("f32", "f64")}
+        assert want <= entries, f"{modname} {arch}: missing entry points {want - entries}"
+        assert f".target sm_{arch[-2:]}" in ptx
+
+
+def test_every_cu_file_is_compiled_here():
+    """A new .cu file must get a wrapper listed in CUPY_MODULES (and so the test above)."""
+    kdir = os.path.dirname(importlib.util.find_spec("metacore.kernels").origin)
+    sources = sorted(f for f in os.listdir(kdir) if f.endswith(".cu"))
+    listed = sorted(m.rsplit(".", 1)[1].replace("_cupy", ".cu") for m in CUPY_MODULES)
+    assert sources == listed, f".cu files {sources} vs wrappers tested {listed}"
