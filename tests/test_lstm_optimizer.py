@@ -261,6 +261,8 @@ def test_evaluate_table_and_plot(tmp_path):
         assert r["tuned_lr"][name] in LM.LR_GRID
         tuning = r["tuning_final_loss"][name]
         assert tuning[str(r["tuned_lr"][name])] == min(tuning.values())
+    lstm, adam = r["rows"]["lstm"]["final_mean"], r["rows"]["adam"]["final_mean"]
+    assert r["adam_minus_lstm"]["mean"] == pytest.approx(adam - lstm, rel=1e-9, abs=1e-12)
     text = t.method.format_result(r)
     assert "LSTM / tuned Adam" in text and "adagrad" in text
     if plot is not None:

@@ -321,7 +321,11 @@ class Method(MethodBase):
         adam = res["rows"]["adam"]["final_mean"]
         res["lstm_over_adam"] = res["rows"]["lstm"]["final_mean"] / adam if adam > 0 \
             else float("nan")
-        # per-optimizee comparison: fraction of held-out optimizees where LSTM beats Adam
+        # paired over the same optimizees: Adam's final loss minus the LSTM's (> 0: LSTM
+        # lower), and the fraction of optimizees on which the LSTM ends lower
+        diff = finals["adam"] - finals["lstm"]
+        m, ci = mean_ci(diff) if np.isfinite(diff).all() else (float("nan"), float("nan"))
+        res["adam_minus_lstm"] = {"mean": m, "ci95": ci}
         res["lstm_beats_adam_frac"] = float((finals["lstm"] < finals["adam"]).mean())
         plot = opts.get("plot")
         if plot is None and os.path.isdir(cfg["out"]):
@@ -344,8 +348,10 @@ class Method(MethodBase):
             if "test_accuracy" in row:
                 line += f" {row['test_accuracy']:>9.4f}"
             lines.append(line)
-        lines.append(f"LSTM / tuned Adam final mean loss: {r['lstm_over_adam']:.4g}; LSTM "
-                     f"lower on {100 * r['lstm_beats_adam_frac']:.0f}% of the optimizees")
+        d = r["adam_minus_lstm"]
+        lines.append(f"LSTM / tuned Adam final mean loss: {r['lstm_over_adam']:.4g}; paired "
+                     f"Adam - LSTM: {d['mean']:.4g} +- {d['ci95']:.3g}; LSTM lower on "
+                     f"{100 * r['lstm_beats_adam_frac']:.0f}% of the optimizees")
         lines.append(f"plot: {r['plot'] or 'skipped'}")
         return "\n".join(lines)
 
