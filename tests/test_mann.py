@@ -1,0 +1,196 @@
+"""MANN (metacore.algorithms.mann, metacore.methods.mann): the whole-episode gradient through
+controller, keys, gates and memory against float64 central finite differences at tiny sizes,
+the backends against each other, the label-one-step-late wiring, accuracy by instance,
+the 20 x 20 resampling, the episode source, bad input, and exact resume through the trainer.
+
+Shape letters: T steps, B episodes, D features, N classes, P parameters.
+
+Finite differences only hold away from a switch of the least-used selection (see
+tests/test_lrua.py); `margin` measures every usage vector of the forward pass and the
+gradient test asserts it before trusting the differences.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import metacore  # noqa: F401
+from metacore import gradcheck
+from metacore.algorithms.mann import MANN, accuracy_by_instance, instance_index
+from metacore.kernels import lrua
+
+BACKENDS = ["reference"] + (["numba"] if "numba" in lrua.available_backends() else [])
+TINY = dict(d_in=6, n_way=3, hidden=4, heads=2, slots=5, width=3, gamma=0.9)
+
+
+def tiny_problem(seed, T=7, B=2, dtype=np.float64, **sizes):
+    model = MANN(**{**TINY, **sizes})
+    rng = np.random.default_rng(seed)
+    theta = model.init_params(rng, dtype)
+    theta += (0.3 * rng.standard_normal(theta.shape)).astype(dtype)  # away from the init
+    x = rng.standard_normal((T, B, model.d_in)).astype(dtype)        # (T, B, D)
+    y = rng.integers(0, model.n_way, (T, B))                         # (T, B)
+    return model, theta, x, y
+
+
+def margin(model, cache):
+    """Smallest gap at a switch of the argmin or of the n-th smallest, over every usage
+    vector that selects something (w_u_{t-1} of every step)."""
+    us = np.stack([s[4][2] for s in cache[3]]).astype(np.float64)    # (T, B, S)
+    s = np.sort(us, axis=-1)
+    gaps = [(s[..., 1] - s[..., 0]).min()]
+    if model.heads < model.slots:
+        gaps.append((s[..., model.heads] - s[..., model.heads - 1]).min())
+    return float(min(gaps))
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed, sizes", [(0, {}), (1, dict(heads=1, slots=3, n_way=2)),
+                                         (2, dict(heads=3, slots=4, width=2))])
+def test_episode_gradient_matches_finite_differences(backend, seed, sizes):
+    model, theta, x, y = tiny_problem(seed, **sizes)
+    logits, cache = model.forward(theta, x, y, backend)
+    assert margin(model, cache) > 1e-4
+    loss, _, grad = model.loss_grad(theta, x, y, backend)
+
+    def f():
+        return model.loss(model.forward(theta, x, y, backend)[0], y)[0]
+
+    # every entry of the small blocks, 10 random entries of each larger one (the whole
+    # vector is ~400 entries; all of them take several times as long and were checked once)
+    rng = np.random.default_rng(seed)
+    for name in model.layout.names:
+        sl = model.layout.slice(name)
+        idx = np.arange(sl.start, sl.stop)
+        if idx.size > 10:
+            idx = np.sort(rng.choice(idx, 10, replace=False))
+        num = gradcheck.numerical_gradient_at(f, theta, idx)
+        assert np.abs(grad[sl]).max() > 1e-4, f"d{name} is ~0: a check that cannot fail"
+        assert np.abs(num).max() > 1e-6, f"{name}: the sampled entries have ~0 gradient"
+        err = gradcheck.rel_error(grad[idx], num)
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="numba not installed")
+def test_backends_agree():
+    model, theta, x, y = tiny_problem(3, T=9, B=3, slots=7, width=5)
+    ref = model.loss_grad(theta, x, y, "reference")
+    got = model.loss_grad(theta, x, y, "numba")
+    assert abs(ref[0] - got[0]) <= 1e-13 * abs(ref[0])
+    np.testing.assert_array_equal(ref[1], got[1])
+    assert gradcheck.rel_error(got[2], ref[2]) <= 1e-12
+
+
+def test_float32_gradient_close_to_float64():
+    model, theta, x, y = tiny_problem(4)
+    g64 = model.loss_grad(theta, x, y)[2]
+    g32 = model.loss_grad(theta.astype(np.float32), x.astype(np.float32), y)[2]
+    assert g32.dtype == np.float32
+    assert gradcheck.rel_error(g32, g64) <= 1e-4
+
+
+# ---------------------------------------------------------------- wiring
+def test_label_arrives_one_step_late():
+    """y_t is the target at step t and an input at t + 1 only: changing it leaves the
+    logits of steps 0..t unchanged and changes step t + 1's."""
+    model, theta, x, y = tiny_problem(5)
+    t = 3
+    base = model.forward(theta, x, y)[0]
+    y2 = y.copy()
+    y2[t] = (y2[t] + 1) % model.n_way
+    other = model.forward(theta, x, y2)[0]
+    np.testing.assert_array_equal(base[:t + 1], other[:t + 1])
+    assert np.abs(base[t + 1] - other[t + 1]).min() > 0
+
+
+def test_instance_index_and_accuracy_by_instance():
+    y = np.array([[0, 1], [1, 1], [0, 0], [0, 1]])                   # (T, B)
+    np.testing.assert_array_equal(instance_index(y),
+                                  [[1, 1], [1, 2], [2, 1], [3, 3]])
+    correct = np.array([[True, False], [False, True], [True, True], [False, True]])
+    acc = accuracy_by_instance(correct, y, 4)                        # (B, 4)
+    np.testing.assert_array_equal(acc[0, :3], [0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(acc[1, :3], [0.5, 1.0, 1.0])
+    assert np.isnan(acc[:, 3]).all()
+
+
+# ---------------------------------------------------------------- data
+def test_area_matrix():
+    from metacore.methods.mann import area_matrix
+    np.testing.assert_array_equal(area_matrix(4, 2), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    A = area_matrix(28, 20)
+    np.testing.assert_allclose(A.sum(axis=1), 1.0, rtol=1e-14)
+    np.testing.assert_allclose(A.sum(axis=0), 20 / 28, rtol=1e-14)  # every input pixel counted once
+    np.testing.assert_allclose(A[0, :2], [1 / 1.4, 0.4 / 1.4], rtol=1e-15)
+
+
+def _cfg(**over):
+    from metacore.training import make_config
+    sizes = dict(hidden=4, heads=2, slots=6, width=3, batch=2, eval_tasks=2, log_every=1,
+                 eval_every=2, ckpt_every=1, iterations=2, dtype="float64")
+    out = over.pop("out", "unused")
+    sizes.update(over)
+    return make_config("mann", "omniglot", out, **sizes)
+
+
+def test_episode_source_shapes_labels_and_order():
+    from metacore.methods.mann import EpisodeSource
+    src = EpisodeSource(_cfg(), "train", seed=3)
+    x, y = src.sample(4)
+    assert x.shape == (50, 4, 400) and y.shape == (50, 4) and x.dtype == np.float64
+    for b in range(4):
+        np.testing.assert_array_equal(np.bincount(y[:, b], minlength=5), [10] * 5)
+    assert not all((np.diff(y[:, b]) >= 0).all() for b in range(4))  # shuffled
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
+    x2, y2 = EpisodeSource(_cfg(), "train", seed=3).sample(4)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="MANN: slots = 1 must be >= heads = 2"):
+        MANN(d_in=4, heads=2, slots=1)
+    with pytest.raises(ValueError, match="MANN: hidden must be a positive int"):
+        MANN(d_in=4, hidden=0)
+    model, theta, x, y = tiny_problem(7)
+    with pytest.raises(ValueError, match="MANN.forward: x"):
+        model.forward(theta, x[..., :3], y)
+    with pytest.raises(ValueError, match="MANN.forward: y"):
+        model.forward(theta, x, y + 5)
+    with pytest.raises(TypeError, match="MANN.forward: x has dtype float32"):
+        model.forward(theta, x.astype(np.float32), y)
+    with pytest.raises(ValueError, match="make_config: instances must be <= 20"):
+        _cfg(instances=21)
+    with pytest.raises(ValueError, match="make_config: backend"):
+        _cfg(backend="gpu")
+
+
+# ---------------------------------------------------------------- trainer
+def test_trains_and_resumes_exactly(tmp_path):
+    from metacore.training import Trainer
+    a = Trainer(_cfg(out=str(tmp_path / "a"), iterations=3), progress=False)
+    pa = a.train().copy()
+    cfg_b = _cfg(out=str(tmp_path / "b"), iterations=1)
+    Trainer(cfg_b, progress=False).train()
+    cfg_b["iterations"] = 3
+    pb = Trainer(cfg_b, resume=True, progress=False).train()
+    np.testing.assert_array_equal(pa, pb)
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    assert {"loss", "acc_1", "acc_2", "acc_5", "acc_10"} <= set(recs[0])
+    assert any("val_acc_2" in r for r in recs)
+
+
+def test_evaluate_reports_instances_and_refuses_other_options(tmp_path):
+    from metacore.training import Trainer
+    t = Trainer(_cfg(out=str(tmp_path / "a"), iterations=1), progress=False)
+    params = t.train()
+    opts = dict(tasks=3, steps=None, shots=None, way=None, seed=1, bn=None, inner_lr=None)
+    res = t.method.evaluate(params, opts)
+    assert res["episodes"] == 3 and set(res["accuracy_by_instance"]) == {str(i) for i in
+                                                                         range(1, 11)}
+    assert "instance  2" in t.method.format_result(res)
+    with pytest.raises(ValueError, match="--shots does not apply to MANN"):
+        t.method.evaluate(params, {**opts, "shots": 1})
