@@ -1,5 +1,6 @@
 """LRUA memory (MANN): one episode forward + backward per backend, float32, with the ratio to
-the NumPy reference measured in the same run.
+the NumPy reference measured in the same run; once through the whole-episode pair, once as
+MANN runs it (50 calls of the step pair forward, then 50 step backward calls in reverse).
 
 Run: python -m pytest bench/bench_lrua.py --benchmark-only -q -s
 
@@ -15,6 +16,8 @@ H S W terms):
     forward   6 H S W   (write w_w^T k, cosines k . M(i), read w_r M)
     sweep    14 H S W   (read: dw_r, dM; cosine: recompute, dk, dM; write: dk, dw_w)
     total    26 H S W   = forward + (forward + sweep)
+The step chain recomputes each step's forward inside its backward, as the whole-episode
+backward does, so its nominal FLOP count is the same.
 Before timing, every backend's reads and gradients are checked against the float64
 reference on the same inputs (normwise relative error <= 1e-4); the first call also warms
 up (compiles Numba, or loads its cache).
@@ -85,6 +88,48 @@ def test_bench_lrua_episode(benchmark, backend):
         benchmark.extra_info["speedup_over_reference"] = round(base / med, 2)
     print(f"\nlrua {backend}: median {med * 1e3:.1f} ms per forward+backward of "
           f"{B} x {T}-step episodes, {FLOPS / med / 1e9:.2f} GFLOP/s nominal"
+          + (f", {benchmark.extra_info['speedup_over_reference']}x the reference "
+             f"({benchmark.extra_info['reference_median_s'] * 1e3:.1f} ms, same run)"
+             if backend != "reference" else ""))
+
+
+def step_chain(backend, keys, alpha, memory0, read0, usage0, dreads):
+    """The episode as MANN runs it: T step forwards, then T step backwards in reverse
+    -> (reads, dkeys, dalpha, dmemory0, dread0), comparable with step()."""
+    M, wr, wu = memory0, read0, usage0
+    states, reads = [], []
+    for t in range(T):
+        states.append((M, wr, wu))
+        r, M, wr, _, wu = K.lrua_step_forward(keys[t], alpha, M, wr, wu, GAMMA,
+                                              backend=backend)
+        reads.append(r)
+    dM, dwr = np.zeros_like(memory0), np.zeros_like(read0)
+    dkeys, dalpha = [None] * T, 0
+    for t in range(T - 1, -1, -1):
+        dkeys[t], da, dM, dwr = K.lrua_step_backward(dreads[t], dM, dwr, keys[t], alpha,
+                                                     *states[t], GAMMA, backend=backend)
+        dalpha = dalpha + da
+    return np.stack(reads), np.stack(dkeys), dalpha, dM, dwr
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_bench_lrua_step_chain(benchmark, backend):
+    if backend not in K.available_backends():
+        pytest.skip(f"{backend} not importable")
+    args = make()
+    fn = lambda: step_chain(backend, *args)    # noqa: E731
+    check(fn(), args)                          # also the warm-up
+    result = benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    check(result, args)
+    med = benchmark.stats.stats.median
+    benchmark.extra_info["gflops"] = round(FLOPS / med / 1e9, 3)
+    benchmark.extra_info["episodes_per_s"] = round(B / med, 1)
+    if backend != "reference":
+        base = median_seconds(lambda: step_chain("reference", *args), 5, warmup=True)
+        benchmark.extra_info["reference_median_s"] = round(base, 4)
+        benchmark.extra_info["speedup_over_reference"] = round(base / med, 2)
+    print(f"\nlrua step chain {backend}: median {med * 1e3:.1f} ms per {T} step forwards + "
+          f"{T} step backwards of {B} episodes, {FLOPS / med / 1e9:.2f} GFLOP/s nominal"
           + (f", {benchmark.extra_info['speedup_over_reference']}x the reference "
              f"({benchmark.extra_info['reference_median_s'] * 1e3:.1f} ms, same run)"
              if backend != "reference" else ""))
