@@ -37,7 +37,7 @@ Backends:
     auto       the first importable of AUTO_ORDER.
 
 Adding a backend is one line in BACKENDS, naming a module that defines the four functions
-above with the reference's signatures, and the package it needs.
+above (a backend with only the whole-episode pair is skipped by the step ops' 'auto') with the reference's signatures, and the package it needs.
 """
 import numbers
 
@@ -110,6 +110,26 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="a
                                                float(gamma))
 
 
+def _step_backend(op, backend):
+    """The module for a step op. A backend may implement only the whole-episode pair: 'auto'
+    then takes the first importable backend of AUTO_ORDER that has the step pair, and naming
+    one without it is a clear error."""
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            try:
+                mod = _backend(op, name)
+            except ImportError:
+                continue
+            if hasattr(mod, op):
+                return mod
+        raise ImportError(f"{op}: no importable backend among {AUTO_ORDER} has the step pair")
+    mod = _backend(op, backend)
+    if not hasattr(mod, op):
+        raise NotImplementedError(f"{op}: backend {backend!r} implements only the "
+                                  f"whole-episode lrua_forward / lrua_backward")
+    return mod
+
+
 def _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
     """key (B, H, W), alpha (H,) or (B, H), memory_prev (B, S, W), w_r_prev (B, H, S),
     w_u_prev (B, S): one float dtype, finite; gamma a finite float in [0, 1]; 1 <= H <= S."""
@@ -144,8 +164,8 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma, backen
     fresh arrays in the dtype of key."""
     op = "lrua_step_forward"
     _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
-    return _backend(op, backend).lrua_step_forward(key, alpha, memory_prev, w_r_prev,
-                                                   w_u_prev, float(gamma))
+    mod = _step_backend(op, backend)
+    return mod.lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, float(gamma))
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
@@ -159,6 +179,6 @@ def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, 
     check_float_array(op, "dread", dread, shape=key.shape, dtype=dt)
     check_float_array(op, "dmemory", dmemory, shape=memory_prev.shape, dtype=dt)
     check_float_array(op, "dw_r", dw_r, shape=w_r_prev.shape, dtype=dt)
-    return _backend(op, backend).lrua_step_backward(dread, dmemory, dw_r, key, alpha,
-                                                    memory_prev, w_r_prev, w_u_prev,
-                                                    float(gamma))
+    mod = _step_backend(op, backend)
+    return mod.lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev,
+                                  w_u_prev, float(gamma))

@@ -471,6 +471,23 @@ def test_step_bad_inputs_name_the_problem():
             Bk, c_r[..., :1], c_m, c_w, key, alpha, mp, wrp, wup, GAMMA)
 
 
+def test_step_ops_skip_a_backend_without_the_step_pair(monkeypatch):
+    """A backend implementing only the whole-episode pair: 'auto' passes over it for the
+    step ops, and naming it says what it lacks."""
+    import types
+    fake = types.SimpleNamespace(lrua_forward=None, lrua_backward=None)
+    real = K._backend
+    monkeypatch.setattr(K, "_backend",
+                        lambda op, name: fake if name == "fake" else real(op, name))
+    monkeypatch.setattr(K, "AUTO_ORDER", ("fake", "reference"))
+    args = step_data((2, 2, 5, 4), np.float64, seed=11)
+    want = K.lrua_step_forward(*args[:5], GAMMA, backend="reference")
+    for a, b in zip(K.lrua_step_forward(*args[:5], GAMMA), want):
+        np.testing.assert_array_equal(a, b)
+    _raises(NotImplementedError, ["lrua_step_backward", "'fake'", "whole-episode"],
+            K.lrua_step_backward, *args[5:], *args[:5], GAMMA, backend="fake")
+
+
 def test_works_without_numba():
     """With numba blocked, the module imports, auto falls back to the reference, and asking
     for numba says what is missing."""
