@@ -184,8 +184,9 @@ class Method(MethodBase):
 
     def evaluate(self, params, opts):
         """`metacore eval RUN [--tasks E] [--seed S]`: accuracy by instance on E test
-        episodes (default 1000) of the test characters, mean and 95% CI over episodes."""
-        for key in ("steps", "shots", "way", "bn", "inner_lr"):
+        episodes (default 1000) of the test characters, mean and 95% CI over episodes.
+        MANN has no adaptation steps: opts["steps"] (always set by the CLI) is ignored."""
+        for key in ("shots", "way", "bn", "inner_lr"):
             if opts.get(key) is not None:
                 raise ValueError(f"metacore eval: --{key.replace('_', '-')} does not apply to "
                                  f"MANN (its episodes are {self.cfg['n_way']}-way x "
