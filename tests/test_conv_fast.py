@@ -92,6 +92,36 @@ def test_batchnorm_numba_matches_reference(shape):
             assert rel_error(out, r) <= 1e-11
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batchnorm_variance_when_the_shift_cancels(dtype):
+    """The one-pass variance shifts by each channel's first entry; an outlier there (channel
+    0) or a large common offset (channel 1) takes the exact second pass."""
+    a = _bn_inputs((2, 3, 5, 7, 3), dtype, seed=3)
+    x = a["x"].astype(np.float64)
+    x[:, 0, 0, 0, 0] = 1e7
+    x[..., 1] = 1e4 + 1e-2 * x[..., 1]
+    a["x"] = x.astype(dtype)
+    # the NumPy path's own mean is off by ~1e-11 here (its sum of 1e4's), so both paths are
+    # measured against long double arithmetic instead of each other
+    xl = a["x"].astype(np.longdouble)
+    mu = xl.mean(axis=(1, 2, 3), keepdims=True)
+    xhat = (xl - mu) / np.sqrt(((xl - mu) ** 2).mean(axis=(1, 2, 3), keepdims=True) + 1e-5)
+    fast, slow = both(lambda: bn.batchnorm_forward(a["x"], a["g"], a["b"])[1][0:1])
+    err_fast = rel_error(fast[0], xhat.astype(np.float64))
+    err_slow = rel_error(slow[0], xhat.astype(np.float64))
+    assert err_fast <= TOL[dtype] and err_fast <= max(err_slow, TOL[dtype]), (err_fast, err_slow)
+
+
+def test_batchnorm_nan_stays_in_its_channel():
+    a = _bn_inputs((1, 2, 3, 3, 4), np.float64, seed=4)
+    a["x"][0, 1, 2, 0, 2] = np.nan
+    fast, slow = both(lambda: bn.batchnorm_forward(a["x"], a["g"], a["b"])[:1])
+    np.testing.assert_array_equal(np.isnan(fast[0]), np.isnan(slow[0]))
+    assert np.isnan(fast[0][..., 2]).all() and not np.isnan(fast[0][..., [0, 1, 3]]).any()
+    ok = ~np.isnan(slow[0])
+    assert rel_error(fast[0][ok], slow[0][ok]) <= 1e-12
+
+
 def test_batchnorm_numba_takes_strided_params():
     """gamma / beta are views into a flat (T, P) theta in the models: not contiguous."""
     a = _bn_inputs((3, 4, 5, 5, 6), np.float64)
