@@ -37,7 +37,8 @@ Backends:
     auto       the first importable of AUTO_ORDER.
 
 Adding a backend is one line in BACKENDS, naming a module that defines the four functions
-above (a backend with only the whole-episode pair is skipped by the step ops' 'auto') with the reference's signatures, and the package it needs.
+above with the reference's signatures, and the package it needs. A backend with only the
+whole-episode pair also works: the step ops' 'auto' passes over it.
 """
 import numbers
 
