@@ -161,7 +161,8 @@ def table(w, rows, threads_list, frameworks):
                 m = r["median_s"]
                 sp = (f"{m / best[t]:.2f}x" if best[t] else "-") \
                     if f not in w.metacore else "(metacore)"
-                cells += [f"{fmt_t(m)} (n={r['repeats']})", f"{fl / m / 1e9:.1f}", sp]
+                cells += [f"{fmt_t(m)} (min {fmt_t(r['min_s'])}, n={r['repeats']})",
+                          f"{fl / m / 1e9:.1f}", sp]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), fl
 
@@ -192,7 +193,9 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "OMP/OpenBLAS/MKL/Numba thread variables set to the count, "
          "`torch.set_num_threads`, XLA's Eigen pool off for 1 thread. Speed-up = the "
          "framework's median / the fastest metacore variant's median (> 1: metacore is "
-         "faster). GFLOP/s = the stated FLOP count / the median.", ""]
+         "faster). GFLOP/s = the stated FLOP count / the median. The minimum is shown "
+         "beside each median because on a loaded machine it is the better estimate of "
+         "the unloaded time; ratios use medians.", ""]
     L += ["## Import time and installed size", "",
           "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
           "|---|---|---|"]
@@ -281,6 +284,9 @@ def main(argv=None):
                            if r.get("ok") else r.get("error"))
                     print(f"{name:30s} {t}t {f:15s} {msg}", flush=True)
             results[name] = (w, rows)
+            # a partial page after every workload, so that an interrupted run leaves one
+            write_report(args.out, args, argv, info, load_before, "(run in progress)",
+                         results, {}, time.perf_counter() - start)
     imports = {"metacore": import_cost(sys.executable, "metacore",
                                        ["metacore", "kernels", "reference"]),
                "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
