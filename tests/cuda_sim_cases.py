@@ -197,3 +197,36 @@ def test_lrua_device_arrays_stay_on_the_device():
     assert all(_dispatch.array_kind(a) == "numba-cuda" for a in grads)
     from metacore.kernels import lrua as K
     assert K._backend("t", "auto", *dev[:5]) is LC
+
+
+# ---------------------------------------------------------------- public entry points
+def _entry_takes_device_arrays(fn, *args):
+    try:
+        return fn(*args)
+    except TypeError as err:
+        if "must be a numpy.ndarray" in str(err):
+            pytest.skip("the public entry point still checks arrays with metacore.validate "
+                        "(NumPy only); it needs _dispatch.check_float_array and the arrays "
+                        "passed to _backend (docs/BACKENDS.md)")
+        raise
+
+
+def test_public_entry_points_route_device_arrays():
+    """metacore.kernels.distance / lrua with device arrays: 'auto' runs numba-cuda, the
+    results stay on the device, and a host backend refuses them."""
+    from metacore.kernels import distance as K
+    from metacore.kernels import lrua as KL
+    q, s, _ = ddata((1, 5, 6, 3), np.float64, seed=41)
+    y = np.random.default_rng(42).integers(0, 6, (1, 5))
+    dq_, ds_, dy_ = (cuda.to_device(x) for x in (q, s, y))
+    out = _entry_takes_device_arrays(K.pairwise_sqeuclidean, dq_, ds_)
+    assert _dispatch.array_kind(out) == "numba-cuda"
+    np.testing.assert_array_equal(out.copy_to_host(), DC.pairwise_sqeuclidean(q, s))
+    res = K.protonet_loss(dq_, ds_, dy_)
+    assert all(_dispatch.array_kind(r) == "numba-cuda" for r in res)
+    with pytest.raises(TypeError, match="runs on the host"):
+        K.pairwise_l1(dq_, ds_, backend="numba")
+    args = ldata((2, 1, 1, 4, 3), np.float64, 43, False)[:5]
+    outs = KL.lrua_forward(*(cuda.to_device(a) for a in args), 0.9)
+    assert all(_dispatch.array_kind(r) == "numba-cuda" for r in outs)
+    np.testing.assert_array_equal(outs[0].copy_to_host(), LC.lrua_forward(*args, 0.9)[0])
