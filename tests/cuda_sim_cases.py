@@ -122,6 +122,16 @@ def test_protonet_loss_default_gloss_is_ones():
         np.testing.assert_array_equal(x, z)
 
 
+def test_protonet_label_guard():
+    """A label outside [0, N) that reaches softmax_ce gives NaN and pred -1, never a read
+    out of bounds (the public entry point rejects it before that)."""
+    q = np.ones((1, 2, 3))
+    s = np.zeros((1, 4, 3))
+    loss, dq, _, pred = DC.protonet_loss(q, s, np.array([[0, 7]]))
+    assert np.isnan(loss[0]) and np.isnan(dq[0, 1]).all() and pred[0, 1] == -1
+    assert pred[0, 0] == 0
+
+
 def test_device_arrays_stay_on_the_device():
     """Device arrays in, device arrays out (no copy back), equal to the host path; and
     dispatch 'auto' picks numba-cuda for them."""
