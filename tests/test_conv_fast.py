@@ -300,8 +300,10 @@ def _conv_all(a, stride, padding):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_conv2d_numba_matches_numpy(geom, dtype, chunk, monkeypatch):
     """Every case, with chunks of one image, of a few images (a short last chunk) and one
-    chunk for the whole batch."""
+    chunk for the whole batch; the kernels take every C here (MIN_FAST_KKC = 0), the layer
+    alone would keep the NumPy code for C < 8."""
     monkeypatch.setattr(cv, "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 0)
     stride, padding = geom
     for case in CONV_CASES:
         a = _conv_inputs(case, stride, padding, dtype)
@@ -312,6 +314,7 @@ def test_conv2d_numba_matches_numpy(geom, dtype, chunk, monkeypatch):
 @pytest.mark.parametrize("geom", [(1, "same"), (2, "same"), (2, "valid")], ids=str)
 def test_conv2d_numba_matches_reference(geom, monkeypatch):
     monkeypatch.setattr(cv, "CHUNK_ELEMS", 200)
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 0)
     stride, padding = geom
     a = _conv_inputs((2, 3, 7, 6, 3, 4), stride, padding, np.float64, seed=1)
     y, dx, dw, db, _, ry, rdx, rdw, rdb = _conv_all(a, stride, padding)[:9]
@@ -325,8 +328,9 @@ def test_conv2d_numba_matches_reference(geom, monkeypatch):
             assert rel_error(out, r) <= 1e-12
 
 
-def test_conv2d_numba_takes_strided_inputs():
+def test_conv2d_numba_takes_strided_inputs(monkeypatch):
     """w and b are views into a flat theta; x may be a non-contiguous view."""
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 0)
     rng = np.random.default_rng(3)
     theta = rng.standard_normal((2, 3 * 3 * 3 * 4 + 4 + 5))
     w = theta[:, 5:5 + 108].reshape(2, 3, 3, 3, 4)
@@ -334,3 +338,14 @@ def test_conv2d_numba_takes_strided_inputs():
     x = rng.standard_normal((2, 4, 6, 7, 3)).transpose(0, 1, 3, 2, 4)   # (2, 4, 7, 6, 3)
     fast, slow = both(lambda: [cv.conv2d_forward(x, w, b, 2, "same")[0]])
     assert_close(fast, slow, np.float64, "strided conv2d")
+
+
+def test_conv2d_default_threshold_uses_kernels_from_8_channels(monkeypatch):
+    calls = []
+    k = convnet.numba_kernels()
+    monkeypatch.setattr(k, "im2col", lambda *a, _f=k.im2col: calls.append(1) or _f(*a))
+    for C, used in ((1, False), (7, False), (8, True)):
+        calls.clear()
+        a = _conv_inputs((1, 2, 5, 5, C, 3), 1, "same", np.float64)
+        cv.conv2d_forward(a["x"], a["w"], a["b"])
+        assert bool(calls) == used, C
