@@ -3,7 +3,8 @@ the Numba kernels of the layers (metacore.kernels.convnet_numba) against the lay
 code, side by side in one run, float32, one BLAS thread.
 
 Run: python -m pytest bench/bench_conv.py --benchmark-only -q -s
-Per-op profile (median per op and pass, NumPy path vs Numba path):
+Per-op profile (median per op and pass, NumPy path vs Numba path, process CPU time so that
+a loaded machine's descheduling does not land on whichever op was running):
      python bench/bench_conv.py [--repeats 5]
 
 Shape letters: T tasks, B images per task, P parameters.
@@ -94,7 +95,7 @@ def check_agreement(name):
 # ---------------------------------------------------------------- per-op profile
 class OpTimer:
     """Wraps every layer's forward / backward / rforward / rbackward of a model (instance
-    attributes shadowing the methods) and sums wall time per (layer type, pass)."""
+    attributes shadowing the methods) and sums process CPU time per (layer type, pass)."""
     PASSES = ("forward", "backward", "rforward", "rbackward")
 
     def __init__(self, model):
@@ -105,9 +106,9 @@ class OpTimer:
 
     def _wrap(self, fn, key):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             out = fn(*args, **kwargs)
-            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
+            self.totals[key] = self.totals.get(key, 0.0) + time.process_time() - t0
             return out
         return timed
 
@@ -118,7 +119,7 @@ class OpTimer:
 
 
 def op_profile(name, repeats=5, numpy_path=False):
-    """-> ({op: median seconds per call}, median total seconds per call)."""
+    """-> ({op: median CPU seconds per call}, median total CPU seconds per call)."""
     call, model = WORKLOADS[name](np.float32)
     timer = OpTimer(model)
     runs, totals = [], []
@@ -127,9 +128,9 @@ def op_profile(name, repeats=5, numpy_path=False):
         call()                                   # warm-up: compilation, first touch
         for _ in range(repeats):
             timer.totals = {}
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             call()
-            totals.append(time.perf_counter() - t0)
+            totals.append(time.process_time() - t0)
             runs.append(dict(timer.totals))
     timer.remove()
     ops = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in runs[0]}
@@ -147,7 +148,7 @@ class _nullctx:
 def print_profile(name, repeats):
     old, t_old = op_profile(name, repeats, numpy_path=True)
     new, t_new = op_profile(name, repeats)
-    print(f"\n{name}: median of {repeats} calls, float32, 1 BLAS thread; "
+    print(f"\n{name}: CPU time, median of {repeats} calls, float32, 1 BLAS thread; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"  {'op.pass':<22}{'numpy ms':>10}{'numba ms':>10}{'ratio':>8}")
     for k in sorted(old, key=lambda k: -old[k]):

@@ -141,8 +141,8 @@ def _fast_out(k, c, terms, bias):
 
 
 def _fast_back(k, c, dw_terms, dx_terms, need_dx):
-    """dw = sum over dw_terms (x, g) of cols(x)^T g, db-like sums are the caller's;
-    dx = col2im(sum over dx_terms (g, w) of g w^T) when need_dx (else None).
+    """dw = sum over dw_terms (x, g) of cols(x)^T g, db = the sum of the first term's g over
+    (B, Ho, Wo), dx = col2im(sum over dx_terms (g, w) of g w^T) when need_dx (else None).
     x: (T, B, H, W, C), g: (T, B, Ho, Wo, F), w: (T, K, K, C, F). Two terms are one GEMM on
     stacked operands: [cols(x1); cols(x2)]^T [g1; g2] and [g1, g2] [w1^T; w2^T]."""
     x0 = dw_terms[0][0]
@@ -156,6 +156,7 @@ def _fast_back(k, c, dw_terms, dx_terms, need_dx):
     cols = np.empty((nt * nb * R, kkc), dtype)                    # terms stacked by rows
     gstack = np.empty((nt * nb * R, F), dtype) if nt > 1 else None
     dw = np.empty((T, kkc, F), dtype)
+    db = np.zeros((T, F), dtype)
     wpart = np.empty((kkc, F), dtype)
     dx = None
     if need_dx:
@@ -183,6 +184,7 @@ def _fast_back(k, c, dw_terms, dx_terms, need_dx):
                     g[i * rows:(i + 1) * rows] = gs[i][t, m0:m1]
             np.matmul(cols[:nt * rows].T, g, out=wpart)
             dw[t] += wpart
+            db[t] += g[:rows].sum(axis=0)                         # while the chunk is cached
             if need_dx:
                 if nd == 1:
                     dg = dgs[0][t, m0:m1]
@@ -192,7 +194,7 @@ def _fast_back(k, c, dw_terms, dx_terms, need_dx):
                         dg[:, i * F:(i + 1) * F] = dgs[i][t, m0:m1]
                 np.matmul(dg, wT, out=dcols[:rows])
                 k.col2im(dcols, b0, b1, c.stride, c.pads_h[0], c.pads_w[0], c.Ho, c.Wo, dx[t])
-    return dx, dw.reshape((T, KSIZE, KSIZE, C, F))
+    return dx, dw.reshape((T, KSIZE, KSIZE, C, F)), db
 
 
 def _gemm_out(cols, w, c):
@@ -240,8 +242,7 @@ def conv2d_backward(dy, cache, need_dx=True):
                       dtype=x.dtype, finite=False)
     k = _fast_kernels(x.shape[-1], dy, x, cache.w)
     if k is not None:
-        dx, dw = _fast_back(k, cache, [(x, dy)], [(dy, cache.w)], need_dx)
-        return dx, dw, dy.sum(axis=(1, 2, 3))
+        return _fast_back(k, cache, [(x, dy)], [(dy, cache.w)], need_dx)
     dx, dw = _conv_backward_parts(dy, cache.cols(cache.x), cache.w, cache, need_dx)
     db = dy.sum(axis=(1, 2, 3))                                 # (T, F)
     return dx, dw, db
@@ -275,8 +276,7 @@ def conv2d_rbackward(dy, rdy, cache, rcache, need_dx=True):
     k = _fast_kernels(cache.x.shape[-1], dy, cache.x, cache.w, rw)
     if k is not None:
         dw_terms = [(cache.x, rdy)] + ([(rx, dy)] if rx is not None else [])
-        rdx, rdw = _fast_back(k, cache, dw_terms, [(rdy, cache.w), (dy, rw)], need_dx)
-        return rdx, rdw, rdy.sum(axis=(1, 2, 3))
+        return _fast_back(k, cache, dw_terms, [(rdy, cache.w), (dy, rw)], need_dx)
     rdx, rdw = _conv_backward_parts(rdy, cache.cols(cache.x), cache.w, cache, need_dx)
     if need_dx:
         T, F = rw.shape[0], rw.shape[-1]
