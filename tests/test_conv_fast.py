@@ -349,3 +349,17 @@ def test_conv2d_default_threshold_uses_kernels_from_8_channels(monkeypatch):
         a = _conv_inputs((1, 2, 5, 5, C, 3), 1, "same", np.float64)
         cv.conv2d_forward(a["x"], a["w"], a["b"])
         assert bool(calls) == used, C
+
+
+def test_conv2d_kernels_pass_the_finite_difference_check(monkeypatch):
+    """`metacore check conv2d` (float64 gradient, HVP, symmetry rows) on the kernels: its
+    C = 3 cases would otherwise take the NumPy code."""
+    from metacore import check
+    calls = []
+    k = convnet.numba_kernels()
+    monkeypatch.setattr(k, "col2im", lambda *a, _f=k.col2im: calls.append(1) or _f(*a))
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 0)
+    monkeypatch.setattr(cv, "CHUNK_ELEMS", 100)
+    lines = []
+    assert check.run(["conv2d"], ("float64",), out=lines.append) == 0, "\n".join(lines)
+    assert calls
