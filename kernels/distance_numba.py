@@ -7,22 +7,24 @@ Same conventions as `metacore.reference.distance` (read its docstring: EPS, sign
 logits). Inputs are assumed checked by `metacore.kernels.distance`; this module only makes
 them contiguous.
 
-How the kernels differ from the reference:
-  * Squared Euclidean uses the direct difference formula sum_k (q_k - s_k)^2, never the
-    expansion |q|^2 + |s|^2 - 2 q.s: for points near 1e4 separated by 1e-2 the expansion in
-    float32 loses every digit (|q|^2 ~ 1e9 against d ~ 1e-3), and centring by a per-task mean
-    only helps when the whole task is tight. The direct formula has relative error at most
-    (D + 2) eps for any inputs, because every summand is non-negative.
-  * fastmath=False forbids reassociating a sum, so LLVM will not vectorize a reduction over
-    k. The forward kernels therefore read the supports transposed, sT: (T, D, N), and put the
-    vectorized loop over j (independent outputs, each summed over k in order), tiled so that
-    a block of sT stays in L1 while a block of queries streams past it.
-  * The backward kernels sum over j (for dq) or i (for ds) with the vectorized loop over k,
-    again one independent accumulator per output element, so no reassociation.
+How the kernels differ from the reference (routing by size: see "public functions"):
+  * Direct squared Euclidean is the difference formula sum_k (q_k - s_k)^2, never the bare
+    expansion |q|^2 + |s|^2 - 2 q.s: for points near 1e4 separated by 1e-2 the expansion
+    in float32 loses every digit (|q|^2 ~ 1e9 against d ~ 1e-3). The direct formula has
+    relative error at most (D + 2) eps for any inputs (every summand is non-negative).
+  * At large sizes the squared Euclidean goes through one GEMM per task for the cross term
+    after centring both sets on the task mean, and every pair whose expansion still cancels
+    more than one bit is recomputed directly (_sqeuclidean_gemm): BLAS speed, no
+    catastrophic cancellation. The cosine's dot products and its backward's products are
+    plain GEMMs there (their error bound is relative to sum |q_k s_k| in any order).
+  * Sums are never reassociated (fastmath at most contracts a*b + c into one FMA), so the
+    vectorized loops run over independent outputs: the queries (forward, reading q
+    transposed) or the features k (backward), each output summed in order.
+  * Small (episodic) problems run serial kernels: no thread launch and no copies of g; the
+    ProtoNet loss with squared Euclidean or L1 is one fused call (distances, softmax
+    cross-entropy, both gradients) per batch of tasks.
   * Everything accumulates in the input dtype (float32 stays float32); the direct formulas
     meet the per-dtype tolerances of tests/test_distance.py without float64 accumulation.
-  * protonet_loss = distance kernel, then one fused softmax + cross-entropy + gradient pass
-    per query row, then the distance backward kernel with the logits gradient.
 """
 import numpy as np
 from numba import njit, prange
@@ -176,7 +178,210 @@ def _softmax_ce(logits, y, w, loss_rows, dlogits, pred):
         pred[t, i] = am
 
 
+# ---------------------------------------------------------------- small-size kernels
+# Episodic sizes (Q, N ~ 5..300, D = 64) are over in microseconds, so per-call costs
+# dominate: a prange launch, transposed copies of g, one NumPy temporary per step. The
+# kernels below are serial and keep every vectorized loop free of reductions (fastmath may
+# only contract a*b+c into an FMA, one rounding instead of two, never reorder a sum):
+#   forward   for each support j and feature k, a loop over the queries i reading
+#             qT[k, :] (the queries transposed, (T, D, Q)): independent sums, each over k
+#             in order, exactly the direct formula's
+#   backward  for each output row, a loop over k of out[k] += w f(a_k, b_k), summed over
+#             the partners in order
+# The term / factor is a compile-time argument (one specialization per function), so no
+# branch sits in a vectorized loop.
+FM = {"contract"}
+
+
+@njit(inline="always")
+def _sq_term(a, b):
+    d = a - b
+    return d * d
+
+
+@njit(inline="always")
+def _l1_term(a, b):
+    return abs(a - b)
+
+
+@njit(inline="always")
+def _dot_term(a, b):
+    return a * b
+
+
+@njit(inline="always")
+def _sq_factor(a, b):
+    return a - b                    # the factor 2 is applied by the caller (exactly)
+
+
+@njit(inline="always")
+def _l1_factor(a, b):
+    return np.sign(a - b)
+
+
+@njit(inline="always")
+def _dot_factor(a, b):
+    return b
+
+
+@njit(inline="always")
+def _fwd_task(qTt, st, term, acc, out_t):
+    """qTt: (D, Q), st: (N, D) -> out_t: (Q, N) = sum_k term(q_ik, s_jk); acc: (>= Q,)."""
+    D, Q = qTt.shape
+    N = st.shape[0]
+    for j in range(N):
+        for i in range(Q):
+            acc[i] = 0
+        for k in range(D):
+            sk = st[j, k]
+            row = qTt[k]
+            for i in range(Q):
+                acc[i] += term(row[i], sk)
+        for i in range(Q):
+            out_t[i, j] = acc[i]
+
+
+@njit(fastmath=FM, cache=True)
+def _rows_fwd(qT, s, term, out):
+    """Serial forward: qT: (T, D, Q), s: (T, N, D) -> out: (T, Q, N), overwritten."""
+    acc = np.empty(qT.shape[2], out.dtype)
+    for t in range(qT.shape[0]):
+        _fwd_task(qT[t], s[t], term, acc, out[t])
+
+
+@njit(fastmath=FM, cache=True)
+def _rows_grad(g, a, b, factor, trans, double, out):
+    """Serial _pair_grad: out[t, i, :] = c sum_j G[t, i, j] factor(a[t, i, :], b[t, j, :])
+    with G = g (trans False) or g^T (trans True, read in place), c = 2 if double else 1."""
+    T, A, D = a.shape
+    B = b.shape[1]
+    for t in range(T):
+        for i in range(A):
+            oi = out[t, i]
+            ai = a[t, i]
+            for k in range(D):
+                oi[k] = 0
+            for j in range(B):
+                w = g[t, j, i] if trans else g[t, i, j]
+                bj = b[t, j]
+                for k in range(D):
+                    oi[k] += w * factor(ai[k], bj[k])
+            if double:
+                for k in range(D):
+                    oi[k] += oi[k]          # the factor 2, exact
+
+
+@njit(fastmath=FM, cache=True)
+def _fused_loss(q, qT, s, y, w, term, factor, double, sc, loss_rows, dq, ds, pred, d, gd):
+    """The ProtoNet loss for a distance metric (term/factor: squared Euclidean or L1) in one
+    call, task by task: distances, softmax cross-entropy, gradients.
+
+    logits = -sc d; w: (T,) weight of each task's row losses (upstream gradient / Q).
+    d logits_ij = w (p_ij - [j = y_i]); gd_ij = d loss / d d_ij = -sc d logits_ij, times 2
+    for the squared Euclidean's factor 2 (q - s); dq_i = sum_j gd_ij f(q_i, s_j),
+    ds_j = -sum_i gd_ij f(q_i, s_j). -> loss_rows (T, Q), dq, ds, pred (T, Q), all
+    overwritten; d: (Q, N) and gd: (Q, N) scratch."""
+    T, Q, D = q.shape
+    N = s.shape[1]
+    acc = np.empty(Q, q.dtype)
+    for t in range(T):
+        _fwd_task(qT[t], s[t], term, acc, d)                      # d: (Q, N)
+        wt = w[t]
+        for i in range(Q):
+            m = -sc * d[i, 0]
+            am = 0
+            for j in range(1, N):
+                v = -sc * d[i, j]
+                if v > m:
+                    m = v
+                    am = j
+            zs = m * 0
+            for j in range(N):
+                zs += np.exp(-sc * d[i, j] - m)
+            lz = np.log(zs)
+            yi = y[t, i]
+            loss_rows[t, i] = lz + m + sc * d[i, yi]
+            pred[t, i] = am
+            for j in range(N):
+                dl = wt * np.exp(-sc * d[i, j] - m - lz)
+                if j == yi:
+                    dl -= wt
+                gd[i, j] = -sc * dl
+                if double:
+                    gd[i, j] += gd[i, j]
+        for i in range(Q):                                        # dq_i = sum_j gd_ij f
+            oi = dq[t, i]
+            qi = q[t, i]
+            for k in range(D):
+                oi[k] = 0
+            for j in range(N):
+                gij = gd[i, j]
+                sj = s[t, j]
+                for k in range(D):
+                    oi[k] += gij * factor(qi[k], sj[k])
+        for j in range(N):                                        # ds_j = -sum_i gd_ij f
+            oj = ds[t, j]
+            sj = s[t, j]
+            for k in range(D):
+                oj[k] = 0
+            for i in range(Q):
+                gij = gd[i, j]
+                qi = q[t, i]
+                for k in range(D):
+                    oj[k] += gij * factor(sj[k], qi[k])           # f(s - q) = -f(q - s)
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _combine_sq(G, nq, ns, q, s, tau, out):
+    """The GEMM route's last pass: d = |q'|^2 + |s'|^2 - 2 q'.s' from the centred points'
+    G = q' s'^T (T, Q, N) and norms nq (T, Q), ns (T, N); where tau d < |q'|^2 + |s'|^2
+    (cancellation has eaten more than log2(tau) bits; d <= 0 included) the pair is
+    recomputed by the direct formula from the original q, s. -> out (T, Q, N)."""
+    T, Q, N = G.shape
+    D = q.shape[2]
+    for p in prange(T * Q):
+        t = p // Q
+        i = p - t * Q
+        for j in range(N):
+            big = nq[t, i] + ns[t, j]
+            v = big - (G[t, i, j] + G[t, i, j])
+            if tau * v < big:
+                v = big * 0
+                for k in range(D):
+                    dif = q[t, i, k] - s[t, j, k]
+                    v += dif * dif
+            out[t, i, j] = v
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _sq_norms(x, out):
+    """x: (T, M, D) -> out: (T, M) = |x_m|^2, summed over k in order."""
+    T, M, D = x.shape
+    for p in prange(T * M):
+        t = p // M
+        m = p - t * M
+        v = x[t, m, 0] * 0
+        for k in range(D):
+            v += x[t, m, k] * x[t, m, k]
+        out[t, m] = v
+
+
 # ---------------------------------------------------------------- public functions
+# Routing by the work T Q N D (the number of (pair, feature) terms):
+#   < SMALL_TERMS     the serial kernels above (no thread launch, no copies); the
+#                     ProtoNet loss with sqeuclidean or L1 as one fused pass (_fused_loss)
+#   >= SMALL_TERMS    the parallel tiled kernels (_pair_fwd, _pair_grad)
+#   >= GEMM_TERMS and D >= GEMM_MIN_D: the forward squared Euclidean and cosine, and the
+#                     cosine backward, through BLAS GEMMs (see _sqeuclidean_gemm for how the
+#                     expansion is kept free of cancellation)
+SMALL_TERMS = 1 << 21
+GEMM_TERMS = 1 << 22
+GEMM_MIN_D = 16
+# Centred GEMM route: a pair whose expansion |q'|^2 + |s'|^2 - 2 q'.s' cancels more than
+# log2(TAU) = 1 bit is recomputed directly (_combine_sq).
+TAU = 2.0
+
+
 def _c(x):
     return np.ascontiguousarray(x)
 
@@ -186,18 +391,67 @@ def _transposed(s):
     return np.ascontiguousarray(s.transpose(0, 2, 1))
 
 
-def pairwise_sqeuclidean(q, s):
-    """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), direct difference formula."""
+def _terms(q, s):
+    return q.shape[0] * q.shape[1] * s.shape[1] * q.shape[2]
+
+
+def _use_gemm(q, s):
+    return _terms(q, s) >= GEMM_TERMS and q.shape[2] >= GEMM_MIN_D
+
+
+_TERMS = (_sq_term, _l1_term, _dot_term)           # by forward mode 0, 1, 2
+_FACTORS = (_sq_factor, _l1_factor, _dot_factor)
+
+
+def _forward(q, s, mode):
+    """Direct forward (mode 0 sqeuclidean, 1 L1, 2 dot), serial or parallel by size."""
+    q, s = _c(q), _c(s)
     out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
-    _pair_fwd(_c(q), _transposed(s), 0, out)
+    if _terms(q, s) < SMALL_TERMS:
+        _rows_fwd(_transposed(q), s, _TERMS[mode], out)
+    else:
+        _pair_fwd(q, _transposed(s), mode, out)
     return out
+
+
+def _sqeuclidean_gemm(q, s):
+    """Squared Euclidean through one GEMM, free of catastrophic cancellation.
+
+    1. Centre both sets on the task's mean point mu (rounded to the dtype): d is unchanged,
+       and points far from the origin but close to each other (the 1e4 test) become small
+       vectors, so the expansion no longer subtracts two huge numbers.
+    2. d = |q'|^2 + |s'|^2 - 2 q'.s', the cross term one BLAS GEMM per task (the O(Q N D)
+       work, near the FMA peak), the norms summed in order.
+    3. Error: the expansion's rounding is at most about (2D + 3) eps (|q'|^2 + |s'|^2). Where
+       TAU d >= |q'|^2 + |s'|^2 that is at most TAU (2D + 3) eps d, a relative bound; every
+       other pair (a close pair relative to its distance from mu, or d <= 0) is recomputed
+       from the original q, s by the direct formula, (D + 2) eps relative. Centring
+       itself moves d by at most about 4 eps d (each q_k - mu_k rounded once)."""
+    T, Q, D = q.shape
+    N = s.shape[1]
+    mu = ((q.sum(axis=1, dtype=np.float64) + s.sum(axis=1, dtype=np.float64))
+          / (Q + N)).astype(q.dtype)[:, None, :]                     # (T, 1, D)
+    qc, sc = q - mu, s - mu                                          # (T, Q, D), (T, N, D)
+    G = np.matmul(qc, sc.transpose(0, 2, 1))                         # (T, Q, N)
+    nq, ns = np.empty((T, Q), q.dtype), np.empty((T, N), q.dtype)
+    _sq_norms(qc, nq)
+    _sq_norms(sc, ns)
+    _combine_sq(G, nq, ns, q, s, q.dtype.type(TAU), G)               # in place
+    return G
+
+
+def pairwise_sqeuclidean(q, s):
+    """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N); direct formula, or at large sizes the
+    centred GEMM route with direct recomputation of cancelling pairs."""
+    q, s = _c(q), _c(s)
+    if _use_gemm(q, s) and q.shape[1] and s.shape[1]:
+        return _sqeuclidean_gemm(q, s)
+    return _forward(q, s, 0)
 
 
 def pairwise_l1(q, s):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N) = sum_k |q - s|."""
-    out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
-    _pair_fwd(_c(q), _transposed(s), 1, out)
-    return out
+    return _forward(q, s, 1)
 
 
 def _cosine_parts(q, s):
@@ -208,8 +462,9 @@ def _cosine_parts(q, s):
     sn, son = np.empty((T, N), q.dtype), np.empty((T, N), q.dtype)
     _clamped_norms(q, q.dtype.type(EPS), qn, qon)
     _clamped_norms(s, q.dtype.type(EPS), sn, son)
-    c = np.empty((T, Q, N), dtype=q.dtype)
-    _pair_fwd(q, _transposed(s), 2, c)
+    # the dot products: a GEMM at large sizes (no cancellation issue: the bound is relative
+    # to sum_k |q_k s_k|, which is what any summation order guarantees)
+    c = np.matmul(q, s.transpose(0, 2, 1)) if _use_gemm(q, s) else _forward(q, s, 2)
     c /= qn[:, :, None] * sn[:, None, :]
     return c, qn, qon, sn, son
 
@@ -222,10 +477,16 @@ def pairwise_cosine(q, s):
 def _grad_pair(g, q, s, mode):
     """dq: (T, Q, D), ds: (T, N, D) for the pair factor `mode` (see _pair_grad)."""
     q, s, g = _c(q), _c(s), _c(g)
+    if mode == 2 and _use_gemm(q, s):                 # plain products: BLAS
+        return np.matmul(g, s), np.matmul(g.transpose(0, 2, 1), q)
     dq = np.empty_like(q)
     ds = np.empty_like(s)
-    _pair_grad(g, q, s, mode, dq)
-    _pair_grad(_transposed(g), s, q, mode, ds)    # f(s - q) is already -f(q - s): no flip
+    if _terms(q, s) < SMALL_TERMS:
+        _rows_grad(g, q, s, _FACTORS[mode], False, mode == 0, dq)
+        _rows_grad(g, s, q, _FACTORS[mode], True, mode == 0, ds)   # f(s - q) = -f(q - s)
+    else:
+        _pair_grad(g, q, s, mode, dq)
+        _pair_grad(_transposed(g), s, q, mode, ds)
     return dq, ds
 
 
@@ -254,6 +515,7 @@ def pairwise_cosine_backward(g, q, s):
 _FORWARD = {"sqeuclidean": pairwise_sqeuclidean, "l1": pairwise_l1, "cosine": pairwise_cosine}
 _BACKWARD = {"sqeuclidean": pairwise_sqeuclidean_backward, "l1": pairwise_l1_backward,
              "cosine": pairwise_cosine_backward}
+_FUSED_MODE = {"sqeuclidean": 0, "l1": 1}
 
 
 def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0):
@@ -261,16 +523,26 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0):
     -> loss: (T,), dq: (T, Q, D), ds: (T, N, D), pred: (T, Q) int64."""
     T, Q, _ = q.shape
     dt = q.dtype.type
-    sign = 1.0 if metric == "cosine" else -1.0
-    logits = _FORWARD[metric](q, s)                       # (T, Q, N)
-    logits *= dt(sign * scale)
     w = np.ones(T, dtype=q.dtype) if gloss is None else np.asarray(gloss, dtype=q.dtype)
     w = _c(w / dt(Q))
+    y = _c(y).astype(np.int64, copy=False)
     loss_rows = np.empty((T, Q), dtype=q.dtype)
-    dlogits = np.empty_like(logits)
     pred = np.empty((T, Q), dtype=np.int64)
-    _softmax_ce(logits, _c(y).astype(np.int64, copy=False), w, loss_rows, dlogits, pred)
-    dlogits *= dt(sign * scale)
-    dq, ds = _BACKWARD[metric](dlogits, q, s)
+    if metric in _FUSED_MODE and _terms(q, s) < SMALL_TERMS:
+        q, s = _c(q), _c(s)
+        mode = _FUSED_MODE[metric]
+        N = s.shape[1]
+        dq, ds = np.empty_like(q), np.empty_like(s)
+        _fused_loss(q, _transposed(q), s, y, w, _TERMS[mode], _FACTORS[mode], mode == 0,
+                    dt(scale), loss_rows, dq, ds, pred, np.empty((Q, N), q.dtype),
+                    np.empty((Q, N), q.dtype))
+    else:
+        sign = 1.0 if metric == "cosine" else -1.0
+        logits = _FORWARD[metric](q, s)                   # (T, Q, N)
+        logits *= dt(sign * scale)
+        dlogits = np.empty_like(logits)
+        _softmax_ce(logits, y, w, loss_rows, dlogits, pred)
+        dlogits *= dt(sign * scale)
+        dq, ds = _BACKWARD[metric](dlogits, q, s)
     loss = loss_rows.sum(axis=1) / dt(Q)                   # (T,)
     return loss.astype(q.dtype, copy=False), dq, ds, pred

@@ -26,6 +26,24 @@ HAS_NUMBA = "numba" in K.available_backends()
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The Numba backend routes by problem size (kernels/distance_numba.py): serial kernels and
+# the fused ProtoNet loss below SMALL_TERMS, the parallel tiled kernels above, and the
+# centred-GEMM squared Euclidean / GEMM cosine above GEMM_TERMS. The tests' shapes are tiny,
+# so the `route` fixture lowers the thresholds to run every route on them.
+ROUTES = {"serial": {}, "parallel": {"SMALL_TERMS": 0},
+          "gemm": {"SMALL_TERMS": 0, "GEMM_TERMS": 0, "GEMM_MIN_D": 1}}
+
+
+@pytest.fixture(params=list(ROUTES))
+def route(request, monkeypatch):
+    """Numba's size thresholds set so that every call takes this route; -> its name."""
+    if not HAS_NUMBA:
+        pytest.skip("numba not installed")
+    mod = K._backend("route", "numba")
+    for name, value in ROUTES[request.param].items():
+        monkeypatch.setattr(mod, name, value)
+    return request.param
+
 SHAPES = [  # (T, Q, N, D)
     (1, 1, 1, 1),
     (2, 7, 13, 17),
@@ -116,7 +134,7 @@ def test_reference_backward_matches_finite_differences(op, shape):
 
 @needs_numba
 @pytest.mark.parametrize("op", OPS)
-def test_numba_backward_matches_finite_differences(op):
+def test_numba_backward_matches_finite_differences(op, route):
     q, s, g = data((2, 5, 3, 7), np.float64, seed=2)
     dq, ds = bwd(op)(g, q, s, backend="numba")
 
@@ -154,7 +172,7 @@ def test_homogeneity_identity(op, backend):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("op", OPS)
-def test_numba_matches_reference(op, shape, dtype):
+def test_numba_matches_reference(op, shape, dtype, route):
     q, s, g = data(shape, dtype, seed=4)
     c_out, c_dq, c_ds = steps(op, shape)
     m_out, m_dq, m_ds = magnitudes(op, g, q, s)
@@ -211,6 +229,40 @@ def test_auto_is_numba_when_installed():
 def test_sqeuclidean_no_cancellation_far_from_origin(backend):
     """Points near 1e4, separated by about 1e-2, in float32: the result must agree with the
     float64 direct formula to (D + 8) eps relative; the expansion |q|^2+|s|^2-2q.s does not."""
+    _far_from_origin_case(backend)
+
+
+def test_numba_routes_no_cancellation_far_from_origin(route):
+    """The same case through each Numba route, the centred GEMM included."""
+    _far_from_origin_case("numba")
+
+
+def test_gemm_route_recomputes_cancelling_pairs(route):
+    """Two tight clusters at +-1e4 (float32): centring on the task mean leaves every
+    within-cluster pair cancelling (|q'|^2 ~ 1e9 against d ~ 1e-2), so those pairs must be
+    recomputed by the direct formula; the cross-cluster pairs (d ~ 2.6e10) are the GEMM's.
+    Bound (D + 8) eps relative on every route; the centred expansion alone fails it."""
+    T, Q, N, D = 1, 12, 10, 64
+    rng = np.random.default_rng(8)
+    side_q = np.where(np.arange(Q) % 2 == 0, 1.0, -1.0)[None, :, None]
+    side_s = np.where(np.arange(N) % 2 == 0, 1.0, -1.0)[None, :, None]
+    centre = 1e4 + rng.standard_normal((T, 1, D))
+    q = (side_q * centre + 1e-2 * rng.standard_normal((T, Q, D))).astype(np.float32)
+    s = (side_s * centre + 1e-2 * rng.standard_normal((T, N, D))).astype(np.float32)
+    q64, s64 = q.astype(np.float64), s.astype(np.float64)
+    ref = ((q64[:, :, None] - s64[:, None]) ** 2).sum(-1)                       # (T, Q, N)
+    c_out = steps("sqeuclidean", (T, Q, N, D))[0]
+    out = K.pairwise_sqeuclidean(q, s, backend="numba")
+    assert_close("two clusters", out, ref, ref, np.float32, c_out)
+    mu = ((q64.sum(1) + s64.sum(1)) / (Q + N)).astype(np.float32)[:, None]   # as the route
+    qc, sc = q - mu, s - mu
+    centred = ((qc * qc).sum(-1)[:, :, None] + (sc * sc).sum(-1)[:, None, :]
+               - 2 * np.matmul(qc, sc.transpose(0, 2, 1)))
+    with pytest.raises(AssertionError):
+        assert_close("centred expansion", centred, ref, ref, np.float32, c_out)
+
+
+def _far_from_origin_case(backend):
     T, Q, N, D = 2, 9, 5, 64
     rng = np.random.default_rng(7)
     centre = 1e4 + rng.standard_normal((T, 1, D))
@@ -316,7 +368,7 @@ def test_protonet_closed_forms(backend):
 @needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("metric", OPS)
-def test_protonet_numba_matches_reference(metric, dtype):
+def test_protonet_numba_matches_reference(metric, dtype, route):
     """Loss is an average of log-sum-exps of O(1) logits: bound 8 (N + D) eps on the loss,
     relative to max|ref| on the gradients (their entries mix signs after the softmax)."""
     T, Q, N, D = 3, 11, 5, 13
