@@ -90,6 +90,7 @@ def _library(cu_name, options):
         pytest.skip(f"the C++ compiler has no std::barrier (C++20): {res.stderr[:300]}")
     assert res.returncode == 0, f"{cu_name} does not compile as C++:\n{res.stderr[:4000]}"
     _libs[key] = ctypes.CDLL(out)
+    shutil.rmtree(tmp, ignore_errors=True)        # loaded: the file is no longer needed
     return _libs[key]
 
 
