@@ -222,8 +222,8 @@ class MetaNet:
         dt = params.dtype
         check_float_array(op, "support_x", sx, ndim=4, dtype=dt)
         if sx.shape[1:] != self.image_shape:
-            raise ValueError(f"{op}: support_x must have shape (N, {', '.join(map(str, self.image_shape))}),"
-                             f" got {sx.shape}")
+            want = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"{op}: support_x must have shape (N, {want}), got {sx.shape}")
         N = sx.shape[0]
         check_int_array(op, "support_y", sy, shape=(N,), low=0, high=self.n_way)
         check_float_array(op, "query_x", qx, shape=(None,) + self.image_shape, dtype=dt)
@@ -303,8 +303,7 @@ class MetaNet:
         (g^u, g^b) (for the first-order variant's test)."""
         self._check(params, sx, sy, qx, qy)
         z, c = self._forward(params, sx, sy, qx)
-        v, S, L = c["v"], c["S"], qx.shape[0]
-        N = sx.shape[0]
+        v, L, N = c["v"], qx.shape[0], sx.shape[0]
         loss, lc = sce.softmax_ce_forward(z[None], qy[None])
         grad = np.zeros_like(params)
         gv = {k: a[0] for k, a in self.layout.views(grad[None]).items()}
