@@ -16,9 +16,12 @@ Workloads (real Omniglot episodes, Vinyals split / MAML split, train part):
   maml      conv4_maml 5-way, T = 4 tasks of 5 x (1 + 15) = 80 images (Finn et al. 2017);
             Model.hvp: loss, gradient and exact Hessian-vector product in one call.
 
-Each benchmark first checks that the two paths agree (float32 numba vs float32 NumPy and
-float64 numba vs float64 NumPy, rel_error), warms up (compilation is never timed) and reports
-medians. The figure that matters is the time per call and its ratio to the NumPy path.
+Each benchmark first checks both paths against the float64 NumPy path (rel_error): the
+float64 Numba path must agree to 1e-10, and the float32 Numba path must be no further from it
+than the float32 NumPy path is (its float64 batch-norm sums make it closer: measured 2.1e-3
+vs 1.9e-2 for the ProtoNet gradient, 6.4e-5 vs 8.5e-3 for the MAML output). Then it warms up
+(compilation is never timed) and reports medians. The figure that matters is the time per
+call and its ratio to the NumPy path.
 """
 import os
 import sys
@@ -82,14 +85,14 @@ WORKLOADS = {"protonet": protonet_workload, "maml": maml_workload}
 
 
 def check_agreement(name):
-    """rel_error of the Numba path against the NumPy path, float64 and float32."""
-    errs = {}
-    for dtype in (np.float64, np.float32):
-        call, _ = WORKLOADS[name](dtype)
-        with numpy_only():
-            ref = call()
-        errs[np.dtype(dtype).name] = rel_error(call(), ref)
-    return errs
+    """rel_error against the float64 NumPy path of: the float64 Numba path, the float32 Numba
+    path and the float32 NumPy path."""
+    call64, _ = WORKLOADS[name](np.float64)
+    call32, _ = WORKLOADS[name](np.float32)
+    with numpy_only():
+        ref, numpy32 = call64(), call32()
+    return {"numba64": rel_error(call64(), ref), "numba32": rel_error(call32(), ref),
+            "numpy32": rel_error(numpy32, ref)}
 
 
 # ---------------------------------------------------------------- per-op profile
@@ -170,10 +173,11 @@ def test_conv4(benchmark, name):
     if numba_kernels() is None:
         pytest.skip("numba not importable (or METACORE_NO_NUMBA set)")
     errs = check_agreement(name)
-    assert errs["float64"] <= 1e-10, errs
-    assert errs["float32"] <= 1e-3, errs
-    print(f"\n{name}: numba vs NumPy rel_error float64 {errs['float64']:.1e}, float32 "
-          f"{errs['float32']:.1e}. All results match.")
+    assert errs["numba64"] <= 1e-10, errs
+    assert errs["numba32"] <= errs["numpy32"], errs
+    print(f"\n{name}: rel_error vs float64 NumPy path: numba float64 {errs['numba64']:.1e}, "
+          f"numba float32 {errs['numba32']:.1e} (NumPy float32 {errs['numpy32']:.1e}). "
+          f"All results match.")
     call, _ = WORKLOADS[name](np.float32)
     call()                                              # warm-up (compilation)
     benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
