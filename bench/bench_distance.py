@@ -4,9 +4,21 @@ Run: python -m pytest bench/bench_distance.py --benchmark-only -q
 
 Shape letters: T tasks, Q queries, N supports/prototypes, D features. float32 throughout.
 
-Sizes: episodic (T=32, Q=75, N=5, D=64), ProtoNet training (T=1, Q=300, N=60, D=64),
-large (T=1, Q=4096, N=4096, D=256; the size where BLAS runs near its FMA peak). The reference
-is skipped at the large size: its (T, Q, N, D) float64 difference tensor would take 32 GiB.
+Sizes (issue 4, item 7): episodic 5-way (T=1, Q=75, N=5, D=64), episodic 20-way (T=1,
+Q=300, N=20, D=64), large (T=1, Q=2000, N=2000, D=1600; BLAS runs near its FMA peak there),
+plus ProtoNet's 60-way training episode (T=1, Q=300, N=60, D=64). The reference is skipped
+at the large size: its (T, Q, N, D) float64 difference tensor would take 51 GB.
+
+Two ways to run it:
+    python -m pytest bench/bench_distance.py --benchmark-only -q      (pytest-benchmark)
+    python bench/bench_distance.py [--cpu] [--rounds R] [--episodes E]
+the second prints one table: for each op and size the median time of the Numba kernel and
+of its baseline, measured in interleaved rounds (kernel, baseline, kernel, ...) so that a
+change of machine load hits both alike, their ratio, GFLOP/s, and the load average; --cpu
+times with time.thread_time (CPU time of the calling thread: fair on a loaded machine when
+NUMBA_NUM_THREADS=1 and OPENBLAS_NUM_THREADS=1). It ends with ProtoNet training episodes per
+second (60-way 1-shot 5-query, Conv-4, float32, the paper's episode) with each distance
+backend.
 
 Nominal FLOP counts, the same for every backend so that GFLOP/s ratios are time ratios:
     sqeuclidean forward   3 T Q N D   (subtract, multiply, add per term)
@@ -18,20 +30,27 @@ Every benchmark checks its result against a float64 direct formula first, warms 
 first call compiles), and records GFLOP/s and the ratio of its median to the baseline's
 median, both measured in this run, in benchmark.extra_info. Baselines: the BLAS expansion
 |q|^2 + |s|^2 - 2 q s^T via matmul for sqeuclidean (forward and backward) and cosine; the
-NumPy reference for L1 and the ProtoNet loss (the reference at the small sizes only).
+NumPy reference for L1; for the ProtoNet loss the same BLAS expansion, NumPy softmax
+cross-entropy and the BLAS backward (blas_protonet_loss).
 """
+
+import os
+import sys
 
 import numpy as np
 import pytest
-from _timing import median_seconds
 
-import metacore  # noqa: F401
-from metacore.kernels import distance as K
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # script use
+from _timing import median_seconds  # noqa: E402
+
+import metacore  # noqa: F401,E402
+from metacore.kernels import distance as K  # noqa: E402
 
 SIZES = {
-    "episodic": (32, 75, 5, 64),
+    "episodic": (1, 75, 5, 64),
+    "episodic20": (1, 300, 20, 64),
     "protonet": (1, 300, 60, 64),
-    "large": (1, 4096, 4096, 256),
+    "large": (1, 2000, 2000, 1600),
 }
 FLOPS_PER_TERM = {"sqeuclidean": 3, "l1": 3, "cosine": 2, "sqeuclidean_backward": 6,
                   "protonet": 9}
@@ -67,12 +86,29 @@ def blas_cosine(q, s):
     return np.matmul(q / qn[..., None], (s / sn[..., None]).transpose(0, 2, 1))
 
 
+def blas_protonet_loss(q, s, y):
+    """The ProtoNet loss the plain NumPy/BLAS way: logits = -(|q|^2 + |s|^2 - 2 q s^T),
+    log-softmax cross-entropy (mean over queries), its gradient, the BLAS backward."""
+    T, Q = q.shape[:2]
+    logits = -blas_sqeuclidean(q, s)                                  # (T, Q, N)
+    m = logits.max(-1, keepdims=True)
+    e = np.exp(logits - m)
+    z = e.sum(-1, keepdims=True)
+    ly = np.take_along_axis(logits, y[..., None], -1)[..., 0]        # (T, Q)
+    loss = (np.log(z[..., 0]) + m[..., 0] - ly).mean(1)              # (T,)
+    p = e / z
+    p[np.arange(T)[:, None], np.arange(Q)[None, :], y] -= 1          # softmax - onehot
+    dq, ds = blas_sqeuclidean_backward(p / -Q, q, s)                  # d logits / d d = -1
+    return loss, dq, ds, logits.argmax(-1)
+
+
 def calls(op, backend, q, s, g, y):
     """The zero-argument call timed for (op, backend), or None where it does not exist."""
     if backend == "blas":
         table = {"sqeuclidean": lambda: blas_sqeuclidean(q, s),
                  "cosine": lambda: blas_cosine(q, s),
-                 "sqeuclidean_backward": lambda: blas_sqeuclidean_backward(g, q, s)}
+                 "sqeuclidean_backward": lambda: blas_sqeuclidean_backward(g, q, s),
+                 "protonet": lambda: blas_protonet_loss(q, s, y)}
         return table.get(op)
     if op == "protonet":
         return lambda: K.protonet_loss(q, s, y, backend=backend)
@@ -84,7 +120,7 @@ def calls(op, backend, q, s, g, y):
 
 
 def baseline_of(op):
-    return "blas" if op in ("sqeuclidean", "cosine", "sqeuclidean_backward") else "reference"
+    return "reference" if op == "l1" else "blas"
 
 
 # ---------------------------------------------------------------- result check
@@ -109,11 +145,10 @@ def check(op, result, q, s, g, y):
         want = (2 * g64[:, :rows, :, None] * diff).sum(2)
         tol = 1e-4 * np.abs(want).max()
     else:   # protonet: the loss against the reference at these sizes, or skip at large
-        ref_loss = K.protonet_loss(q.astype(np.float64), s.astype(np.float64), y,
-                                   backend="reference")[0] if q.shape[1] * s.shape[1] <= 1e5 \
-            else None
-        if ref_loss is None:
+        if q.shape[1] * s.shape[1] * q.shape[2] > 1e7:
             return
+        ref_loss = K.protonet_loss(q.astype(np.float64), s.astype(np.float64), y,
+                                   backend="reference")[0]
         got, want, tol = result[0], ref_loss, 1e-4 * np.abs(ref_loss).max()
     err = float(np.abs(np.asarray(got, np.float64) - want).max())
     assert err <= tol, f"{op}: max error {err:.3g} above {tol:.3g}; not timing a wrong result"
@@ -127,7 +162,7 @@ OPS = ["sqeuclidean", "l1", "cosine", "sqeuclidean_backward", "protonet"]
 @pytest.mark.parametrize("op", OPS)
 def test_bench(benchmark, op, size, backend):
     if backend == "reference" and size == "large":
-        pytest.skip("reference needs a 32 GiB (T, Q, N, D) float64 tensor at this size")
+        pytest.skip("reference needs a 51 GB (T, Q, N, D) float64 tensor at this size")
     if backend == "numba" and "numba" not in K.available_backends():
         pytest.skip("numba not installed")
     q, s, g, y = make(size)
@@ -148,3 +183,82 @@ def test_bench(benchmark, op, size, backend):
         base_med = median_seconds(base_fn, 3 if large else 10, warmup=True)
         benchmark.extra_info["baseline"] = base
         benchmark.extra_info["time_over_baseline"] = round(med / base_med, 3)
+
+
+# ---------------------------------------------------------------- the table (python bench/...)
+def _once(fn, timer):
+    t0 = timer()
+    fn()
+    return timer() - t0
+
+
+def table(rounds=7, cpu=False, sizes=tuple(SIZES)):
+    """Interleaved medians of numba vs its baseline for every op and size -> rows (dicts)."""
+    import time
+    timer = time.thread_time if cpu else time.perf_counter
+    rows = []
+    for size in sizes:
+        q, s, g, y = make(size)
+        T, Q, N, D = SIZES[size]
+        for op in OPS:
+            base = baseline_of(op)
+            if base == "reference" and size == "large":
+                continue
+            fn, bfn = calls(op, "numba", q, s, g, y), calls(op, base, q, s, g, y)
+            check(op, fn(), q, s, g, y)                      # warm-up and correctness
+            bfn()
+            r = 3 if size == "large" else rounds
+            inner = 1 if size == "large" else max(1, int(2e6 // (T * Q * N * D)))
+            tk, tb = [], []
+            for _ in range(r):
+                tk.append(sum(_once(fn, timer) for _ in range(inner)) / inner)
+                tb.append(sum(_once(bfn, timer) for _ in range(inner)) / inner)
+            mk, mb = float(np.median(tk)), float(np.median(tb))
+            rows.append(dict(op=op, size=size, shape=(T, Q, N, D), numba_s=mk, base=base,
+                             base_s=mb, speed_vs_base=mb / mk,
+                             gflops=FLOPS_PER_TERM[op] * T * Q * N * D / mk / 1e9,
+                             load=os.getloadavg()[0]))
+            print(f"{op:<21} {size:<10} numba {mk * 1e6:>11.1f} us  {base:<9} "
+                  f"{mb * 1e6:>11.1f} us  speed x{mb / mk:5.2f}  "
+                  f"{rows[-1]['gflops']:6.2f} GFLOP/s  load {rows[-1]['load']:.1f}",
+                  flush=True)
+    return rows
+
+
+def protonet_episodes_per_second(episodes=5, cpu=False):
+    """Training episodes per second of ProtoNet 60-way 1-shot 5-query on Omniglot (Conv-4,
+    float32, gradient of one episode) with each distance backend, interleaved."""
+    import time
+    from metacore.algorithms.protonet import ProtoNet
+    from metacore.data.omniglot import EpisodeSampler, load_omniglot, split_characters
+    timer = time.thread_time if cpu else time.perf_counter
+    data = load_omniglot()
+    sampler = EpisodeSampler(data.images, split_characters(data, "vinyals", "train"), 60, 1, 5,
+                             seed=0)
+    eps = [sampler.sample(1) for _ in range(episodes)]
+    nets = {b: ProtoNet(backend=b) for b in ("numba", "reference")}
+    params = nets["numba"].init_params(np.random.default_rng(0), np.float32)
+    times = {b: [] for b in nets}
+    for i, e in enumerate([eps[0]] + eps):
+        for b, net in nets.items():
+            t0 = timer()
+            net.episode_loss_and_grad(params, e.support_x, e.support_y, e.query_x, e.query_y)
+            if i:                                             # the first round warms up
+                times[b].append(timer() - t0)
+    for b, ts in times.items():
+        print(f"ProtoNet 60-way 1-shot training episode, distance backend {b:<9}: "
+              f"{1 / np.median(ts):.2f} episodes/s (median of {len(ts)})", flush=True)
+    return {b: 1 / float(np.median(ts)) for b, ts in times.items()}
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="distance kernels: numba vs BLAS table")
+    ap.add_argument("--cpu", action="store_true", help="time with time.thread_time")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--episodes", type=int, default=5)
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    a = ap.parse_args()
+    table(a.rounds, a.cpu, tuple(a.sizes.split(",")))
+    if a.episodes:
+        protonet_episodes_per_second(a.episodes, a.cpu)

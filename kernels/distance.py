@@ -15,8 +15,10 @@ All take backend="auto" | "reference" | "numba"; conventions are in the docstrin
 
 Backends:
     reference  metacore.reference.distance   float64 NumPy, direct formulas; the ground truth.
-    numba      metacore.kernels.distance_numba  Numba CPU, parallel over tasks x queries,
-               direct difference formula (no |q|^2+|s|^2-2q.s), input-dtype accumulation.
+    numba      metacore.kernels.distance_numba  Numba CPU: serial kernels and a fused
+               ProtoNet loss at episodic sizes, parallel tiled kernels above, and at large
+               sizes BLAS GEMMs (squared Euclidean: centred, cancelling pairs recomputed by
+               the direct formula); input-dtype accumulation. See its docstring.
     auto       the first importable of AUTO_ORDER.
 
 Adding a backend (e.g. "numba-cuda", "cupy") is one line in BACKENDS, naming a module that
@@ -45,14 +47,24 @@ available_backends = _BACKENDS.available      # () -> names that import on this 
 
 
 # ---------------------------------------------------------------- input checks
+def _finite(op, name, x):
+    """Reject NaN/Inf with check_float_array's message. One reduction on the fast path: the
+    sum of finite values is finite unless it overflows, and only then (or for a real NaN or
+    Inf) does the elementwise check run, so episodic calls pay one NumPy call, not three."""
+    if x.size and not np.isfinite(x.sum()):
+        check_float_array(op, name, x)
+
+
 def _check_pair(op, q, s):
     """q: (T, Q, D), s: (T, N, D), same float dtype, finite."""
-    check_float_array(op, "q", q, ndim=3)
+    check_float_array(op, "q", q, ndim=3, finite=False)
     T, _, D = q.shape
-    check_float_array(op, "s", s, ndim=3, dtype=q.dtype)
+    check_float_array(op, "s", s, ndim=3, dtype=q.dtype, finite=False)
     if s.shape[0] != T or s.shape[2] != D:
         raise ValueError(f"{op}: s must have shape ({T}, *, {D}) to match q of shape "
                          f"{q.shape} (same tasks T and features D), got {s.shape}")
+    _finite(op, "q", q)
+    _finite(op, "s", s)
 
 
 def _check_grad(op, g, q, s):

@@ -188,45 +188,15 @@ def _softmax_ce(logits, y, w, loss_rows, dlogits, pred):
 #             in order, exactly the direct formula's
 #   backward  for each output row, a loop over k of out[k] += w f(a_k, b_k), summed over
 #             the partners in order
-# The term / factor is a compile-time argument (one specialization per function), so no
-# branch sits in a vectorized loop.
+# The metric's branch sits outside every vectorized loop.
 FM = {"contract"}
 
 
 @njit(inline="always")
-def _sq_term(a, b):
-    d = a - b
-    return d * d
-
-
-@njit(inline="always")
-def _l1_term(a, b):
-    return abs(a - b)
-
-
-@njit(inline="always")
-def _dot_term(a, b):
-    return a * b
-
-
-@njit(inline="always")
-def _sq_factor(a, b):
-    return a - b                    # the factor 2 is applied by the caller (exactly)
-
-
-@njit(inline="always")
-def _l1_factor(a, b):
-    return np.sign(a - b)
-
-
-@njit(inline="always")
-def _dot_factor(a, b):
-    return b
-
-
-@njit(inline="always")
-def _fwd_task(qTt, st, term, acc, out_t):
-    """qTt: (D, Q), st: (N, D) -> out_t: (Q, N) = sum_k term(q_ik, s_jk); acc: (>= Q,)."""
+def _fwd_task(qTt, st, mode, acc, out_t):
+    """qTt: (D, Q), st: (N, D) -> out_t: (Q, N) = sum_k term(q_ik, s_jk) for mode 0
+    (squared difference), 1 (absolute difference), 2 (product); acc: (>= Q,) scratch.
+    The mode test sits outside the vectorized loop over i."""
     D, Q = qTt.shape
     N = st.shape[0]
     for j in range(N):
@@ -235,24 +205,33 @@ def _fwd_task(qTt, st, term, acc, out_t):
         for k in range(D):
             sk = st[j, k]
             row = qTt[k]
-            for i in range(Q):
-                acc[i] += term(row[i], sk)
+            if mode == 0:
+                for i in range(Q):
+                    dif = row[i] - sk
+                    acc[i] += dif * dif
+            elif mode == 1:
+                for i in range(Q):
+                    acc[i] += abs(row[i] - sk)
+            else:
+                for i in range(Q):
+                    acc[i] += row[i] * sk
         for i in range(Q):
             out_t[i, j] = acc[i]
 
 
 @njit(fastmath=FM, cache=True)
-def _rows_fwd(qT, s, term, out):
+def _rows_fwd(qT, s, mode, out):
     """Serial forward: qT: (T, D, Q), s: (T, N, D) -> out: (T, Q, N), overwritten."""
     acc = np.empty(qT.shape[2], out.dtype)
     for t in range(qT.shape[0]):
-        _fwd_task(qT[t], s[t], term, acc, out[t])
+        _fwd_task(qT[t], s[t], mode, acc, out[t])
 
 
 @njit(fastmath=FM, cache=True)
-def _rows_grad(g, a, b, factor, trans, double, out):
-    """Serial _pair_grad: out[t, i, :] = c sum_j G[t, i, j] factor(a[t, i, :], b[t, j, :])
-    with G = g (trans False) or g^T (trans True, read in place), c = 2 if double else 1."""
+def _rows_grad(g, a, b, mode, trans, double, out):
+    """Serial _pair_grad: out[t, i, :] = c sum_j G[t, i, j] f(a[t, i, :], b[t, j, :]) with
+    G = g (trans False) or g^T (trans True, read in place), c = 2 if double else 1, and
+    f = a - b (mode 0), sign(a - b) (mode 1), b (mode 2)."""
     T, A, D = a.shape
     B = b.shape[1]
     for t in range(T):
@@ -264,29 +243,46 @@ def _rows_grad(g, a, b, factor, trans, double, out):
             for j in range(B):
                 w = g[t, j, i] if trans else g[t, i, j]
                 bj = b[t, j]
-                for k in range(D):
-                    oi[k] += w * factor(ai[k], bj[k])
+                if mode == 0:
+                    for k in range(D):
+                        oi[k] += w * (ai[k] - bj[k])
+                elif mode == 1:
+                    for k in range(D):
+                        oi[k] += w * np.sign(ai[k] - bj[k])
+                else:
+                    for k in range(D):
+                        oi[k] += w * bj[k]
             if double:
                 for k in range(D):
                     oi[k] += oi[k]          # the factor 2, exact
 
 
 @njit(fastmath=FM, cache=True)
-def _fused_loss(q, qT, s, y, w, term, factor, double, sc, loss_rows, dq, ds, pred, d, gd):
-    """The ProtoNet loss for a distance metric (term/factor: squared Euclidean or L1) in one
-    call, task by task: distances, softmax cross-entropy, gradients.
+def _fused_loss(q, s, y, w, mode, sc, loss, dq, ds, pred):
+    """The ProtoNet loss for a distance metric (mode 0: squared Euclidean, 1: L1) in one
+    call: distances, softmax cross-entropy, gradients.
 
     logits = -sc d; w: (T,) weight of each task's row losses (upstream gradient / Q).
-    d logits_ij = w (p_ij - [j = y_i]); gd_ij = d loss / d d_ij = -sc d logits_ij, times 2
-    for the squared Euclidean's factor 2 (q - s); dq_i = sum_j gd_ij f(q_i, s_j),
-    ds_j = -sum_i gd_ij f(q_i, s_j). -> loss_rows (T, Q), dq, ds, pred (T, Q), all
-    overwritten; d: (Q, N) and gd: (Q, N) scratch."""
+    With p the softmax of the row: gd_ij = d loss / d d_ij = -sc w (p_ij - [j = y_i]),
+    times 2 for the squared Euclidean's factor 2 (q - s); then dq_i = sum_j gd_ij f(q_i, s_j)
+    and ds_j = sum_i gd_ij f(s_j, q_i) (= -f(q_i, s_j)) by the serial backward kernel.
+    -> loss (T,) = mean over the task's rows, dq, ds, pred (T, Q); all overwritten."""
     T, Q, D = q.shape
     N = s.shape[1]
     acc = np.empty(Q, q.dtype)
+    qT = np.empty((D, Q), q.dtype)
+    d = np.empty((Q, N), q.dtype)
+    gd = np.empty((T, Q, N), q.dtype)
+    two = sc - sc + 2
     for t in range(T):
-        _fwd_task(qT[t], s[t], term, acc, d)                      # d: (Q, N)
-        wt = w[t]
+        for i in range(Q):
+            for k in range(D):
+                qT[k, i] = q[t, i, k]
+        _fwd_task(qT, s[t], mode, acc, d)                         # d: (Q, N)
+        lsum = sc - sc
+        c0 = -sc * w[t]                                           # d loss / d d at p = 1
+        if mode == 0:
+            c0 = c0 * two
         for i in range(Q):
             m = -sc * d[i, 0]
             am = 0
@@ -295,40 +291,22 @@ def _fused_loss(q, qT, s, y, w, term, factor, double, sc, loss_rows, dq, ds, pre
                 if v > m:
                     m = v
                     am = j
-            zs = m * 0
-            for j in range(N):
-                zs += np.exp(-sc * d[i, j] - m)
-            lz = np.log(zs)
+            g = gd[t, i]
+            zs = m - m
+            for j in range(N):                                    # one exp per entry
+                e = np.exp(-sc * d[i, j] - m)
+                g[j] = e
+                zs += e
             yi = y[t, i]
-            loss_rows[t, i] = lz + m + sc * d[i, yi]
+            lsum += np.log(zs) + m + sc * d[i, yi]
             pred[t, i] = am
+            c = c0 / zs
             for j in range(N):
-                dl = wt * np.exp(-sc * d[i, j] - m - lz)
-                if j == yi:
-                    dl -= wt
-                gd[i, j] = -sc * dl
-                if double:
-                    gd[i, j] += gd[i, j]
-        for i in range(Q):                                        # dq_i = sum_j gd_ij f
-            oi = dq[t, i]
-            qi = q[t, i]
-            for k in range(D):
-                oi[k] = 0
-            for j in range(N):
-                gij = gd[i, j]
-                sj = s[t, j]
-                for k in range(D):
-                    oi[k] += gij * factor(qi[k], sj[k])
-        for j in range(N):                                        # ds_j = -sum_i gd_ij f
-            oj = ds[t, j]
-            sj = s[t, j]
-            for k in range(D):
-                oj[k] = 0
-            for i in range(Q):
-                gij = gd[i, j]
-                qi = q[t, i]
-                for k in range(D):
-                    oj[k] += gij * factor(sj[k], qi[k])           # f(s - q) = -f(q - s)
+                g[j] *= c
+            g[yi] -= c0
+        loss[t] = lsum / Q
+    _rows_grad(gd, q, s, mode, False, False, dq)
+    _rows_grad(gd, s, q, mode, True, False, ds)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -399,8 +377,6 @@ def _use_gemm(q, s):
     return _terms(q, s) >= GEMM_TERMS and q.shape[2] >= GEMM_MIN_D
 
 
-_TERMS = (_sq_term, _l1_term, _dot_term)           # by forward mode 0, 1, 2
-_FACTORS = (_sq_factor, _l1_factor, _dot_factor)
 
 
 def _forward(q, s, mode):
@@ -408,7 +384,7 @@ def _forward(q, s, mode):
     q, s = _c(q), _c(s)
     out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
     if _terms(q, s) < SMALL_TERMS:
-        _rows_fwd(_transposed(q), s, _TERMS[mode], out)
+        _rows_fwd(_transposed(q), s, mode, out)
     else:
         _pair_fwd(q, _transposed(s), mode, out)
     return out
@@ -482,8 +458,8 @@ def _grad_pair(g, q, s, mode):
     dq = np.empty_like(q)
     ds = np.empty_like(s)
     if _terms(q, s) < SMALL_TERMS:
-        _rows_grad(g, q, s, _FACTORS[mode], False, mode == 0, dq)
-        _rows_grad(g, s, q, _FACTORS[mode], True, mode == 0, ds)   # f(s - q) = -f(q - s)
+        _rows_grad(g, q, s, mode, False, mode == 0, dq)
+        _rows_grad(g, s, q, mode, True, mode == 0, ds)     # f(s - q) = -f(q - s)
     else:
         _pair_grad(g, q, s, mode, dq)
         _pair_grad(_transposed(g), s, q, mode, ds)
@@ -523,26 +499,21 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0):
     -> loss: (T,), dq: (T, Q, D), ds: (T, N, D), pred: (T, Q) int64."""
     T, Q, _ = q.shape
     dt = q.dtype.type
-    w = np.ones(T, dtype=q.dtype) if gloss is None else np.asarray(gloss, dtype=q.dtype)
-    w = _c(w / dt(Q))
+    w = np.full(T, 1.0 / Q, q.dtype) if gloss is None else np.asarray(gloss, q.dtype) / dt(Q)
     y = _c(y).astype(np.int64, copy=False)
-    loss_rows = np.empty((T, Q), dtype=q.dtype)
     pred = np.empty((T, Q), dtype=np.int64)
     if metric in _FUSED_MODE and _terms(q, s) < SMALL_TERMS:
         q, s = _c(q), _c(s)
-        mode = _FUSED_MODE[metric]
-        N = s.shape[1]
-        dq, ds = np.empty_like(q), np.empty_like(s)
-        _fused_loss(q, _transposed(q), s, y, w, _TERMS[mode], _FACTORS[mode], mode == 0,
-                    dt(scale), loss_rows, dq, ds, pred, np.empty((Q, N), q.dtype),
-                    np.empty((Q, N), q.dtype))
-    else:
-        sign = 1.0 if metric == "cosine" else -1.0
-        logits = _FORWARD[metric](q, s)                   # (T, Q, N)
-        logits *= dt(sign * scale)
-        dlogits = np.empty_like(logits)
-        _softmax_ce(logits, y, w, loss_rows, dlogits, pred)
-        dlogits *= dt(sign * scale)
-        dq, ds = _BACKWARD[metric](dlogits, q, s)
+        loss, dq, ds = np.empty(T, q.dtype), np.empty_like(q), np.empty_like(s)
+        _fused_loss(q, s, y, w, _FUSED_MODE[metric], dt(scale), loss, dq, ds, pred)
+        return loss, dq, ds, pred
+    sign = 1.0 if metric == "cosine" else -1.0
+    logits = _FORWARD[metric](q, s)                       # (T, Q, N)
+    logits *= dt(sign * scale)
+    dlogits = np.empty_like(logits)
+    loss_rows = np.empty((T, Q), dtype=q.dtype)
+    _softmax_ce(logits, y, _c(w), loss_rows, dlogits, pred)
+    dlogits *= dt(sign * scale)
+    dq, ds = _BACKWARD[metric](dlogits, q, s)
     loss = loss_rows.sum(axis=1) / dt(Q)                   # (T,)
     return loss.astype(q.dtype, copy=False), dq, ds, pred
