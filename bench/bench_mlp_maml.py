@@ -68,3 +68,69 @@ def test_fused_maml(benchmark, k):
     print(f"sinusoid second-order MAML k={k}, T=25, float32, 1 thread: fused "
           f"{1e3 * t_fused:.3f} ms, maml_gradient {1e3 * t_numpy:.3f} ms "
           f"({t_numpy / t_fused:.2f}x); issue 3 target (k=1) {TARGET_MS} ms")
+
+
+def test_phase_profile(benchmark):
+    """Where the fused kernel's time goes (k = 1, T = 25, float32): each phase of one task
+    run T times inside one compiled loop, the minimum over 300 repeats (robust to load).
+    FLOPs per task (2 per multiply-add; S = sum_l D_l D_{l+1} = 1680, S' = 1640 without the
+    first layer, N = 10 rows): forward 2NS, loss + backward 2N(S + S'), HVP 2N(2S + 5S')."""
+    from numba import njit
+
+    import metacore.kernels.mlp_maml_numba as m
+    from metacore.kernels.mlp_maml import mlp_structure
+    model, theta, batch, _ = workload()
+    dims, woff, boff = mlp_structure(model)
+    rng = np.random.default_rng(1)
+    th = theta + np.float32(0.1) * rng.standard_normal(theta.size).astype(np.float32)
+    x, y = batch[0][0], batch[1][0]                       # one task's support (N, 1)
+    N, T, P, total = x.shape[0], 25, theta.size, int(dims.sum())
+    aoff, zoff = m._offsets(dims, N)
+    A, Z, rA, rZ = (np.empty(N * total, np.float32) for _ in range(4))
+    b0, b1, b2, b3 = (np.empty(N * int(dims.max()), np.float32) for _ in range(4))
+    wt, ut, g, hv = (np.empty(P, np.float32) for _ in range(4))
+    u = (0.01 * rng.standard_normal(P)).astype(np.float32)
+    scale = np.float32(2.0 / N)
+
+    @njit
+    def fwd(reps, th, x, dims, woff, boff, A, aoff, Z, zoff):
+        for _ in range(reps):
+            m._forward(th, x, dims, woff, boff, A, aoff, Z, zoff)
+
+    @njit
+    def bwd(reps, Z, zoff, y, scale, b0, b1, dims, woff, boff, wt, A, aoff, g):
+        for _ in range(reps):
+            m._loss_dout(Z, zoff[zoff.shape[0] - 1], y, scale, b0)
+            m._backward(y.shape[0], dims, woff, boff, wt, A, aoff, Z, zoff, b0, b1, g)
+
+    @njit
+    def trans(reps, th, dims, woff, wt):
+        for _ in range(reps):
+            m._transpose_weights(th, dims, woff, wt)
+
+    @njit
+    def hvp(reps, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, y, scale, rA, rZ,
+            b0, b1, b2, b3, hv):
+        for _ in range(reps):
+            m._hvp(th, u, ut, y.shape[0], dims, woff, boff, wt, A, aoff, Z, zoff, y, scale,
+                   rA, rZ, b0, b1, b2, b3, hv)
+
+    m._transpose_weights(u, dims, woff, ut)
+    phases = [
+        ("forward", 2 * N * 1680,
+         lambda r: fwd(r, th, x, dims, woff, boff, A, aoff, Z, zoff)),
+        ("transpose w", 0, lambda r: trans(r, th, dims, woff, wt)),
+        ("loss + backward", 2 * N * (1680 + 1640),
+         lambda r: bwd(r, Z, zoff, y, scale, b0, b1, dims, woff, boff, wt, A, aoff, g)),
+        ("hvp", 2 * N * (2 * 1680 + 5 * 1640),
+         lambda r: hvp(r, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, y, scale, rA, rZ,
+                       b0, b1, b2, b3, hv)),
+    ]
+    print(f"\nfused kernel phases, {T} tasks, float32, 1 thread (min of 300):")
+    for name, fl, call in phases:
+        call(1)                                            # compile
+        best = min(median_seconds(lambda: call(T), 1) for _ in range(300))
+        rate = f"{fl * T / best / 1e9:5.1f} GFLOP/s" if fl else ""
+        print(f"  {name:16s} {1e6 * best:8.1f} us  {rate}")
+        benchmark.extra_info[name + "_us"] = 1e6 * best
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
