@@ -261,6 +261,11 @@ def main(argv=None):
             vers.append(f"{m} not installed")
     args.peer_versions = ", ".join(vers)
     info = machine_info()
+    # imports first, so that a partial page (an interrupted run) has them too
+    imports = {"metacore": import_cost(sys.executable, "metacore",
+                                       ["metacore", "kernels", "reference"]),
+               "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
+               "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
     results = {}
     with tempfile.TemporaryDirectory(prefix="metacore-bench-") as tmp:
         for name in names:
@@ -286,11 +291,7 @@ def main(argv=None):
             results[name] = (w, rows)
             # a partial page after every workload, so that an interrupted run leaves one
             write_report(args.out, args, argv, info, load_before, "(run in progress)",
-                         results, {}, time.perf_counter() - start)
-    imports = {"metacore": import_cost(sys.executable, "metacore",
-                                       ["metacore", "kernels", "reference"]),
-               "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
-               "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
+                         results, imports, time.perf_counter() - start)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     write_report(args.out, args, argv, info, load_before, load_after, results, imports,
                  time.perf_counter() - start)
