@@ -55,6 +55,8 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "cuda": ["numba-cuda[cu13]", "cupy-cuda13x"],
         "plot": ["matplotlib"],
+        # mpi4py needs an MPI library from the system: apt-get install openmpi-bin libopenmpi-dev
+        "mpi": ["mpi4py>=4"],
     },
     entry_points={"console_scripts": ["metacore=metacore.cli:main"]},
 )
