@@ -57,6 +57,8 @@ setup(
         "plot": ["matplotlib"],
         # mpi4py needs an MPI library from the system: apt-get install openmpi-bin libopenmpi-dev
         "mpi": ["mpi4py>=4"],
+        # bench/peers (python -m bench): the frameworks metacore is measured against
+        "peers": ["torch==2.13.0", "jax"],
     },
     entry_points={"console_scripts": ["metacore=metacore.cli:main"]},
 )
