@@ -1,18 +1,18 @@
-"""Helpers shared by the CUDA kernel tests (tests/cuda_sim_cases.py, run under the simulator,
-and tests/test_cuda_cu_on_cpu.py): data, and the per-dtype bounds of tests/test_distance.py and
-tests/test_lrua.py. Not a test module (no test_ prefix); imported from the tests folder,
+"""Helpers shared by the kernel tests (tests/test_distance.py, tests/test_lrua.py, and the CUDA
+ones: tests/cuda_sim_cases.py, run under the simulator, and tests/test_cuda_cu_on_cpu.py):
+data, and the per-dtype bounds. Not a test module (no test_ prefix); imported from the tests folder,
 which pytest puts on sys.path."""
 import numpy as np
 
 from metacore.reference import distance as RD
 
 
-def assert_close(name, a, ref, mag, dtype, c):
-    """|a - ref| <= mag * eps(dtype) * c elementwise; prints the first mismatches."""
+def assert_close(name, a, ref, mag, dtype, c, atol=0.0):
+    """|a - ref| <= atol + mag * eps(dtype) * c elementwise; prints the first mismatches."""
     a = np.asarray(a, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
-    bound = np.broadcast_to(mag, ref.shape) * np.finfo(dtype).eps * c
+    bound = atol + np.broadcast_to(mag, ref.shape) * np.finfo(dtype).eps * c
     bad = ~(np.abs(a - ref) <= bound)
     if bad.any():
         idx = np.argwhere(bad)[:5]

@@ -21,6 +21,8 @@ from metacore import gradcheck
 from metacore.kernels import distance as K
 from metacore.reference import distance as R
 
+from _cuda_helpers import assert_close, ddata, magnitudes, steps  # noqa: E402  (tests/ on sys.path)
+
 OPS = ("sqeuclidean", "l1", "cosine")
 HAS_NUMBA = "numba" in K.available_backends()
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -63,59 +65,8 @@ def bwd(op):
 
 
 def data(shape, dtype, seed):
-    T, Q, N, D = shape
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((T, Q, D)).astype(dtype)      # (T, Q, D)
-    s = rng.standard_normal((T, N, D)).astype(dtype)      # (T, N, D)
-    g = rng.standard_normal((T, Q, N)).astype(dtype)      # (T, Q, N)
-    return q, s, g
-
-
-def assert_close(name, a, ref, mag, dtype, c, atol=0.0):
-    """|a - ref| <= atol + mag * eps(dtype) * c elementwise; prints the first mismatches."""
-    a = np.asarray(a, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert a.shape == ref.shape, f"{name}: shape {a.shape} vs reference {ref.shape}"
-    bound = atol + np.broadcast_to(mag, ref.shape) * np.finfo(dtype).eps * c
-    bad = ~(np.abs(a - ref) <= bound)
-    if bad.any():
-        idx = np.argwhere(bad)[:5]
-        lines = [f"  at {tuple(i)}: got {a[tuple(i)]!r}, ref {ref[tuple(i)]!r}, "
-                 f"bound {bound[tuple(i)]:.3g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} entries out of bounds\n"
-                             + "\n".join(lines))
-
-
-def magnitudes(op, g, q, s):
-    """Sum of |terms| behind each output of forward and backward, in float64:
-    -> mag_out: (T, Q, N), mag_dq: (T, Q, D), mag_ds: (T, N, D)."""
-    g, q, s = (np.asarray(x, dtype=np.float64) for x in (g, q, s))
-    diff = q[:, :, None, :] - s[:, None, :, :]            # (T, Q, N, D)
-    ag = np.abs(g)[..., None]                             # (T, Q, N, 1)
-    if op == "sqeuclidean":
-        t = 2 * ag * np.abs(diff)
-        return (diff ** 2).sum(-1), t.sum(2), t.sum(1)
-    if op == "l1":
-        t = np.broadcast_to(ag, diff.shape)
-        return np.abs(diff).sum(-1), t.sum(2), t.sum(1)
-    qn = np.maximum(np.sqrt((q * q).sum(-1)), R.EPS)      # (T, Q)
-    sn = np.maximum(np.sqrt((s * s).sum(-1)), R.EPS)      # (T, N)
-    inv = 1 / (qn[:, :, None] * sn[:, None, :])           # (T, Q, N)
-    mag_out = (np.abs(q)[:, :, None, :] * np.abs(s)[:, None, :, :]).sum(-1) * inv
-    gi = ag[..., 0] * inv
-    gc = ag[..., 0] * mag_out
-    mag_dq = (gi[..., None] * np.abs(s)[:, None]).sum(2) + (gc.sum(2) / qn)[..., None] \
-        * np.abs(q) / qn[..., None]
-    mag_ds = (gi[..., None] * np.abs(q)[:, :, None]).sum(1) + (gc.sum(1) / sn)[..., None] \
-        * np.abs(s) / sn[..., None]
-    return mag_out, mag_dq, mag_ds
-
-
-def steps(op, shape):
-    """Rounding steps per output (forward, dq, ds) plus a margin of 8."""
-    T, Q, N, D = shape
-    extra = 2 * D if op == "cosine" else 0    # norms feed every cosine output
-    return D + 8 + extra, N + D + 8 + extra, Q + D + 8 + extra
+    """(T, Q, N, D) -> q (T, Q, D), s (T, N, D), g (T, Q, N), standard normal."""
+    return ddata(shape, dtype, seed)
 
 
 # ---------------------------------------------------------------- reference vs finite differences

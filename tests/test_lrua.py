@@ -26,6 +26,8 @@ import metacore  # noqa: F401  (aliases kernels/ and reference/ from a checkout)
 from metacore import gradcheck
 from metacore.kernels import lrua as K
 
+from _cuda_helpers import ldata  # noqa: E402  (tests/ on sys.path)
+
 HAS_NUMBA = "numba" in K.available_backends()
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 BACKENDS = ["reference"] + (["numba"] if HAS_NUMBA else [])
@@ -38,16 +40,7 @@ def data(shape, dtype, seed, per_step=False):
     """shape (T, B, H, S, W) -> keys, alpha, memory0, read0, usage0, c (the probe weights).
 
     usage0 holds a permutation of 0, 0.3, ..., 0.3 (S - 1): distinct, well separated."""
-    T, B, H, S, W = shape
-    rng = np.random.default_rng(seed)
-    keys = rng.standard_normal((T, B, H, W))                           # (T, B, H, W)
-    alpha = rng.standard_normal((T, B, H) if per_step else (H,))       # (H,) or (T, B, H)
-    memory0 = rng.standard_normal((B, S, W))                           # (B, S, W)
-    e = np.exp(rng.standard_normal((B, H, S)))
-    read0 = e / e.sum(-1, keepdims=True)                               # (B, H, S)
-    usage0 = 0.3 * np.stack([rng.permutation(S) for _ in range(B)])    # (B, S)
-    c = rng.standard_normal((T, B, H, W))                              # (T, B, H, W)
-    return [x.astype(dtype) for x in (keys, alpha, memory0, read0, usage0, c)]
+    return ldata(shape, dtype, seed, per_step)
 
 
 def selection_margin(usage0, w_u, H):
