@@ -19,6 +19,10 @@ import importlib
 
 import numpy as np
 
+from metacore.validate import FLOAT_DTYPES
+from metacore.validate import check_float_array as _host_float_check
+from metacore.validate import check_int_array as _host_int_check
+
 # reference module of a kernel family -> {device backend name: (module, pip package)}
 DEVICE_BACKENDS = {
     "metacore.reference.distance": {
@@ -54,6 +58,8 @@ def array_kind(x):
 def device_kind(arrays):
     """The device kind of a call's arrays ('host' if none is on a device); mixing CuPy
     and other device arrays counts as 'cupy' (CuPy takes the others zero-copy)."""
+    if all(type(a) is np.ndarray or a is None for a in arrays):    # the host fast path
+        return "host"
     kinds = {array_kind(a) for a in arrays}
     if "cupy" in kinds:
         return "cupy"
@@ -131,10 +137,9 @@ def check_float_array(op, name, x, ndim=None, shape=None, dtype=None, finite=Tru
     """metacore.validate.check_float_array for NumPy arrays; for device arrays the same
     type, rank, shape and dtype checks, but no finiteness scan (that would be a device
     reduction and a synchronisation on every call: the device kernels propagate NaN)."""
-    from metacore.validate import check_float_array as host_check
     if array_kind(x) == "host":
-        return host_check(op, name, x, ndim=ndim, shape=shape, dtype=dtype, finite=finite)
-    from metacore.validate import FLOAT_DTYPES
+        return _host_float_check(op, name, x, ndim=ndim, shape=shape, dtype=dtype,
+                                 finite=finite)
     dt = np.dtype(x.dtype)
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {dt}")
@@ -154,9 +159,8 @@ def check_float_array(op, name, x, ndim=None, shape=None, dtype=None, finite=Tru
 def check_int_array(op, name, x, shape=None, low=None, high=None):
     """metacore.validate.check_int_array for NumPy arrays; for device arrays the dtype and
     shape only (the range is guarded inside the kernels: out-of-range labels give NaN)."""
-    from metacore.validate import check_int_array as host_check
     if array_kind(x) == "host":
-        return host_check(op, name, x, shape=shape, low=low, high=high)
+        return _host_int_check(op, name, x, shape=shape, low=low, high=high)
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{op}: {name} must have an integer dtype, got {x.dtype}")
     shp = tuple(x.shape)

@@ -10,8 +10,8 @@ Ops (each checks its inputs, then calls the chosen backend):
     pairwise_cosine(q, s), pairwise_cosine_backward(g, q, s)  norms clamped at EPS = 1e-8
     protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0)
                                           -> loss: (T,), dq, ds, pred: (T, Q) int64
-All take backend="auto" | "reference" | "numba"; conventions are in the docstring of
-`metacore.reference.distance`.
+All take backend="auto" | "reference" | "numba" | "numba-cuda" | "cupy"; conventions are in
+the docstring of `metacore.reference.distance`.
 
 Backends:
     reference  metacore.reference.distance   float64 NumPy, direct formulas; the ground truth.
@@ -19,17 +19,22 @@ Backends:
                ProtoNet loss at episodic sizes, parallel tiled kernels above, and at large
                sizes BLAS GEMMs (squared Euclidean: centred, cancelling pairs recomputed by
                the direct formula); input-dtype accumulation. See its docstring.
-    auto       the first importable of AUTO_ORDER.
+    numba-cuda metacore.kernels.distance_cuda  Numba @cuda.jit kernels      } registered by
+    cupy       metacore.kernels.distance_cupy  CUDA C raw kernels (.cu)     } _dispatch
+    auto       NumPy arrays: the first importable of AUTO_ORDER; CuPy arrays: cupy; other
+               CUDA device arrays: numba-cuda (kernels/_dispatch.py, docs/BACKENDS.md).
+Device arrays pass the same type, rank, shape and dtype checks as NumPy arrays, but no
+finiteness or label-range scan (a device reduction and a synchronisation per call); a host
+backend named for device arrays raises TypeError instead of copying them back.
 
-Adding a backend (e.g. "numba-cuda", "cupy") is one line in BACKENDS, naming a module that
-defines the seven functions above with the reference's signatures, and the package it needs.
-Device backends should not join AUTO_ORDER: they take device arrays, so the caller must ask.
+Adding a host backend is one line in BACKENDS, naming a module that defines the seven
+functions above with the reference's signatures, and the package it needs; a device backend
+is one line in _dispatch.DEVICE_BACKENDS. Device backends never join AUTO_ORDER.
 """
 
 import numpy as np
 
-from metacore.kernels._dispatch import Backends
-from metacore.validate import check_float_array, check_int_array
+from metacore.kernels._dispatch import Backends, array_kind, check_float_array, check_int_array
 
 EPS = 1e-8
 METRICS = ("sqeuclidean", "l1", "cosine")
@@ -42,7 +47,7 @@ BACKENDS = {
 AUTO_ORDER = ("numba", "reference")
 
 _BACKENDS = Backends(BACKENDS, AUTO_ORDER)
-_backend = _BACKENDS.get                      # (op, name) -> module, imported on first use
+_backend = _BACKENDS.get                      # (op, name, *arrays) -> module (by array kind)
 available_backends = _BACKENDS.available      # () -> names that import on this machine
 
 
@@ -50,7 +55,10 @@ available_backends = _BACKENDS.available      # () -> names that import on this 
 def _finite(op, name, x):
     """Reject NaN/Inf with check_float_array's message. One reduction on the fast path: the
     sum of finite values is finite unless it overflows, and only then (or for a real NaN or
-    Inf) does the elementwise check run, so episodic calls pay one NumPy call, not three."""
+    Inf) does the elementwise check run, so episodic calls pay one NumPy call, not three.
+    Device arrays are not scanned (see the module docstring)."""
+    if type(x) is not np.ndarray and array_kind(x) != "host":
+        return
     if x.size and not np.isfinite(x.sum()):
         check_float_array(op, name, x)
 
@@ -76,38 +84,39 @@ def _check_grad(op, g, q, s):
 def pairwise_sqeuclidean(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k (q_ik - s_jk)^2."""
     _check_pair("pairwise_sqeuclidean", q, s)
-    return _backend("pairwise_sqeuclidean", backend).pairwise_sqeuclidean(q, s)
+    return _backend("pairwise_sqeuclidean", backend, q, s).pairwise_sqeuclidean(q, s)
 
 
 def pairwise_sqeuclidean_backward(g, q, s, backend="auto"):
     """g: (T, Q, N) upstream -> dq: (T, Q, D), ds: (T, N, D)."""
     _check_grad("pairwise_sqeuclidean_backward", g, q, s)
-    return _backend("pairwise_sqeuclidean_backward", backend).pairwise_sqeuclidean_backward(
-        g, q, s)
+    mod = _backend("pairwise_sqeuclidean_backward", backend, g, q, s)
+    return mod.pairwise_sqeuclidean_backward(g, q, s)
 
 
 def pairwise_l1(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k |q_ik - s_jk|."""
     _check_pair("pairwise_l1", q, s)
-    return _backend("pairwise_l1", backend).pairwise_l1(q, s)
+    return _backend("pairwise_l1", backend, q, s).pairwise_l1(q, s)
 
 
 def pairwise_l1_backward(g, q, s, backend="auto"):
     """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D); subgradient sign(0) = 0."""
     _check_grad("pairwise_l1_backward", g, q, s)
-    return _backend("pairwise_l1_backward", backend).pairwise_l1_backward(g, q, s)
+    return _backend("pairwise_l1_backward", backend, g, q, s).pairwise_l1_backward(g, q, s)
 
 
 def pairwise_cosine(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> c: (T, Q, N) = q.s / (max(|q|,EPS) max(|s|,EPS))."""
     _check_pair("pairwise_cosine", q, s)
-    return _backend("pairwise_cosine", backend).pairwise_cosine(q, s)
+    return _backend("pairwise_cosine", backend, q, s).pairwise_cosine(q, s)
 
 
 def pairwise_cosine_backward(g, q, s, backend="auto"):
     """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D)."""
     _check_grad("pairwise_cosine_backward", g, q, s)
-    return _backend("pairwise_cosine_backward", backend).pairwise_cosine_backward(g, q, s)
+    mod = _backend("pairwise_cosine_backward", backend, g, q, s)
+    return mod.pairwise_cosine_backward(g, q, s)
 
 
 def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend="auto"):
@@ -132,5 +141,6 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend=
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
     if gloss is not None:
         check_float_array(op, "gloss", gloss, shape=(T,), dtype=q.dtype)
-    return _backend(op, backend).protonet_loss(q, s, y, gloss=gloss, metric=metric,
-                                               scale=float(scale))
+    return _backend(op, backend, q, s, y, gloss).protonet_loss(q, s, y, gloss=gloss,
+                                                              metric=metric,
+                                                              scale=float(scale))

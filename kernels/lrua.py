@@ -23,10 +23,10 @@ the last step) and returns them one step earlier. Chained, the step pair gives t
 whole-episode results (tests/test_lrua.py checks it).
 with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, H) (a gate
 per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
-float in [0, 1], 1 <= H <= S. All take backend="auto" | "reference" | "numba"; the order of
-operations in a step, EPS, ties and what is non-differentiable (the least-used selection
-and the zeroed slot; so gamma and usage0 get no gradient) are in the docstring of
-`metacore.reference.lrua`.
+float in [0, 1], 1 <= H <= S. All take backend="auto" | "reference" | "numba" (and the
+whole-episode pair also "numba-cuda" | "cupy"); the order of operations in a step, EPS,
+ties and what is non-differentiable (the least-used selection and the zeroed slot; so gamma
+and usage0 get no gradient) are in the docstring of `metacore.reference.lrua`.
 
 Backends:
     reference  metacore.reference.lrua       float64 NumPy, loops over batch and time; the
@@ -34,18 +34,25 @@ Backends:
     numba      metacore.kernels.lrua_numba   Numba CPU, parallel over episodes, the time loop
                inside each work item, input-dtype accumulation; backward reruns the forward
                keeping M_t.
-    auto       the first importable of AUTO_ORDER.
+    numba-cuda metacore.kernels.lrua_cuda     Numba @cuda.jit kernels, one block per
+               episode, the time loop inside; whole-episode pair only.
+    cupy       metacore.kernels.lrua_cupy     the same kernels in CUDA C (lrua.cu).
+    auto       NumPy arrays: the first importable of AUTO_ORDER; CuPy arrays: cupy; other
+               CUDA device arrays: numba-cuda (kernels/_dispatch.py, docs/BACKENDS.md).
+The two device backends are registered by kernels/_dispatch.py (DEVICE_BACKENDS). Device
+arrays get the type, rank, shape and dtype checks but no finiteness scan; a host backend
+named for device arrays raises TypeError instead of copying them back.
 
-Adding a backend is one line in BACKENDS, naming a module that defines the four functions
-above with the reference's signatures, and the package it needs. A backend with only the
-whole-episode pair also works: the step ops' 'auto' passes over it.
+Adding a host backend is one line in BACKENDS, naming a module that defines the four
+functions above with the reference's signatures, and the package it needs. A backend with
+only the whole-episode pair also works: the step ops' 'auto' passes over it for NumPy
+arrays, and for device arrays says that the step pair is missing.
 """
 import numbers
 
 import numpy as np
 
-from metacore.kernels._dispatch import Backends
-from metacore.validate import check_float_array
+from metacore.kernels._dispatch import Backends, check_float_array, device_kind
 
 EPS = 1e-8
 
@@ -57,7 +64,7 @@ BACKENDS = {
 AUTO_ORDER = ("numba", "reference")
 
 _BACKENDS = Backends(BACKENDS, AUTO_ORDER)
-_backend = _BACKENDS.get                      # (op, name) -> module, imported on first use
+_backend = _BACKENDS.get                      # (op, name, *arrays) -> module (by array kind)
 available_backends = _BACKENDS.available      # () -> names that import on this machine
 
 
@@ -96,8 +103,8 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
        w_lu (T, B, S), memory (B, S, W); fresh arrays in the dtype of keys."""
     op = "lrua_forward"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
-    return _backend(op, backend).lrua_forward(keys, alpha, memory0, read0, usage0,
-                                              float(gamma))
+    mod = _backend(op, backend, keys, alpha, memory0, read0, usage0)
+    return mod.lrua_forward(keys, alpha, memory0, read0, usage0, float(gamma))
 
 
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
@@ -107,15 +114,17 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="a
     op = "lrua_backward"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
     check_float_array(op, "dreads", dreads, shape=keys.shape, dtype=keys.dtype)
-    return _backend(op, backend).lrua_backward(dreads, keys, alpha, memory0, read0, usage0,
-                                               float(gamma))
+    mod = _backend(op, backend, dreads, keys, alpha, memory0, read0, usage0)
+    return mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, float(gamma))
 
 
-def _step_backend(op, backend):
+def _step_backend(op, backend, *arrays):
     """The module for a step op. A backend may implement only the whole-episode pair: 'auto'
-    then takes the first importable backend of AUTO_ORDER that has the step pair, and naming
-    one without it is a clear error."""
-    if backend == "auto":
+    with NumPy arrays then takes the first importable backend of AUTO_ORDER that has the step
+    pair, and naming one without it (or 'auto' with device arrays, whose backends have only
+    the whole-episode pair) is a clear error."""
+    on_device = device_kind(arrays) != "host"
+    if backend == "auto" and not on_device:
         for name in AUTO_ORDER:
             try:
                 mod = _backend(op, name)
@@ -124,9 +133,10 @@ def _step_backend(op, backend):
             if hasattr(mod, op):
                 return mod
         raise ImportError(f"{op}: no importable backend among {AUTO_ORDER} has the step pair")
-    mod = _backend(op, backend)
+    mod = _backend(op, backend, *arrays) if on_device else _backend(op, backend)
     if not hasattr(mod, op):
-        raise NotImplementedError(f"{op}: backend {backend!r} implements only the "
+        name = mod.__name__ if backend == "auto" else repr(backend)
+        raise NotImplementedError(f"{op}: backend {name} implements only the "
                                   f"whole-episode lrua_forward / lrua_backward")
     return mod
 
@@ -165,7 +175,7 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma, backen
     fresh arrays in the dtype of key."""
     op = "lrua_step_forward"
     _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
-    mod = _step_backend(op, backend)
+    mod = _step_backend(op, backend, key, alpha, memory_prev, w_r_prev, w_u_prev)
     return mod.lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, float(gamma))
 
 
@@ -180,6 +190,7 @@ def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, 
     check_float_array(op, "dread", dread, shape=key.shape, dtype=dt)
     check_float_array(op, "dmemory", dmemory, shape=memory_prev.shape, dtype=dt)
     check_float_array(op, "dw_r", dw_r, shape=w_r_prev.shape, dtype=dt)
-    mod = _step_backend(op, backend)
+    mod = _step_backend(op, backend, dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev,
+                        w_u_prev)
     return mod.lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev,
                                   w_u_prev, float(gamma))

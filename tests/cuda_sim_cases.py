@@ -8,7 +8,9 @@ long imported numba (and numba.cuda) by then. Running it by hand:
 
 Under the simulator the distance tiles are 4 x 4 and the LRUA blocks 8 threads (see the
 kernel modules), so these small shapes cross several tile and thread-stride boundaries:
-sizes not a multiple of the tile, N = 1, Q = 1, D = 1, and an empty query set.
+sizes not a multiple of the tile, N = 1, Q = 1, D = 1, and an empty query set. Every launch
+is recorded, and the last test fails if any kernel of either module did not run in both
+dtypes (a kernel added without a test here shows up there).
 
 Tolerances (kernel a against the float64 reference r of the same inputs), as in
 tests/test_distance.py and tests/test_lrua.py:
@@ -37,6 +39,30 @@ from _cuda_helpers import (assert_close, check_protonet, ddata, lassert, ldata, 
 
 OPS = ("sqeuclidean", "l1", "cosine")
 DTYPES = (np.float32, np.float64)
+LAUNCHED = set()            # (module name, kernel name, dtype name) of every launch
+
+
+class _Recorded:
+    """Stands in for a simulator kernel in the module's kernel dict: kernel[grid, block](...)
+    runs it and records the launch."""
+
+    def __init__(self, key, kernel):
+        self.key, self.kernel = key, kernel
+
+    def __getitem__(self, config):
+        launch = self.kernel[config]
+
+        def run(*args):
+            LAUNCHED.add(self.key)
+            return launch(*args)
+        return run
+
+
+for _mod in (DC, LC):
+    for _dt in DTYPES:
+        _ks = _mod.kernels(_dt)               # the cached dict the module launches from
+        for _name in list(_ks):
+            _ks[_name] = _Recorded((_mod.__name__, _name, np.dtype(_dt).name), _ks[_name])
 
 
 def test_simulator_is_active():
@@ -113,11 +139,13 @@ def test_protonet_loss(metric, shape, dtype):
     check_protonet((loss, dq, ds, pred), (rl, rdq, rds, rpred), q, s, gloss, 0.7, dtype)
 
 
-def test_protonet_loss_default_gloss_is_ones():
-    q, s, _ = ddata((2, 3, 4, 5), np.float64, seed=15)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_protonet_loss_default_gloss_is_ones(dtype):
+    """gloss=None fills the ones on the device (the fill kernel)."""
+    q, s, _ = ddata((2, 3, 4, 5), dtype, seed=15)
     y = np.array([[0, 1, 3], [2, 2, 0]])
     a = DC.protonet_loss(q, s, y)
-    b = DC.protonet_loss(q, s, y, gloss=np.ones(2))
+    b = DC.protonet_loss(q, s, y, gloss=np.ones(2, dtype))
     for x, z in zip(a, b):
         np.testing.assert_array_equal(x, z)
 
@@ -210,17 +238,6 @@ def test_lrua_device_arrays_stay_on_the_device():
 
 
 # ---------------------------------------------------------------- public entry points
-def _entry_takes_device_arrays(fn, *args):
-    try:
-        return fn(*args)
-    except TypeError as err:
-        if "must be a numpy.ndarray" in str(err):
-            pytest.skip("the public entry point still checks arrays with metacore.validate "
-                        "(NumPy only); it needs _dispatch.check_float_array and the arrays "
-                        "passed to _backend (docs/BACKENDS.md)")
-        raise
-
-
 def test_public_entry_points_route_device_arrays():
     """metacore.kernels.distance / lrua with device arrays: 'auto' runs numba-cuda, the
     results stay on the device, and a host backend refuses them."""
@@ -229,7 +246,7 @@ def test_public_entry_points_route_device_arrays():
     q, s, _ = ddata((1, 5, 6, 3), np.float64, seed=41)
     y = np.random.default_rng(42).integers(0, 6, (1, 5))
     dq_, ds_, dy_ = (cuda.to_device(x) for x in (q, s, y))
-    out = _entry_takes_device_arrays(K.pairwise_sqeuclidean, dq_, ds_)
+    out = K.pairwise_sqeuclidean(dq_, ds_)
     assert _dispatch.array_kind(out) == "numba-cuda"
     np.testing.assert_array_equal(out.copy_to_host(), DC.pairwise_sqeuclidean(q, s))
     res = K.protonet_loss(dq_, ds_, dy_)
@@ -240,3 +257,24 @@ def test_public_entry_points_route_device_arrays():
     outs = KL.lrua_forward(*(cuda.to_device(a) for a in args), 0.9)
     assert all(_dispatch.array_kind(r) == "numba-cuda" for r in outs)
     np.testing.assert_array_equal(outs[0].copy_to_host(), LC.lrua_forward(*args, 0.9)[0])
+    with pytest.raises(TypeError, match="runs on the host"):
+        KL.lrua_forward(*(cuda.to_device(a) for a in args), 0.9, backend="reference")
+    # the step pair has no device backend: a clear error, not a silent copy to the host
+    step = [cuda.to_device(a[0]) if a.ndim == 4 else cuda.to_device(a) for a in args]
+    with pytest.raises(NotImplementedError, match="lrua_step_forward: backend "
+                                                  "metacore.kernels.lrua_cuda implements only"):
+        KL.lrua_step_forward(*step, 0.9)
+
+
+# ---------------------------------------------------------------- coverage (keep last)
+def test_every_kernel_ran_in_both_dtypes(request):
+    """Every kernel in the kernel dicts of distance_cuda and lrua_cuda (what the PTX test
+    compiles, see tests/test_cuda_compile.py) was launched above in float32 and float64."""
+    everything = {i.nodeid for i in request.node.parent.collect()}
+    ran = {i.nodeid for i in request.session.items}
+    if not everything <= ran:
+        pytest.skip("part of this file was deselected; the coverage check needs all of it")
+    want = {(m.__name__, name, np.dtype(dt).name) for m in (DC, LC) for dt in DTYPES
+            for name in m.kernels(dt)}
+    missing = sorted(want - LAUNCHED)
+    assert not missing, f"kernels never launched under the simulator: {missing}"

@@ -7,8 +7,12 @@
   against the documented API.
 * CuPy raw kernels (kernels/*.cu): compiled by NVRTC (cuda-bindings' nvrtc module and the
   nvidia-cuda-nvrtc wheel; no device or driver needed) for compute_80 and compute_90 with
-  the wrapper's own options, and every entry point the wrapper launches must be in the PTX
-  for both dtypes.
+  the wrapper's own options; the PTX's entry points must be exactly the wrapper's
+  ENTRY_POINTS in both dtypes (a kernel in the source but not in ENTRY_POINTS fails, so it
+  cannot escape the wrapper's list and the tests built on it).
+* kernel_signatures (what the PTX test compiles) must list every kernel of the module's
+  kernel dict and every @cuda.jit in its source; tests/cuda_sim_cases.py checks that every
+  kernel of that dict runs under the simulator in both dtypes.
 Skips with the reason when the `cuda` extra (numba-cuda, cupy, cuda-bindings) is missing.
 Without the numba-cuda package, `import numba.cuda` still succeeds: it is numba's own
 deprecated CUDA target, which asks the driver for the device's compute capability while
@@ -88,6 +92,25 @@ def test_numba_cuda_kernels_compile_to_ptx(modname, dtype):
                 assert ".shared" in ptx[cc], f"{name}: the tiles are not in shared memory"
 
 
+@pytest.mark.parametrize("modname", NUMBA_MODULES)
+def test_kernel_signatures_list_every_kernel(modname):
+    """No kernel escapes the PTX test: the signature list, the kernel dict and the
+    @cuda.jit decorators in the source name the same kernels, for both dtypes."""
+    _need_numba_cuda()
+    mod = _import(modname, "the Numba CUDA backend does not import")
+    with open(mod.__file__, encoding="utf-8") as f:
+        source = f.read()
+    jitted = set(re.findall(r"^\s*@cuda\.jit\b[^\n]*\n\s*def\s+(\w+)", source, re.M))
+    assert len(jitted) == len(re.findall(r"^\s*@cuda\.jit\b", source, re.M)), \
+        f"{modname}: a @cuda.jit this test cannot pair with its def"
+    for dtype in DTYPES:
+        listed = [name for name, _, _ in mod.kernel_signatures(dtype)]
+        assert len(listed) == len(set(listed)), f"{modname}: duplicates in {listed}"
+        assert set(listed) == set(mod.kernels(dtype)) == jitted, \
+            (f"{modname} {np.dtype(dtype)}: signatures {sorted(listed)}, kernel dict "
+             f"{sorted(mod.kernels(dtype))}, @cuda.jit in the source {sorted(jitted)}")
+
+
 def test_public_compile_ptx_agrees():
     """numba.cuda.compile_ptx itself, for both ccs, on the tiled forward kernel."""
     cuda = _need_numba_cuda()
@@ -131,6 +154,8 @@ def test_cu_sources_compile_with_nvrtc(modname):
         entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
         want = {f"{e}_{sfx}" for e in mod.ENTRY_POINTS for sfx in ("f32", "f64")}
         assert want <= entries, f"{modname} {arch}: missing entry points {want - entries}"
+        assert entries <= want, (f"{modname} {arch}: entry points {entries - want} are in "
+                                 f"{os.path.basename(mod.SOURCE)} but not in ENTRY_POINTS")
         assert f".target sm_{arch[-2:]}" in ptx
 
 

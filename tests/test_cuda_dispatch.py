@@ -182,3 +182,51 @@ def test_device_aware_checks():
         chk("op", "q", np.array([1.0, np.nan]))
     with pytest.raises(ValueError, match="below the allowed minimum"):
         ichk("op", "y", np.array([-1, 0]), low=0)
+
+
+def _usable(K, name):
+    try:
+        K._backend("t", name)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("fake, backend", [(FakeDeviceArray, "numba-cuda"),
+                                           (FakeCupyArray, "cupy")])
+def test_public_entry_points_route_device_arrays(fake, backend):
+    """The public ops check device arrays with the device-aware checks and hand them to the
+    dispatch: a host backend refuses them, a bad shape is reported as for NumPy arrays, and
+    'auto' goes to the device backend of the arrays (here it cannot run, so the error names
+    it; nothing is copied to the host). The simulator runs the real thing
+    (tests/cuda_sim_cases.py::test_public_entry_points_route_device_arrays)."""
+    q, s = fake((1, 5, 3), np.float32), fake((1, 4, 3), np.float32)
+    y, g = fake((1, 5), np.int64), fake((1, 5, 4), np.float32)
+    with pytest.raises(TypeError, match=r"pairwise_l1: backend 'numba' runs on the host and "
+                                        rf"was given {backend} device arrays"):
+        KD.pairwise_l1(q, s, backend="numba")
+    with pytest.raises(TypeError, match="protonet_loss: backend 'reference' runs on the host"):
+        KD.protonet_loss(q, s, y, backend="reference")
+    with pytest.raises(ValueError, match=r"pairwise_l1_backward: g must have shape \(1, 5, 4\)"):
+        KD.pairwise_l1_backward(fake((1, 4, 5), np.float32), q, s)
+    with pytest.raises(TypeError, match="s has dtype float64, expected float32"):
+        KD.pairwise_cosine(q, fake((1, 4, 3), np.float64))
+    T, B, H, S, W = 2, 1, 1, 4, 3
+    largs = [fake(shp, np.float32) for shp in ((T, B, H, W), (H,), (B, S, W), (B, H, S),
+                                               (B, S))]
+    with pytest.raises(TypeError, match="lrua_forward: backend 'numba' runs on the host"):
+        KL.lrua_forward(*largs, 0.9, backend="numba")
+    with pytest.raises(ValueError, match=r"read0 must have shape \(1, 1, 4\)"):
+        KL.lrua_forward(*largs[:3], fake((B, H, S + 1), np.float32), largs[4], 0.9)
+    step = [fake((B, H, W), np.float32)] + largs[1:]
+    with pytest.raises(TypeError, match="lrua_step_forward: backend 'numba' runs on the host"):
+        KL.lrua_step_forward(*step, 0.9, backend="numba")
+    if _usable(KD, backend):
+        return                            # a GPU here: the fakes must not reach the kernels
+    for call, op in ((lambda: KD.pairwise_sqeuclidean(q, s), "pairwise_sqeuclidean"),
+                     (lambda: KD.protonet_loss(q, s, y), "protonet_loss"),
+                     (lambda: KD.pairwise_l1_backward(g, q, s), "pairwise_l1_backward"),
+                     (lambda: KL.lrua_forward(*largs, 0.9), "lrua_forward"),
+                     (lambda: KL.lrua_step_forward(*step, 0.9), "lrua_step_forward")):
+        with pytest.raises(ImportError, match=rf"^{op}: backend {backend!r} "):
+            call()

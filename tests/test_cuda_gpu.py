@@ -121,3 +121,31 @@ def test_auto_picks_the_device_backend_of_the_arrays(backend):
     mod = _backend_or_skip(KD, backend)
     x = _to_device(backend, np.zeros((1, 2, 3)))
     assert KD._backend("t", "auto", x, x) is mod
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_public_entry_points_with_device_arrays_on_gpu(backend):
+    """metacore.kernels.distance / lrua with device arrays and backend='auto': the results
+    stay on the device and equal the backend module's own."""
+    mod = _backend_or_skip(KD, backend)
+    lmod = _backend_or_skip(KL, backend)
+    rng = np.random.default_rng(3)
+    q, s = rng.standard_normal((2, 19, 33)), rng.standard_normal((2, 7, 33))
+    y = rng.integers(0, 7, (2, 19))
+    dq_, ds_, dy_ = (_to_device(backend, x) for x in (q, s, y))
+    out = KD.pairwise_l1(dq_, ds_)
+    assert _dispatch.array_kind(out) != "host"
+    np.testing.assert_array_equal(_to_host(out), mod.pairwise_l1(q, s))
+    res = KD.protonet_loss(dq_, ds_, dy_, metric="cosine")
+    assert all(_dispatch.array_kind(r) != "host" for r in res)
+    for a, b in zip(res, mod.protonet_loss(q, s, y, metric="cosine")):
+        np.testing.assert_array_equal(_to_host(a), b)
+    T, B, H, S, W = 3, 2, 2, 5, 4
+    e = np.exp(rng.standard_normal((B, H, S)))
+    args = [rng.standard_normal((T, B, H, W)), rng.standard_normal(H),
+            rng.standard_normal((B, S, W)), e / e.sum(-1, keepdims=True),
+            0.3 * np.stack([rng.permutation(S) for _ in range(B)])]
+    outs = KL.lrua_forward(*(_to_device(backend, a) for a in args), 0.9)
+    assert all(_dispatch.array_kind(r) != "host" for r in outs)
+    for a, b in zip(outs, lmod.lrua_forward(*args, 0.9)):
+        np.testing.assert_array_equal(_to_host(a), b)

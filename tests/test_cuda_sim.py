@@ -36,3 +36,8 @@ def test_numba_cuda_kernels_under_the_simulator():
     assert res.returncode == 0, f"simulator tests failed (exit {res.returncode}):\n{tail}"
     # the module skips as a whole when it does not see the simulator: that must not pass
     assert " passed" in res.stdout and "run by tests/test_cuda_sim.py" not in res.stdout, tail
+    # nor may any case skip inside it: every one runs under the simulator (the skip reasons
+    # are in the tail, from -rs)
+    summary = res.stdout.strip().splitlines()[-1]
+    assert "skipped" not in summary and "xfail" not in summary, \
+        f"simulator cases skipped ({summary}):\n{tail}"
