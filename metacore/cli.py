@@ -113,13 +113,15 @@ def _train(args):
         cfg = make_config(args.algorithm, args.task, args.out, **given)
     except ValueError as e:
         raise SystemExit(f"metacore train: {e}")
-    comm = None
+    from metacore.distributed import SingleProcess, abort_on_error
+    comm = SingleProcess()
     if args.distributed:
         from metacore.distributed import MPIComm
         comm = MPIComm()
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, comm=comm)
-    trainer.train()
-    if comm is not None and comm.rank != 0:
+    with abort_on_error(comm):           # one rank failing alone must not leave the rest waiting
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, comm=comm)
+        trainer.train()
+    if comm.rank != 0:
         return 0
     print(f"done: {cfg['algorithm']} {cfg['task']} step {trainer.step}, "
           f"{trainer.elapsed:.1f} s of training, checkpoint {trainer.ckpt_path}")

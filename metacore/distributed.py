@@ -5,18 +5,35 @@ A meta-batch is embarrassingly parallel. Every rank draws the same full meta-bat
 generator's state is the same everywhere), keeps its own contiguous block of tasks (the rule is
 `task_blocks`), and computes the mean meta-gradient over that block. One Allreduce of the flat
 vector w_r * g_r, with w_r = T_r / T, gives every rank the mean over all T tasks; the loss and
-accuracy sums ride in a second, tiny Allreduce. The outer optimizer then runs identically on
-every rank, so the parameters never need to be sent. Rank 0 alone writes metrics and checkpoints.
+accuracy sums, and the method's buffers (batch-norm running statistics, which each rank moved
+toward its own block's statistics), ride in a second, small float64 Allreduce of the same
+weights. The outer optimizer then runs identically on every rank, so the parameters never need
+to be sent. Rank 0 alone writes metrics and checkpoints.
 
-Communication per meta-step: one parameter vector (P floats) plus a few metrics, whatever R is.
+Communication per meta-step: one parameter vector (P floats) plus a few metrics (and, for a
+method with batch-norm buffers, 2 floats per BN channel), whatever R is.
 Only the order of the floating-point sums differs from a single process, so parameters agree
-to rounding (about 1e-15 relative per step), not bit for bit.
+to rounding (about 1e-15 relative per step), not bit for bit; with Adam, except entries whose
+gradient is zero but for rounding (a conv bias before batch norm), which Adam's g / sqrt(v)
+turns into real steps in any summation order (docs/DISTRIBUTED.md).
 
 A rank that dies: Open MPI's mpirun notices the lost process and ends every other rank with an
 error naming it (ORTE's default "abort the job when a process exits abnormally"), so the job
 does not hang in a collective; checkpoints are written atomically by rank 0, so the last one
-stays valid. Nothing here unpickles: only the upper-case, buffer-based mpi4py calls are used.
+stays valid. A rank that raises is different: alone, it would wait in MPI_Finalize while the
+others wait in the next Allreduce, forever; `abort_on_error` prints its traceback and calls
+MPI_Abort, which ends every rank. Nothing here unpickles: only the upper-case, buffer-based
+mpi4py calls are used.
+
+Every rank must start from the same step and parameters (`check_same_start`): across hosts the
+run directory must be on a file system they all share, or a resumed run would restart from
+step 0 on the hosts that cannot see rank 0's checkpoint.
 """
+import contextlib
+import hashlib
+import sys
+import traceback
+
 import numpy as np
 
 
@@ -56,6 +73,43 @@ class MPIComm:
 
     def barrier(self):
         self.comm.Barrier()
+
+    def abort(self, code):
+        self.comm.Abort(code)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm):
+    """Run the block; if it raises on one rank of several, print the traceback and end the
+    whole job (MPI_Abort) instead of leaving the other ranks in a collective."""
+    try:
+        yield
+    except BaseException:
+        if comm.size > 1:
+            sys.stderr.write(f"metacore --distributed: rank {comm.rank} of {comm.size} failed; "
+                             f"aborting the job\n")
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.abort(1)
+        raise
+
+
+def check_same_start(comm, step, params):
+    """Raise (on every rank alike) unless all ranks hold the same step and parameters."""
+    if comm.size == 1:
+        return
+    digest = int.from_bytes(hashlib.sha256(params.tobytes()).digest()[:6], "big")  # < 2**53
+    mine = np.zeros((comm.size, 2))
+    mine[comm.rank] = step, digest
+    seen = comm.allreduce_sum(mine)                  # row r: rank r's (step, digest), exact
+    bad = np.flatnonzero((seen != seen[0]).any(axis=1))
+    if bad.size:
+        r = int(bad[0])
+        raise RuntimeError(f"train --distributed: rank {r} starts at step {int(seen[r, 0])}, "
+                           f"rank 0 at step {int(seen[0, 0])}"
+                           f"{' with other parameters' if seen[r, 0] == seen[0, 0] else ''}; "
+                           f"every rank must read the same checkpoint, so across hosts --out "
+                           f"must be on a file system they all share")
 
 
 def task_blocks(T, R):

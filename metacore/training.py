@@ -77,7 +77,7 @@ class Trainer:
     """Builds (or resumes) a run from a config and trains it; see the module docstring."""
 
     def __init__(self, cfg, resume=False, progress=True, comm=None):
-        from metacore.distributed import SingleProcess
+        from metacore.distributed import SingleProcess, check_same_start
         self.comm = comm or SingleProcess()
         self.lead = self.comm.rank == 0                  # writes metrics and checkpoints
         self.cfg, self.progress = cfg, progress and self.lead
@@ -106,6 +106,7 @@ class Trainer:
             self._write_config()
             open(self.metrics_path, "w").close()
         self.comm.barrier()
+        check_same_start(self.comm, self.step, self.params)
 
     @property
     def model(self):
@@ -135,6 +136,12 @@ class Trainer:
         old = dict(meta["config"])
         mine = dict(self.cfg)
         old.pop("iterations"), mine.pop("iterations")          # a run may be extended
+        # a setting added to the method after this checkpoint was written, at its default
+        # (which must reproduce the old behaviour), is no difference
+        defaults = methods.get(self.cfg["algorithm"]).DEFAULTS[self.cfg["task"]]
+        for k in set(mine) - set(old):
+            if k in defaults and mine[k] == defaults[k]:
+                old[k] = mine[k]
         if old != mine:
             diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
             raise ValueError(f"train --resume: the settings {diff} differ from the checkpoint's "
@@ -183,7 +190,7 @@ class Trainer:
     def _gradient(self, batch):
         """The method's mean gradient over the meta-batch; with R > 1 ranks each computes the
         mean over its block of tasks, and one Allreduce of w_r * g_r (w_r = T_r / T) sums
-        them (metacore.distributed)."""
+        them; a second, small one sums the metrics and buffers (metacore.distributed)."""
         if self.comm.size == 1:
             return self.method.gradient(self.params, batch)
         from metacore.distributed import task_blocks
@@ -193,9 +200,20 @@ class Trainer:
         grad, metrics = self.method.gradient(self.params, self.method.shard(batch, lo, hi))
         w = (hi - lo) / T
         grad = self.comm.allreduce_sum(grad * grad.dtype.type(w))
+        # the metrics and the buffers (BN running statistics) ride in one small float64
+        # Allreduce: each rank moved its buffers toward its block's mean statistics, an
+        # affine update, so the w_r-weighted sum is the single-process update
         keys = sorted(metrics)
-        vals = self.comm.allreduce_sum(np.array([metrics[k] * w for k in keys], np.float64))
-        return grad, dict(zip(keys, vals.tolist()))
+        bufs = self.method.buffers()
+        names = sorted(bufs)
+        flat = [np.array([metrics[k] for k in keys], np.float64)]
+        flat += [np.asarray(bufs[k], np.float64).ravel() for k in names]
+        vals = self.comm.allreduce_sum(np.concatenate(flat) * w)
+        if names:
+            ends = np.cumsum([len(keys)] + [bufs[k].size for k in names])
+            self.method.load_buffers({k: vals[a:b].reshape(bufs[k].shape)
+                                      for k, a, b in zip(names, ends[:-1], ends[1:])})
+        return grad, dict(zip(keys, vals[:len(keys)].tolist()))
 
     def _learning_rate(self):
         h = self.cfg["lr_halve_every"]

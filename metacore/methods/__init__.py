@@ -26,7 +26,9 @@ owns the model, the task source and everything the trainer must not know about:
     m.evaluate(params, opts) -> dict           # `metacore eval RUN`; opts are the CLI's
     m.format_result(result) -> str             #   (tasks, seed, shots, way, bn, ...)
     m.shard(batch, lo, hi) -> sub-batch        # --distributed: tasks [lo, hi) of the batch;
-    m.batch_size(batch) -> T                   #   gradient() must be a mean over tasks
+    m.batch_size(batch) -> T                   #   gradient() must be a mean over tasks, and
+                                               #   its change to buffers() affine in the
+                                               #   mean over tasks (BN running statistics)
 
 Keep a method module's top level light (numpy and metacore only; numba lazily): the command
 line imports every method module to list the names.

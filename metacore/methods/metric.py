@@ -9,8 +9,11 @@ quarter turn of a character its own class.
     siamese   Koch et al. 2015, verification pairs (.siamese)
 
 One step = one training episode (or, for siamese, one batch of verification pairs), its loss
-gradient from the algorithm's hand-written backward. Batch norm: training normalises each
-episode with its own batch statistics and moves the running statistics toward them
+gradient from the algorithm's hand-written backward. ProtoNets may take a meta-batch of
+episodes per step instead (--meta-batch T: the mean loss over T episodes, each normalised by
+its own batch statistics); that is what `--distributed` splits across MPI ranks, since one
+episode cannot be split exactly (batch norm couples all of its images). Batch norm: training
+normalises each episode with its own batch statistics and moves the running statistics toward them
 (momentum `bn_momentum`); the running statistics are the method's buffers, so they are in
 every checkpoint and a resumed run is bit-identical.
 
@@ -46,6 +49,7 @@ DEFAULTS = {
         outer_opt="adam", outer_lr=1e-3, lr_halve_every=0,
         n_way=None,          # training classes per episode
         shots=1,             # training K; ProtoNets: "shot = test shot", one model per K
+        meta_batch=1,        # episodes per step (the papers' 1); > 1 for protonet only
         queries=None,        # training queries per class
         pairs=None,          # siamese: verification pairs per step
         fce=None,            # matching: Full Context Embeddings
@@ -96,6 +100,10 @@ def check_config(cfg):
     """Resolve the paper defaults (None) for cfg['algorithm'] and check every setting."""
     algo, paper = cfg["algorithm"], PAPER[cfg["algorithm"]]
     _pos_int(cfg, "shots")
+    _pos_int(cfg, "meta_batch")
+    if cfg["meta_batch"] != 1 and algo != "protonet":
+        raise ValueError(f"make_config: meta_batch {cfg['meta_batch']}: episodes per step > 1 "
+                         f"are implemented for protonet only, not {algo}")
     for key in ("n_way", "queries", "pairs", "fce", "read_steps"):
         if cfg[key] is None and key in paper:
             v = paper[key]
@@ -191,8 +199,24 @@ class Method(MethodBase):
         if self.cfg["algorithm"] == "siamese":
             b = self.sampler.sample(1, self.cfg["pairs"])
             return b.x1, b.x2, b.same
-        e = self.sampler.sample(1)
+        e = self.sampler.sample(self.cfg["meta_batch"])
         return e.support_x, e.support_y, e.query_x, e.query_y
+
+    def _check_distributed(self):
+        if self.cfg["algorithm"] != "protonet":
+            raise ValueError(f"{self.cfg['algorithm']} does not support --distributed (one "
+                             f"episode or pair batch per step, coupled by batch norm; only "
+                             f"protonet takes a meta-batch of episodes)")
+
+    def batch_size(self, batch):
+        self._check_distributed()
+        return batch[0].shape[0]
+
+    def shard(self, batch, lo, hi):
+        """Episodes [lo, hi): each keeps its own BN batch statistics, so the block's mean
+        gradient is exactly its share of the meta-batch's (metacore.distributed)."""
+        self._check_distributed()
+        return tuple(a[lo:hi] for a in batch)
 
     def gradient(self, params, batch):
         m = self.cfg["bn_momentum"]
