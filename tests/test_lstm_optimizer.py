@@ -6,13 +6,14 @@ quadratic optimizee, the preprocessing, the baselines, and the method through th
 
 Shape letters: M optimizees, n parameters each, N = M n coordinates, H hidden units, S steps.
 """
-import json
 
 import numpy as np
 import pytest
 
 from metacore.algorithms import lstm_optimizer as A
 from metacore.gradcheck import numerical_gradient, rel_error
+
+from _run_helpers import metrics_without_time as _strip  # noqa: E402  (tests/ on sys.path)
 from metacore.tasks.quadratic import Quadratics, quadratic_loss_grad, sample_quadratics
 
 FD_TOL = 1e-7
@@ -197,14 +198,6 @@ def _cfg(tmp_path, **over):
                 eval_every=3, log_every=1, ckpt_every=1, iterations=7, seed=5)
     base.update(over)
     return make_config("lstm_optimizer", "quadratic", tmp_path, **base)
-
-
-def _strip(path):
-    with open(path) as f:
-        recs = [json.loads(line) for line in f]
-    for r in recs:
-        r.pop("elapsed_s")
-    return recs
 
 
 def test_resume_mid_optimization_is_bit_identical(tmp_path):

@@ -12,8 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from metacore.checkpoint import CheckpointError, load_checkpoint
+from metacore.checkpoint import load_checkpoint
 from metacore.training import Trainer, load_run, make_config
+
+from _run_helpers import checkpoint_step as _ckpt_step  # noqa: E402  (tests/ on sys.path)
+from _run_helpers import child_env, metrics_without_time as _strip_time
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(channels=8, n_way=3, queries=2, val_way=3, val_episodes=3, pairs=4)
@@ -21,25 +25,7 @@ TINY_SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    return env
-
-
-def _ckpt_step(path):
-    try:
-        return load_checkpoint(path)[1]["step"]
-    except (FileNotFoundError, CheckpointError, OSError):
-        return -1
-
-
-def _strip_time(path):
-    with open(path) as f:
-        recs = [json.loads(line) for line in f]
-    for r in recs:
-        r.pop("elapsed_s")
-    return recs
+    return child_env(one_thread=True)
 
 
 def test_paper_defaults_resolved_per_algorithm(tmp_path):

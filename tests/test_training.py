@@ -10,9 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from metacore.checkpoint import CheckpointError, load_checkpoint
+from metacore.checkpoint import load_checkpoint
 from metacore.evaluation import adapt_and_score, evaluate, mean_ci
 from metacore.training import Trainer, make_config
+
+from _run_helpers import checkpoint_step as _ckpt_step  # noqa: E402  (tests/ on sys.path)
+from _run_helpers import child_env as _env, metrics_without_time as _strip_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--task", "sinusoid", "--iterations", "300", "--ckpt-every", "20", "--log-every",
@@ -22,27 +25,6 @@ ARGS = ["--task", "sinusoid", "--iterations", "300", "--ckpt-every", "20", "--lo
 def _cli(out, *extra):
     cmd = [sys.executable, "-m", "metacore", "train", "maml", "--out", str(out)] + ARGS
     return cmd + list(extra)
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _ckpt_step(path):
-    try:
-        return load_checkpoint(path)[1]["step"]
-    except (FileNotFoundError, CheckpointError, OSError):
-        return -1
-
-
-def _strip_time(path):
-    with open(path) as f:
-        recs = [json.loads(line) for line in f]
-    for r in recs:
-        r.pop("elapsed_s")
-    return recs
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
