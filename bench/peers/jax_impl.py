@@ -188,6 +188,53 @@ def protonet(cfg, inputs):
     return lambda: jax.block_until_ready(fn(params))
 
 
+# ---------------------------------------------------------------- LRUA memory (MANN)
+def lrua(cfg, inputs):
+    """jit of value_and_grad of a lax.scan over the T steps, each batched over the B
+    episodes; L = sum(probe * reads), gradients w.r.t. keys, alpha, memory0, read0. The
+    usage only feeds the least-used selection (non-differentiable in metacore): it goes
+    through stop_gradient. Shapes: keys (T, B, H, W), alpha (H,), memory0 (B, S, W),
+    read0 (B, H, S), usage0 (B, S)."""
+    eps, gamma = 1e-8, cfg["gamma"]
+    keys, alpha, memory0, read0, usage0, probe = (
+        jnp.asarray(inputs[n]) for n in ("keys", "alpha", "memory0", "read0", "usage0",
+                                         "probe"))
+    T, B, H, W = keys.shape
+
+    def episode(keys, alpha, memory0, read0):
+        g = jax.nn.sigmoid(alpha)[None, :, None]                         # (1, H, 1)
+
+        def step(carry, k):                                              # k (B, H, W)
+            M, wr, wu = carry
+            wu = jax.lax.stop_gradient(wu)
+            m = jnp.sort(wu, axis=1)[:, H - 1]                           # (B,) n-th smallest
+            wlu = (wu <= m[:, None]).astype(wu.dtype)                    # (B, S)
+            keep = 1.0 - jax.nn.one_hot(jnp.argmin(wu, axis=1), wu.shape[1], dtype=wu.dtype)
+            ww = g * wr + (1 - g) * wlu[:, None, :]                      # (B, H, S)
+            M = M * keep[:, :, None] + jnp.einsum("bhs,bhw->bsw", ww, k)
+            kn = jnp.maximum(jnp.linalg.norm(k, axis=2), eps)            # (B, H)
+            mn = jnp.maximum(jnp.linalg.norm(M, axis=2), eps)            # (B, S)
+            c = jnp.einsum("bhw,bsw->bhs", k, M) / (kn[:, :, None] * mn[:, None, :])
+            wr = jax.nn.softmax(c, axis=2)                               # (B, H, S)
+            r = jnp.einsum("bhs,bsw->bhw", wr, M)                        # (B, H, W)
+            wu = gamma * wu + jax.lax.stop_gradient(wr.sum(1) + ww.sum(1))
+            return (M, wr, wu), r
+
+        _, reads = jax.lax.scan(step, (memory0, read0, usage0), keys)
+        return reads                                                     # (T, B, H, W)
+
+    def loss(keys, alpha, memory0, read0):
+        reads = episode(keys, alpha, memory0, read0)
+        return (probe * reads).sum(), reads
+
+    @jax.jit
+    def fn(keys, alpha, memory0, read0):
+        (_, reads), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            keys, alpha, memory0, read0)
+        return (reads,) + grads
+    return lambda: jax.block_until_ready(fn(keys, alpha, memory0, read0))
+
+
 def build(variant, w, inputs):
     if w.kind in ("maml", "fomaml", "reptile"):
         return sinusoid(w.kind, w.cfg["k"], inputs)
@@ -197,6 +244,8 @@ def build(variant, w, inputs):
         return conv4_maml(w.cfg, inputs)
     if w.kind == "protonet":
         return protonet(w.cfg, inputs)
+    if w.kind == "lrua":
+        return lrua(w.cfg, inputs)
     raise KeyError(w.kind)
 
 

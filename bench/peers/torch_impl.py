@@ -292,6 +292,48 @@ def protonet(cfg, inputs):
     return call
 
 
+# ---------------------------------------------------------------- LRUA memory (MANN)
+def lrua(cfg, inputs):
+    """A Python loop over the T steps, each batched over the B episodes, autograd for the
+    gradient of L = sum(probe * reads) w.r.t. keys, alpha, memory0, read0. The usage only
+    feeds the least-used selection (non-differentiable in metacore), so it is kept
+    under no_grad. Shapes: keys (T, B, H, W), alpha (H,), memory0 (B, S, W),
+    read0 (B, H, S), usage0 (B, S)."""
+    eps, gamma = 1e-8, cfg["gamma"]
+    keys, alpha, memory0, read0 = (_t(inputs[n]).requires_grad_()
+                                   for n in ("keys", "alpha", "memory0", "read0"))
+    usage0, probe = _t(inputs["usage0"]), _t(inputs["probe"])
+    T, B, H, W = keys.shape
+
+    def episode():
+        g = torch.sigmoid(alpha)[None, :, None]                          # (1, H, 1)
+        M, wr, wu = memory0, read0, usage0
+        reads = []
+        for t in range(T):
+            k = keys[t]                                                  # (B, H, W)
+            with torch.no_grad():
+                m = torch.kthvalue(wu, H, dim=1).values                  # (B,) n-th smallest
+                wlu = (wu <= m[:, None]).to(wu.dtype)                    # (B, S)
+                keep = torch.ones_like(wu)
+                keep[torch.arange(B), wu.argmin(dim=1)] = 0.0            # zero the least used
+            ww = g * wr + (1 - g) * wlu[:, None, :]                      # (B, H, S)
+            M = M * keep[:, :, None] + torch.einsum("bhs,bhw->bsw", ww, k)
+            kn = torch.linalg.vector_norm(k, dim=2).clamp_min(eps)       # (B, H)
+            mn = torch.linalg.vector_norm(M, dim=2).clamp_min(eps)       # (B, S)
+            c = torch.einsum("bhw,bsw->bhs", k, M) / (kn[:, :, None] * mn[:, None, :])
+            wr = torch.softmax(c, dim=2)                                 # (B, H, S)
+            reads.append(torch.einsum("bhs,bsw->bhw", wr, M))            # (B, H, W)
+            with torch.no_grad():
+                wu = gamma * wu + wr.sum(1) + ww.sum(1)                  # (B, S)
+        return torch.stack(reads)                                        # (T, B, H, W)
+
+    def call():
+        reads = episode()
+        grads = torch.autograd.grad((probe * reads).sum(), (keys, alpha, memory0, read0))
+        return (reads.detach(),) + grads
+    return call
+
+
 def build(variant, w, inputs):
     if w.kind in ("maml", "fomaml", "reptile"):
         make = sinusoid_eager if variant == "torch-eager" else sinusoid_func
@@ -302,6 +344,8 @@ def build(variant, w, inputs):
         return conv4_maml(variant, w.cfg, inputs)
     if w.kind == "protonet":
         return protonet(w.cfg, inputs)
+    if w.kind == "lrua":
+        return lrua(w.cfg, inputs)
     raise KeyError(w.kind)
 
 

@@ -257,6 +257,49 @@ def metacore_protonet(inputs, dtype):
     return call
 
 
+# ---------------------------------------------------------------- LRUA memory (MANN)
+LRUA = dict(T=50, B=16, H=4, S=128, W=40, gamma=0.95)
+
+
+def make_lrua(cfg, seed=0):
+    """The inputs of bench/bench_lrua.py's make() (same seed, same order of draws): MANN's
+    start M_0 = 1e-6, w_u_0 = 0, w_r_0 one-hot on slot 0; keys, gates and the probe random.
+    keys (T, B, H, W), alpha (H,), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S),
+    probe (T, B, H, W): the fixed linear probe c of L = sum(c * reads), so dL/dreads = c."""
+    T, B, H, S, W = (cfg[n] for n in ("T", "B", "H", "S", "W"))
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((T, B, H, W)).astype(np.float32)
+    alpha = rng.standard_normal(H).astype(np.float32)
+    memory0 = np.full((B, S, W), 1e-6, np.float32)
+    read0 = np.zeros((B, H, S), np.float32)
+    read0[..., 0] = 1
+    usage0 = np.zeros((B, S), np.float32)
+    probe = rng.standard_normal((T, B, H, W)).astype(np.float32)
+    return {"keys": keys, "alpha": alpha, "memory0": memory0, "read0": read0,
+            "usage0": usage0, "probe": probe}
+
+
+def metacore_lrua(cfg, inputs, dtype, variant):
+    """-> call returning (reads (T, B, H, W), dkeys (T, B, H, W), dalpha (H,),
+    dmemory0 (B, S, W), dread0 (B, H, S)): lrua_forward, then lrua_backward of the probe
+    (which reruns the forward inside), as bench/bench_lrua.py times it."""
+    from metacore.kernels import lrua as K
+    backend = {"metacore": "numba", "metacore-reference": "reference"}[variant]
+    a = {n: np.ascontiguousarray(v, dtype=dtype) for n, v in inputs.items()}
+    args = (a["keys"], a["alpha"], a["memory0"], a["read0"], a["usage0"], cfg["gamma"])
+
+    def call():
+        reads = K.lrua_forward(*args, backend=backend)[0]
+        return (reads,) + tuple(K.lrua_backward(a["probe"], *args, backend=backend))
+    return call
+
+
+def lrua_flops(T, B, H, S, W):
+    """bench/bench_lrua.py's nominal count: 26 H S W per step per episode (forward 6, the
+    backward's recomputed forward 6, its sweep 14; only the H S W terms)."""
+    return 26 * H * S * W * T * B
+
+
 # ---------------------------------------------------------------- registry
 def _sinusoid(kind, k, quick=True):
     title = {"maml": "second-order MAML", "fomaml": "first-order MAML",
@@ -319,6 +362,33 @@ def _protonet(quick=True):
              "this input, not yet explained.")
 
 
+def _lrua(quick=True):
+    c = LRUA
+    return Workload(
+        name=f"lrua-T{c['T']}-B{c['B']}-H{c['H']}-{c['S']}x{c['W']}", kind="lrua",
+        title=f"LRUA memory (MANN): a {c['T']}-step episode forward + backward, B={c['B']} "
+              f"episodes, H={c['H']} heads, memory {c['S']} x {c['W']}",
+        cfg=dict(c), outputs=("reads", "dkeys", "dalpha", "dmemory0", "dread0"),
+        quick=quick, tol=1e-4, metacore=("metacore", "metacore-reference"),
+        peers=("torch-eager", "jax"),
+        note="Santoro et al.'s least-recently-used access (metacore.kernels.lrua; the math in "
+             "metacore.reference.lrua): cosine read weights with softmax, usage decay gamma = "
+             "0.95, least-used weights from the n-th smallest usage (n = H), write weights "
+             "sigmoid(alpha) w_r_prev + (1 - sigmoid(alpha)) w_lu_prev, least-used slot "
+             "zeroed before the write M_t = M' + w_w^T k. Inputs as bench/bench_lrua.py "
+             "(M_0 = 1e-6, w_u_0 = 0, w_r_0 one-hot). Timed: the reads of the whole episode "
+             "and the gradient of a fixed linear probe L = sum(c * reads) w.r.t. keys, "
+             "alpha, memory0 and read0. `metacore` is the Numba backend (lrua_forward + "
+             "lrua_backward, which reruns the forward), `metacore-reference` the float64 "
+             "NumPy reference (loops over episodes and steps; it computes in float64 and "
+             "returns float32). PyTorch eager: a Python loop over the 50 steps, batched "
+             "over episodes, autograd; JAX: jit of value_and_grad of a lax.scan over the "
+             "steps. In both the least-used weights and the zeroed slot come from the usage "
+             "under no_grad / stop_gradient (kthvalue / sort, argmin), as metacore treats "
+             "them as non-differentiable. torch.func is left out: nothing to vmap over "
+             "beyond the batch the ops already take.")
+
+
 WORKLOADS = {}
 for _w in [_sinusoid("maml", 1), _sinusoid("maml", 5), _sinusoid("fomaml", 1),
            _sinusoid("fomaml", 5, quick=False), _sinusoid("reptile", 1),
@@ -326,7 +396,7 @@ for _w in [_sinusoid("maml", 1), _sinusoid("maml", 5), _sinusoid("fomaml", 1),
            _distance("sqeuclidean", 75, 5, 64), _distance("sqeuclidean", 300, 20, 64),
            _distance("sqeuclidean", 2000, 2000, 1600, quick=False),
            _distance("protonet_loss", 75, 5, 64), _distance("protonet_loss", 300, 20, 64),
-           _conv4(4, 1), _conv4(32, 1, quick=False), _protonet()]:
+           _conv4(4, 1), _conv4(32, 1, quick=False), _protonet(), _lrua()]:
     WORKLOADS[_w.name] = _w
 
 
@@ -339,6 +409,8 @@ def make_inputs(w, seed=0):
         return make_conv4(w.cfg, seed)
     if w.kind == "protonet":
         return make_protonet(w.cfg, seed)
+    if w.kind == "lrua":
+        return make_lrua(w.cfg, seed)
     raise KeyError(w.kind)
 
 
@@ -351,6 +423,8 @@ def metacore_call(w, variant, inputs, dtype=np.float32):
         return metacore_conv4(inputs, dtype, w.cfg["k"], w.cfg["alpha"], w.cfg["n_way"])
     if w.kind == "protonet":
         return metacore_protonet(inputs, dtype)
+    if w.kind == "lrua":
+        return metacore_lrua(w.cfg, inputs, dtype, variant)
     raise KeyError(w.kind)
 
 
@@ -361,6 +435,8 @@ def truth(w, inputs):
         out = metacore_sinusoid(w.kind, w.cfg["k"], inputs, np.float64, "metacore")()
     elif w.kind in ("sqeuclidean", "protonet_loss"):
         out = metacore_distance(w.kind, inputs, np.float64, "numpy-blas")()
+    elif w.kind == "lrua":
+        out = metacore_lrua(w.cfg, inputs, np.float64, "metacore-reference")()
     else:
         out = metacore_call(w, "metacore", inputs, np.float64)()
     return tuple(np.asarray(o, np.float64) for o in out)
@@ -385,4 +461,6 @@ def flops(w):
         from metacore.models import conv4_protonet
         f, b, _ = macs_flops(conv_macs(conv4_protonet()), c["n_way"] * (c["shots"] + c["queries"]))
         return f + b
+    if w.kind == "lrua":
+        return lrua_flops(c["T"], c["B"], c["H"], c["S"], c["W"])
     raise KeyError(w.kind)
