@@ -8,7 +8,7 @@ Shape letters: T tasks per meta-batch, N points (images) per task, P parameters.
 
 Workloads (Finn et al. 2017):
   sinusoid   MLP 1-40-40-1 (P = 1761), T = 25 tasks, K = 10 support + 10 query points
-  omniglot   conv4_maml 5-way 1-shot (P = 112,005), T = 32 tasks, 5 support + 5 query images
+  omniglot   conv4_maml 5-way 1-shot (P = 112,261), T = 32 tasks, 5 support + 5 query images
 
 A meta-step is the meta-gradient plus one Adam update of theta (the algorithm's whole outer
 iteration, task sampling excluded). The reference meta-step runs the same recursion with

@@ -339,7 +339,7 @@ def _conv4(T, k, quick=True):
         cfg=dict(T=T, k=k, n_way=5, shots=1, queries=15, alpha=0.4), outputs=("query_loss", "grad"),
         quick=quick, tol=1e-3,
         note="conv4_maml (4 x [3x3 conv 64 stride 2 'same', batch norm with the task's batch "
-             "statistics, ReLU], spatial mean, linear 5-way head; P = 112,005), softmax "
+             "statistics, ReLU], spatial mean, linear 5-way head; P = 112,261), softmax "
              "cross-entropy, alpha = 0.4, real Omniglot episodes. Timed: the meta-gradient "
              "(query losses and the (P,) gradient). Tolerance 1e-3: batch norm over 5 support "
              "images amplifies float32 rounding.")
