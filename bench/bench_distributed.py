@@ -14,24 +14,15 @@ checkpoint: 112,261 for this model, 449 KB) plus one of 2 float64 metrics.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from metacore.distributed import mpi_unavailable
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, LOG = 12, 4
-
-
-def _mpi_missing():
-    if shutil.which("mpirun") is None:
-        return "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return "mpi4py not installed (pip install 'metacore[mpi]')"
-    return None
 
 
 def _rate(out):
@@ -42,7 +33,7 @@ def _rate(out):
     return (STEPS - LOG) / (t[STEPS] - t[LOG])
 
 
-@pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
+@pytest.mark.skipif(mpi_unavailable() is not None, reason=str(mpi_unavailable()))
 def test_conv4_maml_steps_per_second(tmp_path):
     from metacore.checkpoint import load_checkpoint
     env = dict(os.environ, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",

@@ -26,26 +26,23 @@ up (compiles Numba, or loads its cache).
 import numpy as np
 import pytest
 from _timing import median_seconds
+from peers.workloads import LRUA, lrua_flops, make_lrua   # bench/ is on sys.path, as for _timing
 
 import metacore  # noqa: F401
 from metacore.gradcheck import rel_error
 from metacore.kernels import lrua as K
 
-T, B, H, S, W = 50, 16, 4, 128, 40
-GAMMA = 0.95
-FLOPS = 26 * H * S * W * T * B
+T, B, H, S, W = (LRUA[n] for n in ("T", "B", "H", "S", "W"))
+GAMMA = LRUA["gamma"]
+FLOPS = lrua_flops(T, B, H, S, W)
 
 
-def make(seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    keys = rng.standard_normal((T, B, H, W)).astype(dtype)       # (T, B, H, W)
-    alpha = rng.standard_normal(H).astype(dtype)                 # (H,)
-    memory0 = np.full((B, S, W), 1e-6, dtype)                    # (B, S, W)
-    read0 = np.zeros((B, H, S), dtype)                           # (B, H, S)
-    read0[..., 0] = 1
-    usage0 = np.zeros((B, S), dtype)                             # (B, S)
-    dreads = rng.standard_normal((T, B, H, W)).astype(dtype)     # (T, B, H, W)
-    return keys, alpha, memory0, read0, usage0, dreads
+def make(seed=0):
+    """-> keys (T, B, H, W), alpha (H,), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S),
+    dreads (T, B, H, W), float32: the inputs of the peer benchmark's LRUA workload (one
+    maker, so both benches time the same episode)."""
+    a = make_lrua(LRUA, seed)
+    return tuple(a[n] for n in ("keys", "alpha", "memory0", "read0", "usage0", "probe"))
 
 
 def step(backend, keys, alpha, memory0, read0, usage0, dreads):

@@ -31,6 +31,7 @@ step 0 on the hosts that cannot see rank 0's checkpoint.
 """
 import contextlib
 import hashlib
+import shutil
 import sys
 import traceback
 
@@ -46,6 +47,18 @@ class SingleProcess:
 
     def barrier(self):
         pass
+
+
+def mpi_unavailable():
+    """None when `mpirun` and mpi4py are both here, else what is missing and how to get it
+    (what the MPI tests and bench/bench_distributed.py skip with)."""
+    if shutil.which("mpirun") is None:
+        return "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py not installed (pip install 'metacore[mpi]')"
+    return None
 
 
 class MPIComm:

@@ -6,7 +6,6 @@ apart, and a killed rank or one that raises ending the job with an error instead
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,23 +15,13 @@ import numpy as np
 import pytest
 
 from metacore.checkpoint import load_checkpoint
-from metacore.distributed import check_same_start, task_blocks
+from metacore.distributed import check_same_start, mpi_unavailable, task_blocks
 from metacore.gradcheck import rel_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _mpi_missing():
-    if shutil.which("mpirun") is None:
-        return "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return "mpi4py not installed (pip install 'metacore[mpi]')"
-    return None
-
-
-needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
+needs_mpi = pytest.mark.skipif(mpi_unavailable() is not None, reason=str(mpi_unavailable()))
 
 
 def _env():
