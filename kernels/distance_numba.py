@@ -220,14 +220,6 @@ def _fwd_task(qTt, st, mode, acc, out_t):
 
 
 @njit(fastmath=FM, cache=True)
-def _rows_fwd(qT, s, mode, out):
-    """Serial forward: qT: (T, D, Q), s: (T, N, D) -> out: (T, Q, N), overwritten."""
-    acc = np.empty(qT.shape[2], out.dtype)
-    for t in range(qT.shape[0]):
-        _fwd_task(qT[t], s[t], mode, acc, out[t])
-
-
-@njit(fastmath=FM, cache=True)
 def _rows_grad(g, a, b, mode, trans, double, out):
     """Serial _pair_grad: out[t, i, :] = c sum_j G[t, i, j] f(a[t, i, :], b[t, j, :]) with
     G = g (trans False) or g^T (trans True, read in place), c = 2 if double else 1, and
@@ -309,55 +301,294 @@ def _fused_loss(q, s, y, w, mode, sc, loss, dq, ds, pred):
     _rows_grad(gd, s, q, mode, True, False, ds)
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def _combine_sq(G, nq, ns, q, s, tau, out):
-    """The GEMM route's last pass: d = |q'|^2 + |s'|^2 - 2 q'.s' from the centred points'
-    G = q' s'^T (T, Q, N) and norms nq (T, Q), ns (T, N); where tau d < |q'|^2 + |s'|^2
-    (cancellation has eaten more than log2(tau) bits; d <= 0 included) the pair is
-    recomputed by the direct formula from the original q, s. -> out (T, Q, N)."""
-    T, Q, N = G.shape
-    D = q.shape[2]
-    for p in prange(T * Q):
-        t = p // Q
-        i = p - t * Q
-        for j in range(N):
-            big = nq[t, i] + ns[t, j]
-            v = big - (G[t, i, j] + G[t, i, j])
-            if tau * v < big:
-                v = big * 0
-                for k in range(D):
-                    dif = q[t, i, k] - s[t, j, k]
-                    v += dif * dif
-            out[t, i, j] = v
+@njit(fastmath=FM, cache=True)
+def _small_fwd(q, s, mode, out):
+    """Serial forward in one call: q: (T, Q, D), s: (T, N, D) -> out: (T, Q, N), overwritten;
+    each task's queries are transposed into a scratch (D, Q) here, not by a NumPy copy."""
+    T, Q, D = q.shape
+    acc = np.empty(Q, out.dtype)
+    qT = np.empty((D, Q), q.dtype)
+    for t in range(T):
+        for i in range(Q):
+            for k in range(D):
+                qT[k, i] = q[t, i, k]
+        _fwd_task(qT, s[t], mode, acc, out[t])
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def _sq_norms(x, out):
-    """x: (T, M, D) -> out: (T, M) = |x_m|^2, summed over k in order."""
-    T, M, D = x.shape
-    for p in prange(T * M):
-        t = p // M
-        m = p - t * M
-        v = x[t, m, 0] * 0
+@njit(fastmath=FM, cache=True)
+def _small_grad(g, q, s, mode, dq, ds):
+    """Serial backward in one call: dq and ds of _rows_grad (factor 2 for mode 0)."""
+    _rows_grad(g, q, s, mode, False, mode == 0, dq)
+    _rows_grad(g, s, q, mode, True, mode == 0, ds)       # f(s - q) = -f(q - s)
+
+
+# ---------------------------------------------------------------- GEMM route
+# Squared Euclidean forward and backward through BLAS (np.dot inside Numba calls the
+# GEMM), one task at a time, after centring both sets on the task's mean point mu
+# (d and its gradients are translation invariant; centring turns points far from the
+# origin but close to each other into small vectors). Error bounds, eps the unit roundoff
+# of the dtype, q' = q - mu, s' = s - mu:
+#   forward   v = |q'|^2 + |s'|^2 - 2 q'.s' has |v - d| <= (2D + 3) eps (|q'|^2 + |s'|^2)
+#             (two norms and a dot product of D terms each, then two additions). Kept where
+#             TAU v >= |q'|^2 + |s'|^2, a relative error of at most TAU (2D + 3) eps; every
+#             other pair (v <= 0 included, so q == s gives exactly 0) is recomputed by the
+#             direct formula, relative error (D + 2) eps.
+#   backward  dq_i = 2 (r_i q'_i - sum_j g_ij s'_j), r_i = sum_j g_ij, has
+#             |err_ik| <= (N + 2) eps R_i (|q'_ik| + S_k), R_i = sum_j |g_ij|,
+#             S_k = max_j |s'_jk|; the direct formula's a priori bound is
+#             (N + 2) eps R_i M_ik with M_ik = max_j |q_ik - s_jk| = |q'_ik - c_k| + h_k
+#             (c_k, h_k the centre and half-width of the s'_jk; exact, O(D) per row). A row
+#             keeps the GEMM result where |q'_ik| + S_k <= KAPPA M_ik for every k (its
+#             bound within KAPPA of the direct one), and is recomputed by the direct formula
+#             otherwise (near-duplicate points, a single support, features where every
+#             support sits on the query). ds likewise with q and s swapped.
+#   Centring rounds q - mu once per element (exact where q_k and mu_k are within a factor
+#   2, Sterbenz), moving each result by at most about 2 eps of its terms.
+@njit(fastmath=False, cache=True)
+def _centre(qt, st):
+    """qt: (Q, D), st: (N, D) -> q' = qt - mu, s' = st - mu, with mu the mean of all Q + N
+    points, summed in float64 and rounded to the dtype once."""
+    Q, D = qt.shape
+    N = st.shape[0]
+    acc = np.zeros(D, np.float64)
+    for i in range(Q):
         for k in range(D):
-            v += x[t, m, k] * x[t, m, k]
-        out[t, m] = v
+            acc[k] += qt[i, k]
+    for j in range(N):
+        for k in range(D):
+            acc[k] += st[j, k]
+    mu = np.empty(D, qt.dtype)
+    for k in range(D):
+        mu[k] = acc[k] / (Q + N)
+    qc = np.empty((Q, D), qt.dtype)
+    sc = np.empty((N, D), qt.dtype)
+    for i in range(Q):
+        for k in range(D):
+            qc[i, k] = qt[i, k] - mu[k]
+    for j in range(N):
+        for k in range(D):
+            sc[j, k] = st[j, k] - mu[k]
+    return qc, sc
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _row_sq_norms(x):
+    """x: (M, D) -> (M,) = |x_m|^2. Reassociated (vectorized): every term is non-negative,
+    so any summation order keeps the relative error within (D - 1) eps."""
+    M, D = x.shape
+    out = np.empty(M, x.dtype)
+    for m in range(M):
+        v = x[m, 0] * 0
+        for k in range(D):
+            v += x[m, k] * x[m, k]
+        out[m] = v
+    return out
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_fwd_task(qt, st, qc, sc, tau, out_t):
+    """d = |q'|^2 + |s'|^2 - 2 q' s'^T (one GEMM), cancelling pairs recomputed directly
+    from qt: (Q, D), st: (N, D) (see the bound above). -> out_t: (Q, N), overwritten."""
+    Q, D = qt.shape
+    N = st.shape[0]
+    G = np.dot(qc, sc.T)                                   # (Q, N)
+    nq = _row_sq_norms(qc)
+    ns = _row_sq_norms(sc)
+    nbad = 0
+    for i in range(Q):                                     # branch-free, vectorized
+        oi = out_t[i]
+        gi = G[i]
+        for j in range(N):
+            big = nq[i] + ns[j]
+            v = big - (gi[j] + gi[j])
+            oi[j] = v
+            nbad += tau * v < big
+    if nbad:
+        for i in range(Q):
+            for j in range(N):
+                big = nq[i] + ns[j]
+                if tau * out_t[i, j] < big:
+                    v = big * 0
+                    for k in range(D):
+                        dif = qt[i, k] - st[j, k]
+                        v += dif * dif
+                    out_t[i, j] = v
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_grad_side(gt, trans, at, bt, ac, bc, P, r, kappa, out_t):
+    """One side of the GEMM backward: out_i = 2 (r_i a'_i - P_i), r_i = sum_j G_ij, where
+    P = G b' (G = gt, or gt^T when trans), rows failing the KAPPA test recomputed directly:
+    out_i = 2 sum_j G_ij (a_i - b_j). at/ac: (A, D) original / centred, bt/bc: (B, D)."""
+    A, D = ac.shape
+    B = bc.shape[0]
+    hi = bc[0].copy()
+    lo = bc[0].copy()
+    for j in range(1, B):
+        for k in range(D):
+            hi[k] = max(hi[k], bc[j, k])
+            lo[k] = min(lo[k], bc[j, k])
+    cen = (hi + lo) * 0.5                                  # (D,) centre of the b'_jk
+    half = (hi - lo) * 0.5                                 # (D,) half-width
+    smax = np.maximum(np.abs(hi), np.abs(lo))              # (D,) max_j |b'_jk|
+    for i in range(A):
+        ai = ac[i]
+        oi = out_t[i]
+        pi = P[i]
+        nbad = 0
+        for k in range(D):                                 # vectorized test
+            nbad += abs(ai[k]) + smax[k] > kappa * (abs(ai[k] - cen[k]) + half[k])
+        if nbad == 0:
+            ri = r[i]
+            for k in range(D):
+                v = ri * ai[k] - pi[k]
+                oi[k] = v + v
+        else:
+            for k in range(D):
+                oi[k] = 0
+            ao = at[i]
+            for j in range(B):
+                w = gt[j, i] if trans else gt[i, j]
+                bj = bt[j]
+                for k in range(D):
+                    oi[k] += w * (ao[k] - bj[k])
+            for k in range(D):
+                oi[k] += oi[k]
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _row_col_sums(gt):
+    """gt: (Q, N) -> (Q,) row sums, (N,) column sums (reassociated: the backward's bound
+    already allows (N + 2) eps sum_j |g_ij| for them)."""
+    Q, N = gt.shape
+    rq = np.empty(Q, gt.dtype)
+    rs = np.zeros(N, gt.dtype)
+    for i in range(Q):
+        v = gt[i, 0] * 0
+        for j in range(N):
+            v += gt[i, j]
+            rs[j] += gt[i, j]
+        rq[i] = v
+    return rq, rs
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_grad_task(gt, qt, st, qc, sc, kappa, dq_t, ds_t):
+    """gt: (Q, N) -> dq_t: (Q, D), ds_t: (N, D) by two GEMMs (see the bound above)."""
+    rq, rs = _row_col_sums(gt)
+    _gemm_grad_side(gt, False, qt, st, qc, sc, np.dot(gt, sc), rq, kappa, dq_t)
+    _gemm_grad_side(gt, True, st, qt, sc, qc, np.dot(gt.T, qc), rs, kappa, ds_t)
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_fwd(q, s, tau, out):
+    """q: (T, Q, D), s: (T, N, D) -> out: (T, Q, N), the GEMM route, overwritten."""
+    for t in range(q.shape[0]):
+        qc, sc = _centre(q[t], s[t])
+        _gemm_fwd_task(q[t], s[t], qc, sc, tau, out[t])
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_grad(g, q, s, kappa, dq, ds):
+    """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D), the GEMM route, overwritten."""
+    for t in range(q.shape[0]):
+        qc, sc = _centre(q[t], s[t])
+        _gemm_grad_task(g[t], q[t], s[t], qc, sc, kappa, dq[t], ds[t])
+
+
+@njit(fastmath=False, cache=True)
+def _gemm_loss(q, s, y, w, sc_, tau, kappa, loss, dq, ds, pred):
+    """The squared-Euclidean ProtoNet loss through the GEMM route in one call (same
+    contract as _fused_loss with mode 0): centre once per task, forward, softmax
+    cross-entropy, backward."""
+    T, Q, D = q.shape
+    N = s.shape[1]
+    d = np.empty((Q, N), q.dtype)
+    gd = np.empty((Q, N), q.dtype)
+    for t in range(T):
+        qc, sc = _centre(q[t], s[t])
+        _gemm_fwd_task(q[t], s[t], qc, sc, tau, d)
+        lsum = sc_ - sc_
+        c0 = -sc_ * w[t]                       # d loss / d d at p = 1 (the 2 is the GEMM's)
+        for i in range(Q):
+            m = -sc_ * d[i, 0]
+            am = 0
+            for j in range(1, N):
+                v = -sc_ * d[i, j]
+                if v > m:
+                    m = v
+                    am = j
+            zs = m - m
+            for j in range(N):
+                e = np.exp(-sc_ * d[i, j] - m)
+                gd[i, j] = e
+                zs += e
+            yi = y[t, i]
+            lsum += np.log(zs) + m + sc_ * d[i, yi]
+            pred[t, i] = am
+            c = c0 / zs
+            for j in range(N):
+                gd[i, j] *= c
+            gd[i, yi] -= c0
+        loss[t] = lsum / Q
+        _gemm_grad_task(gd, q[t], s[t], qc, sc, kappa, dq[t], ds[t])
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _zero_sum(x):
+    """x: (A, B, C) -> sum of x * 0: 0 if every value is finite, NaN otherwise (x * 0 is
+    NaN exactly for NaN and +-Inf, and a sum of zeros cannot overflow, so reassociating it
+    into a vectorized sum changes nothing)."""
+    acc = 0.0
+    for a in range(x.shape[0]):
+        for b in range(x.shape[1]):
+            for c in range(x.shape[2]):
+                acc += x[a, b, c] * 0
+    return acc
+
+
+@njit(cache=True)
+def _probe2(a, b):
+    return _zero_sum(a) + _zero_sum(b)
+
+
+@njit(cache=True)
+def _probe3(a, b, c):
+    return _zero_sum(a) + _zero_sum(b) + _zero_sum(c)
+
+
+def all_finite(*arrays):
+    """True if every value of these (3-D, host) arrays is finite: one compiled call, used by
+    metacore.kernels.distance's input checks in place of one NumPy reduction per array."""
+    if len(arrays) == 2:
+        return _probe2(*arrays) == 0
+    if len(arrays) == 3 and arrays[0].dtype == arrays[1].dtype == arrays[2].dtype:
+        return _probe3(*arrays) == 0
+    return all(_zero_sum(a) == 0 for a in arrays)
 
 
 # ---------------------------------------------------------------- public functions
 # Routing by the work T Q N D (the number of (pair, feature) terms):
-#   < SMALL_TERMS     the serial kernels above (no thread launch, no copies); the
-#                     ProtoNet loss with sqeuclidean or L1 as one fused pass (_fused_loss)
+#   < SMALL_TERMS     the serial kernels above, one compiled call per op (no thread launch,
+#                     no copies); the ProtoNet loss with sqeuclidean or L1 as one fused pass
+#                     (_fused_loss)
 #   >= SMALL_TERMS    the parallel tiled kernels (_pair_fwd, _pair_grad)
-#   >= GEMM_TERMS and D >= GEMM_MIN_D: the forward squared Euclidean and cosine, and the
-#                     cosine backward, through BLAS GEMMs (see _sqeuclidean_gemm for how the
-#                     expansion is kept free of cancellation)
+#   >= GEMM_TERMS and D >= GEMM_MIN_D: the squared Euclidean forward, backward and ProtoNet
+#                     loss through the centred GEMM route (_gemm_fwd, _gemm_grad,
+#                     _gemm_loss; bounds above _centre), the cosine's products through BLAS.
+#                     This is checked first, so with GEMM_TERMS < SMALL_TERMS the parallel
+#                     kernels serve only L1, D < GEMM_MIN_D, and the cosine's norms.
+# GEMM_TERMS: measured on the bench shapes (D = 64, 1 thread): at Q N D = 24,000
+# (75 x 5 x 64) the serial direct kernels are faster, at 384,000 (300 x 20 x 64) the GEMM
+# route is 2-3x faster.
 SMALL_TERMS = 1 << 21
-GEMM_TERMS = 1 << 22
+GEMM_TERMS = 1 << 16
 GEMM_MIN_D = 16
-# Centred GEMM route: a pair whose expansion |q'|^2 + |s'|^2 - 2 q'.s' cancels more than
-# log2(TAU) = 1 bit is recomputed directly (_combine_sq).
+# GEMM route: a pair whose expansion cancels more than log2(TAU) = 1 bit is recomputed
+# directly; a backward row whose a priori bound exceeds KAPPA times the direct formula's is
+# recomputed directly (see above _centre).
 TAU = 2.0
+KAPPA = 8.0
 
 
 def _c(x):
@@ -377,43 +608,15 @@ def _use_gemm(q, s):
     return _terms(q, s) >= GEMM_TERMS and q.shape[2] >= GEMM_MIN_D
 
 
-
-
 def _forward(q, s, mode):
     """Direct forward (mode 0 sqeuclidean, 1 L1, 2 dot), serial or parallel by size."""
     q, s = _c(q), _c(s)
     out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
     if _terms(q, s) < SMALL_TERMS:
-        _rows_fwd(_transposed(q), s, mode, out)
+        _small_fwd(q, s, mode, out)
     else:
         _pair_fwd(q, _transposed(s), mode, out)
     return out
-
-
-def _sqeuclidean_gemm(q, s):
-    """Squared Euclidean through one GEMM, free of catastrophic cancellation.
-
-    1. Centre both sets on the task's mean point mu (rounded to the dtype): d is unchanged,
-       and points far from the origin but close to each other (the 1e4 test) become small
-       vectors, so the expansion no longer subtracts two huge numbers.
-    2. d = |q'|^2 + |s'|^2 - 2 q'.s', the cross term one BLAS GEMM per task (the O(Q N D)
-       work, near the FMA peak), the norms summed in order.
-    3. Error: the expansion's rounding is at most about (2D + 3) eps (|q'|^2 + |s'|^2). Where
-       TAU d >= |q'|^2 + |s'|^2 that is at most TAU (2D + 3) eps d, a relative bound; every
-       other pair (a close pair relative to its distance from mu, or d <= 0) is recomputed
-       from the original q, s by the direct formula, (D + 2) eps relative. Centring
-       itself moves d by at most about 4 eps d (each q_k - mu_k rounded once)."""
-    T, Q, D = q.shape
-    N = s.shape[1]
-    mu = ((q.sum(axis=1, dtype=np.float64) + s.sum(axis=1, dtype=np.float64))
-          / (Q + N)).astype(q.dtype)[:, None, :]                     # (T, 1, D)
-    qc, sc = q - mu, s - mu                                          # (T, Q, D), (T, N, D)
-    G = np.matmul(qc, sc.transpose(0, 2, 1))                         # (T, Q, N)
-    nq, ns = np.empty((T, Q), q.dtype), np.empty((T, N), q.dtype)
-    _sq_norms(qc, nq)
-    _sq_norms(sc, ns)
-    _combine_sq(G, nq, ns, q, s, q.dtype.type(TAU), G)               # in place
-    return G
 
 
 def pairwise_sqeuclidean(q, s):
@@ -421,7 +624,9 @@ def pairwise_sqeuclidean(q, s):
     centred GEMM route with direct recomputation of cancelling pairs."""
     q, s = _c(q), _c(s)
     if _use_gemm(q, s) and q.shape[1] and s.shape[1]:
-        return _sqeuclidean_gemm(q, s)
+        out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
+        _gemm_fwd(q, s, q.dtype.type(TAU), out)
+        return out
     return _forward(q, s, 0)
 
 
@@ -457,9 +662,10 @@ def _grad_pair(g, q, s, mode):
         return np.matmul(g, s), np.matmul(g.transpose(0, 2, 1), q)
     dq = np.empty_like(q)
     ds = np.empty_like(s)
-    if _terms(q, s) < SMALL_TERMS:
-        _rows_grad(g, q, s, mode, False, mode == 0, dq)
-        _rows_grad(g, s, q, mode, True, mode == 0, ds)     # f(s - q) = -f(q - s)
+    if mode == 0 and _use_gemm(q, s) and q.shape[1] and s.shape[1]:
+        _gemm_grad(g, q, s, q.dtype.type(KAPPA), dq, ds)
+    elif _terms(q, s) < SMALL_TERMS:
+        _small_grad(g, q, s, mode, dq, ds)
     else:
         _pair_grad(g, q, s, mode, dq)
         _pair_grad(_transposed(g), s, q, mode, ds)
@@ -502,6 +708,11 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0):
     w = np.full(T, 1.0 / Q, q.dtype) if gloss is None else np.asarray(gloss, q.dtype) / dt(Q)
     y = _c(y).astype(np.int64, copy=False)
     pred = np.empty((T, Q), dtype=np.int64)
+    if metric == "sqeuclidean" and _use_gemm(q, s):
+        q, s = _c(q), _c(s)
+        loss, dq, ds = np.empty(T, q.dtype), np.empty_like(q), np.empty_like(s)
+        _gemm_loss(q, s, y, w, dt(scale), dt(TAU), dt(KAPPA), loss, dq, ds, pred)
+        return loss, dq, ds, pred
     if metric in _FUSED_MODE and _terms(q, s) < SMALL_TERMS:
         q, s = _c(q), _c(s)
         loss, dq, ds = np.empty(T, q.dtype), np.empty_like(q), np.empty_like(s)

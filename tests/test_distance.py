@@ -213,6 +213,102 @@ def test_gemm_route_recomputes_cancelling_pairs(route):
         assert_close("centred expansion", centred, ref, ref, np.float32, c_out)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_identical_points_give_exactly_zero(route, dtype):
+    """q_i == s_i exactly: d_ii must be exactly 0 on every route (the GEMM route's
+    expansion leaves a rounding residue there, which the cancellation test sends to the
+    direct formula), and every entry within the usual bound."""
+    T, Q, N, D = 2, 9, 6, 33
+    q, _, g = data((T, Q, N, D), dtype, seed=21)
+    q = (q + 50).astype(dtype)                        # off the origin: the residue is real
+    s = q[:, :N].copy()
+    out = K.pairwise_sqeuclidean(q, s, backend="numba")
+    assert (out[:, np.arange(N), np.arange(N)] == 0).all()
+    q64, s64 = q.astype(np.float64), s.astype(np.float64)
+    c_out, c_dq, c_ds = steps("sqeuclidean", (T, Q, N, D))
+    m_out, m_dq, m_ds = magnitudes("sqeuclidean", g, q, s)
+    assert_close("identical points", out, R.pairwise_sqeuclidean(q64, s64), m_out, dtype,
+                 c_out)
+    dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    rdq, rds = R.pairwise_sqeuclidean_backward(g.astype(np.float64), q64, s64)
+    assert_close("identical points dq", dq, rdq, m_dq, dtype, c_dq)
+    assert_close("identical points ds", ds, rds, m_ds, dtype, c_ds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_near_duplicate_points(route, dtype):
+    """Every support a copy of a query moved by 1e-3 relative, all near 100: the distances
+    are ~1e-2 against norms ~1e6, so the expansion cancels almost every bit; the results
+    must still meet the direct formula's bounds (distance relative to itself, gradients
+    relative to the sum of their terms)."""
+    T, Q, N, D = 2, 8, 8, 40
+    rng = np.random.default_rng(22)
+    q = (100 + rng.standard_normal((T, Q, D))).astype(dtype)
+    s = (q[:, rng.permutation(Q)[:N]] + 1e-3 * rng.standard_normal((T, N, D))).astype(dtype)
+    g = rng.standard_normal((T, Q, N)).astype(dtype)
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    ref = R.pairwise_sqeuclidean(q64, s64)
+    c_out, c_dq, c_ds = steps("sqeuclidean", (T, Q, N, D))
+    _, m_dq, m_ds = magnitudes("sqeuclidean", g, q, s)
+    out = K.pairwise_sqeuclidean(q, s, backend="numba")
+    assert_close("near duplicates", out, ref, ref, dtype, c_out)
+    dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    rdq, rds = R.pairwise_sqeuclidean_backward(g64, q64, s64)
+    assert_close("near duplicates dq", dq, rdq, m_dq, dtype, c_dq)
+    assert_close("near duplicates ds", ds, rds, m_ds, dtype, c_ds)
+
+
+@needs_numba
+def test_gemm_backward_recomputes_cancelling_rows(monkeypatch):
+    """Supports in one tight cluster at +1e4, queries half beside it and half at -1e4
+    (float32). Centring leaves the near queries at |q'| ~ 1e4 while their gradient terms
+    are ~1e-2, so the GEMM form 2 (r_i q'_i - sum_j g_ij s'_j) loses every digit there; the
+    KAPPA test must send those rows to the direct formula. With the test disabled
+    (KAPPA = inf) the same bound fails, so this test can fail."""
+    mod = K._backend("t", "numba")
+    for name, value in ROUTES["gemm"].items():
+        monkeypatch.setattr(mod, name, value)
+    T, Q, N, D = 1, 10, 6, 48
+    rng = np.random.default_rng(23)
+    centre = 1e4 + rng.standard_normal((T, 1, D))
+    side = np.where(np.arange(Q) % 2 == 0, 1.0, -1.0)[None, :, None]
+    q = (side * centre + 1e-2 * rng.standard_normal((T, Q, D))).astype(np.float32)
+    s = (centre + 1e-2 * rng.standard_normal((T, N, D))).astype(np.float32)
+    g = rng.standard_normal((T, Q, N)).astype(np.float32)
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    rdq, rds = R.pairwise_sqeuclidean_backward(g64, q64, s64)
+    _, c_dq, c_ds = steps("sqeuclidean", (T, Q, N, D))
+    _, m_dq, m_ds = magnitudes("sqeuclidean", g, q, s)
+    dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    assert_close("split queries dq", dq, rdq, m_dq, np.float32, c_dq)
+    assert_close("split queries ds", ds, rds, m_ds, np.float32, c_ds)
+    monkeypatch.setattr(mod, "KAPPA", np.inf)
+    dq_bad, _ = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    with pytest.raises(AssertionError):
+        assert_close("GEMM form alone", dq_bad, rdq, m_dq, np.float32, c_dq)
+
+
+@needs_numba
+def test_fast_path_finiteness_names_the_array():
+    """The host fast path's single finiteness probe: a NaN or Inf in any argument is still
+    reported by name, and huge finite values (whose plain sum overflows) are accepted."""
+    q, s, g = data((2, 4, 3, 5), np.float32, seed=24)
+    y = np.zeros((2, 4), dtype=np.int64)
+    for name, pos in (("q", 0), ("s", 1), ("g", 2)):
+        args = [q.copy(), s.copy(), g.copy()]
+        args[pos][1, 2, 1] = np.inf if name == "s" else np.nan
+        bq, bs, bg = args
+        if name != "g":
+            _raises(ValueError, ["pairwise_sqeuclidean", name, "1 non-finite"],
+                    K.pairwise_sqeuclidean, bq, bs)
+            _raises(ValueError, ["protonet_loss", name, "1 non-finite"],
+                    K.protonet_loss, bq, bs, y)
+        _raises(ValueError, ["pairwise_sqeuclidean_backward", name, "1 non-finite"],
+                K.pairwise_sqeuclidean_backward, bg, bq, bs)
+    big = np.full((1, 3, 4), 3e38, np.float32)
+    K.pairwise_sqeuclidean_backward(np.zeros((1, 3, 3), np.float32), big, big)   # no raise
+
+
 def _far_from_origin_case(backend):
     T, Q, N, D = 2, 9, 5, 64
     rng = np.random.default_rng(7)
