@@ -9,15 +9,16 @@ Size (issue 5 and Santoro et al. 2016's Omniglot setup): T = 50 steps, B = 16 ep
 H = 4 read heads, memory S x W = 128 x 40. Inputs start as MANN does: M_0 = 1e-6, w_u_0 = 0,
 w_r_0 one-hot on slot 0; keys and gates random.
 
-The timed call is lrua_forward then lrua_backward (which reruns the forward inside), i.e.
-what one training step of the memory costs. Nominal FLOP count per step per episode, the
-same for every backend so that GFLOP/s ratios are time ratios (2 per multiply-add, only the
-H S W terms):
+The timed call is what one training step of the memory costs, per backend in two ways:
+"tape", lrua_forward_tape then lrua_backward_tape (the reverse sweep only, from what the
+forward kept), and "recompute", lrua_forward then lrua_backward (which reruns the forward
+inside). Nominal FLOP count per step per episode, the same for every variant so that
+GFLOP/s ratios are time ratios (2 per multiply-add, only the H S W terms):
     forward   6 H S W   (write w_w^T k, cosines k . M(i), read w_r M)
-    sweep    14 H S W   (read: dw_r, dM; cosine: recompute, dk, dM; write: dk, dw_w)
-    total    26 H S W   = forward + (forward + sweep)
-The step chain recomputes each step's forward inside its backward, as the whole-episode
-backward does, so its nominal FLOP count is the same.
+    sweep    14 H S W   (read: dw_r, dM; cosine: dk, dM; write: dk, dw_w)
+    total    20 H S W   = forward + sweep
+The recomputing backward and the step chain (each step backward recomputes its step's
+forward) do 6 H S W more, not counted.
 Before timing, every backend's reads and gradients are checked against the float64
 reference on the same inputs (normwise relative error <= 1e-4); the first call also warms
 up (compiles Numba, or loads its cache).
@@ -45,9 +46,14 @@ def make(seed=0):
     return tuple(a[n] for n in ("keys", "alpha", "memory0", "read0", "usage0", "probe"))
 
 
-def step(backend, keys, alpha, memory0, read0, usage0, dreads):
+def step(backend, keys, alpha, memory0, read0, usage0, dreads, path="recompute"):
     """Forward then backward of one batch of episodes -> (reads, dkeys, dalpha, dmemory0,
-    dread0)."""
+    dread0); path "tape": lrua_forward_tape + lrua_backward_tape, "recompute":
+    lrua_forward + lrua_backward."""
+    if path == "tape":
+        *out, tape = K.lrua_forward_tape(keys, alpha, memory0, read0, usage0, GAMMA,
+                                         backend=backend)
+        return (out[0],) + tuple(K.lrua_backward_tape(dreads, tape))
     reads = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)[0]
     grads = K.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, GAMMA,
                             backend=backend)
@@ -67,12 +73,13 @@ def check(result, args):
         assert err <= 1e-4, f"{name}: rel_error {err:.3g}; not timing a wrong result"
 
 
+@pytest.mark.parametrize("path", ["tape", "recompute"])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_bench_lrua_episode(benchmark, backend):
+def test_bench_lrua_episode(benchmark, backend, path):
     if backend not in K.available_backends():
         pytest.skip(f"{backend} not importable")
     args = make()
-    fn = lambda: step(backend, *args)          # noqa: E731
+    fn = lambda: step(backend, *args, path=path)          # noqa: E731
     check(fn(), args)                          # also the warm-up
     result = benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
     check(result, args)
@@ -83,7 +90,7 @@ def test_bench_lrua_episode(benchmark, backend):
         base = median_seconds(lambda: step("reference", *args), 5, warmup=True)
         benchmark.extra_info["reference_median_s"] = round(base, 4)
         benchmark.extra_info["speedup_over_reference"] = round(base / med, 2)
-    print(f"\nlrua {backend}: median {med * 1e3:.1f} ms per forward+backward of "
+    print(f"\nlrua {backend} ({path}): median {med * 1e3:.1f} ms per forward+backward of "
           f"{B} x {T}-step episodes, {FLOPS / med / 1e9:.2f} GFLOP/s nominal"
           + (f", {benchmark.extra_info['speedup_over_reference']}x the reference "
              f"({benchmark.extra_info['reference_median_s'] * 1e3:.1f} ms, same run)"

@@ -9,6 +9,11 @@ Ops (each checks its inputs, then calls the chosen backend):
            w_lu (T, B, S), memory (B, S, W) (M_T)
     lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma)
         -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)
+    lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma)
+        -> reads, w_r, w_w, w_u, w_lu, memory (as lrua_forward), tape (an LruaTape)
+    lrua_backward_tape(dreads, tape)
+        -> dkeys, dalpha, dmemory0, dread0 (as lrua_backward), from the tape: no second
+           forward pass (the fast path for a training step; reference and numba only)
     lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
         -> read (B, H, W) r_t, memory (B, S, W) M_t, w_r (B, H, S), w_w (B, H, S), w_u (B, S)
     lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
@@ -23,8 +28,9 @@ the last step) and returns them one step earlier. Chained, the step pair gives t
 whole-episode results (tests/test_lrua.py checks it).
 with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, H) (a gate
 per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
-float in [0, 1], 1 <= H <= S. All take backend="auto" | "reference" | "numba" (and the
-whole-episode pair also "numba-cuda" | "cupy"); the order of operations in a step, EPS,
+float in [0, 1], 1 <= H <= S. All but lrua_backward_tape (which runs on the backend that
+made its tape) take backend="auto" | "reference" | "numba" (and the whole-episode pair
+lrua_forward / lrua_backward also "numba-cuda" | "cupy"); the order of operations in a step, EPS,
 ties and what is non-differentiable (the least-used selection and the zeroed slot; so gamma
 and usage0 get no gradient) are in the docstring of `metacore.reference.lrua`.
 
@@ -32,8 +38,10 @@ Backends:
     reference  metacore.reference.lrua       float64 NumPy, loops over batch and time; the
                ground truth.
     numba      metacore.kernels.lrua_numba   Numba CPU, parallel over episodes, the time loop
-               inside each work item, input-dtype accumulation; backward reruns the forward
-               keeping M_t.
+               inside each work item, input-dtype accumulation, the memory kept
+               transposed, sums reordered (fastmath reassoc/contract only) so that they
+               vectorize; lrua_backward reruns the forward keeping M_t, lrua_forward_tape
+               keeps it for lrua_backward_tape.
     numba-cuda metacore.kernels.lrua_cuda     Numba @cuda.jit kernels, one block per
                episode, the time loop inside; whole-episode pair only.
     cupy       metacore.kernels.lrua_cupy     the same kernels in CUDA C (lrua.cu).
@@ -43,10 +51,11 @@ The two device backends are registered by kernels/_dispatch.py (DEVICE_BACKENDS)
 arrays get the type, rank, shape and dtype checks but no finiteness scan; a host backend
 named for device arrays raises TypeError instead of copying them back.
 
-Adding a host backend is one line in BACKENDS, naming a module that defines the four
-functions above with the reference's signatures, and the package it needs. A backend with
-only the whole-episode pair also works: the step ops' 'auto' passes over it for NumPy
-arrays, and for device arrays says that the step pair is missing.
+Adding a host backend is one line in BACKENDS, naming a module that defines the six
+functions above with the reference's signatures (the backend's lrua_forward_tape returns
+its own tape data last; the entry point wraps it in an LruaTape), and the package it needs.
+A backend with only the whole-episode pair also works: the step and tape ops' 'auto' passes
+over it for NumPy arrays, and for device arrays (or naming it) says what is missing.
 """
 import numbers
 
@@ -118,11 +127,10 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="a
     return mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, float(gamma))
 
 
-def _step_backend(op, backend, *arrays):
-    """The module for a step op. A backend may implement only the whole-episode pair: 'auto'
-    with NumPy arrays then takes the first importable backend of AUTO_ORDER that has the step
-    pair, and naming one without it (or 'auto' with device arrays, whose backends have only
-    the whole-episode pair) is a clear error."""
+def _backend_with(op, backend, arrays, lacks):
+    """The module for an op that a backend may lack: 'auto' with NumPy arrays takes the first
+    importable backend of AUTO_ORDER that has it, and naming one without it (or 'auto' with
+    device arrays, whose backends lack it) raises NotImplementedError: 'backend X ' + lacks."""
     on_device = device_kind(arrays) != "host"
     if backend == "auto" and not on_device:
         for name in AUTO_ORDER:
@@ -132,13 +140,82 @@ def _step_backend(op, backend, *arrays):
                 continue
             if hasattr(mod, op):
                 return mod
-        raise ImportError(f"{op}: no importable backend among {AUTO_ORDER} has the step pair")
+        raise ImportError(f"{op}: no importable backend among {AUTO_ORDER} has {op}")
     mod = _backend(op, backend, *arrays) if on_device else _backend(op, backend)
     if not hasattr(mod, op):
         name = mod.__name__ if backend == "auto" else repr(backend)
-        raise NotImplementedError(f"{op}: backend {name} implements only the "
-                                  f"whole-episode lrua_forward / lrua_backward")
+        raise NotImplementedError(f"{op}: backend {name} {lacks}")
     return mod
+
+
+def _step_backend(op, backend, *arrays):
+    """The module for a step op. A backend may implement only the whole-episode pair: 'auto'
+    with NumPy arrays then takes the first importable backend of AUTO_ORDER that has the step
+    pair, and naming one without it (or 'auto' with device arrays, whose backends have only
+    the whole-episode pair) is a clear error."""
+    return _backend_with(op, backend, arrays,
+                         "implements only the whole-episode lrua_forward / lrua_backward")
+
+
+class LruaTape:
+    """What lrua_forward_tape keeps for lrua_backward_tape. Opaque: the backend that made it
+    (backend, its name), the episode's shape (T, B, H, S, W), dtype and alpha's shape, and
+    that backend's own arrays (data). lrua_backward_tape leaves it unchanged."""
+    __slots__ = ("backend", "shape", "dtype", "alpha_shape", "data")
+
+    def __init__(self, backend, shape, dtype, alpha_shape, data):
+        self.backend = backend
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.alpha_shape = tuple(alpha_shape)
+        self.data = data
+
+    def __repr__(self):
+        T, B, H, S, W = self.shape
+        return (f"LruaTape(backend={self.backend!r}, T={T}, B={B}, H={H}, S={S}, W={W}, "
+                f"dtype={self.dtype}, alpha shape {self.alpha_shape})")
+
+
+def _backend_name(mod):
+    for name, (module, _) in BACKENDS.items():
+        if mod.__name__ == module:
+            return name
+    return mod.__name__
+
+
+def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+    """lrua_forward that also keeps what the backward needs, so that the gradients of the
+    same episode cost only the reverse sweep (lrua_backward reruns the forward).
+    -> reads, w_r, w_w, w_u, w_lu, memory (exactly lrua_forward's), tape: an LruaTape for
+    lrua_backward_tape. The tape holds copies: changing the inputs or the returned arrays
+    afterwards does not change its gradients. Backends: 'reference', 'numba' (the device
+    backends have only lrua_forward / lrua_backward: NotImplementedError)."""
+    op = "lrua_forward_tape"
+    _check(op, keys, alpha, memory0, read0, usage0, gamma)
+    mod = _backend_with(op, backend, (keys, alpha, memory0, read0, usage0),
+                        "implements only lrua_forward / lrua_backward (which recomputes the "
+                        "forward); use those")
+    *out, data = mod.lrua_forward_tape(keys, alpha, memory0, read0, usage0, float(gamma))
+    T, B, H, W = keys.shape
+    tape = LruaTape(_backend_name(mod), (T, B, H, memory0.shape[1], W), keys.dtype,
+                    alpha.shape, data)
+    return tuple(out) + (tape,)
+
+
+def lrua_backward_tape(dreads, tape):
+    """Backpropagation through time of dL/dreads = dreads: (T, B, H, W) for the episode that
+    lrua_forward_tape ran, on the backend that ran it, without recomputing the forward.
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
+    fresh arrays, equal to lrua_backward's for the same inputs. The tape is not changed (it
+    may be used again)."""
+    op = "lrua_backward_tape"
+    if not isinstance(tape, LruaTape):
+        raise TypeError(f"{op}: tape must be the LruaTape that lrua_forward_tape returned, "
+                        f"got {type(tape).__name__}")
+    T, B, H, S, W = tape.shape
+    check_float_array(op, "dreads", dreads, shape=(T, B, H, W), dtype=tape.dtype)
+    mod = _backend(op, tape.backend, dreads)
+    return mod.lrua_backward_tape(dreads, tape.data)
 
 
 def _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):

@@ -9,262 +9,246 @@ by `metacore.kernels.lrua`; this module only makes them contiguous.
 
 How the kernels differ from the reference:
   * One work item per episode b (prange over B); the time loop runs inside it, so a whole
-    episode's recurrence stays in one thread with no Python between steps.
-  * fastmath=False forbids reassociating a sum, so LLVM vectorizes only loops over
-    independent outputs. Sums over the width x (norms, cosines, dL/dw_r, dL/dw_w) therefore
-    run on transposed copies M_t^T and dL/dM^T: (W, S) with the slots i as the vectorized
-    loop; sums over slots (the reads, dL/dk) run on the (S, W) layouts with x vectorized.
-    This halved the reverse sweep against the first, untransposed version.
+    episode's recurrence stays in one thread with no Python between steps, and no array is
+    allocated inside the step loop.
+  * The memory is kept transposed, M_t^T: (W, S), so that every loop over the slots i is a
+    contiguous innermost loop: the write, the slot norms, the cosines, dL/dM and dL/dw_w
+    are axpy loops over i. One pass over x per step does the write, the norms and the
+    cosines of the forward; one more pass after dL/dw_r does the whole rest of the reverse.
+  * fastmath={'reassoc', 'contract'} only (no nnan / ninf / afn): LLVM may reorder a sum
+    and fuse multiply-adds, so that the remaining sums over i (the reads, dL/dk, the
+    softmax) vectorize too. Every value is still IEEE; only the order of each sum differs
+    from the reference, within tests/test_lrua.py's bounds in both dtypes.
   * Everything accumulates in the input dtype (float32 stays float32); cosines and the
     softmax are bounded, and tests/test_lrua.py bounds the float32 error of a whole episode.
-  * lrua_backward reruns the forward kernel keeping M_t for every t (B, T + 1, S, W), the
-    read and write weights, w_lu_{t-1} and the zeroed slot, then runs the reverse sweep;
-    lrua_forward keeps only two memories per episode (ping-pong), not T + 1.
+  * The least-used threshold m(w_u, n) comes from a running list of the n smallest values
+    (n = H, no sort); step t computes w_lu_t and the slot step t + 1 zeroes once, for its
+    output and for step t + 1.
+  * lrua_forward_tape keeps what the reverse sweep needs: M_t^T for every t, the cosines,
+    the clamped norms, w_r, w_w, w_lu_{t-1} and the zeroed slots; lrua_backward_tape then
+    runs only the reverse sweep. lrua_backward is the same forward (keeping) followed by
+    the same sweep; lrua_forward keeps two memories per episode (ping-pong), not T + 1.
   * The step pair (lrua_step_forward / lrua_step_backward) runs the same per-step kernels
-    (_step_fwd, _step_bwd) as the episode loops, parallel over episodes; the backward
-    recomputes its step's forward first.
-  * The least-used threshold m(w_u, n) is read off an in-place sort of a copy of w_u
-    (S log S per step, small against the H S W of the cosines).
+    (_fwd_step, _bwd_step) as the episode loops, parallel over episodes, transposing the
+    memory in and out; the backward recomputes its step's forward first.
 """
 import numpy as np
 from numba import njit, prange
 
 EPS = 1e-8
+# reorder sums and fuse multiply-adds; every other IEEE guarantee (NaN, inf, exact
+# functions, signed zeros) is kept
+FM = {"reassoc", "contract"}
+
+
+# ---------------------------------------------------------------- least-used selection
+@njit(fastmath=FM, cache=True)
+def _select(wu, n, wlu, buf):
+    """wu: (S,) -> z, the first argmin; writes wlu: (S,) 1 where wu <= m(wu, n), the n-th
+    smallest, else 0 (ties: every slot at or below m). buf: (n,) scratch, left holding the
+    n smallest values in ascending order."""
+    S = wu.shape[0]
+    for j in range(n):
+        buf[j] = np.inf
+    z = 0
+    for i in range(S):
+        v = wu[i]
+        if v < wu[z]:
+            z = i
+        if v < buf[n - 1]:
+            j = n - 1
+            while j > 0 and buf[j - 1] > v:
+                buf[j] = buf[j - 1]
+                j -= 1
+            buf[j] = v
+    m = buf[n - 1]
+    for i in range(S):
+        wlu[i] = 1 if wu[i] <= m else 0
+    return z
 
 
 # ---------------------------------------------------------------- one step, forward
-@njit(fastmath=False, cache=True)
-def _step_fwd(k, g, Mp, wr_prev, wu_prev, gamma, eps, M, wr, ww, wu, r, wlu, tmp, kn, mn,
-              c, MT):
-    """One step of one episode (steps 1-7 of metacore.reference.lrua) -> z, the zeroed slot.
+@njit(fastmath=FM, cache=True)
+def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
+              MT, wr, ww, wu, r, c, kn, mn):
+    """One step of one episode (steps 2-7 of metacore.reference.lrua; step 1 and the slot z
+    come from _select of wu_prev).
 
-    k: (H, W), g: (H,) gates, Mp: (S, W) M_{t-1}, wr_prev: (H, S), wu_prev: (S,); writes
-    M: (S, W) M_t, wr, ww: (H, S), wu: (S,), r: (H, W), wlu: (S,) w_lu_{t-1}; scratch
-    tmp: (S,), kn: (H,), mn: (S,), c: (H, S), MT: (W, S)."""
+    k: (H, W), g: (H,) gates, MTp: (W, S) M_{t-1}^T, wr_prev: (H, S), wu_prev: (S,),
+    wlu_prev: (S,) w_lu_{t-1}, z: the slot to zero; writes MT: (W, S) M_t^T, wr, ww: (H, S),
+    wu: (S,), r: (H, W), c: (H, S) the cosines, kn: (H,), mn: (S,) the clamped norms."""
     H, W = k.shape
-    S = Mp.shape[0]
+    S = MTp.shape[1]
     dt = k.dtype
     one = dt.type(1)
-    # 1. least-used weights of the previous usage; 3. the slot to zero
-    tmp[:] = wu_prev
-    tmp.sort()
-    m = tmp[H - 1]
-    z = 0
-    for i in range(S):
-        wlu[i] = one if wu_prev[i] <= m else 0
-        if wu_prev[i] < wu_prev[z]:
-            z = i
     # 2. write weights
     for h in range(H):
         gh = g[h]
         for i in range(S):
-            ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu[i]
-    # 3-4. zero slot z, then write every head's key
-    for i in range(S):
-        for x in range(W):
-            M[i, x] = 0 if i == z else Mp[i, x]
-        for h in range(H):
-            wv = ww[h, i]
-            for x in range(W):
-                M[i, x] += wv * k[h, x]
-    # 5. cosine similarities with clamped norms, softmax over slots. The sums over x
-    # run on MT = M^T, so the vectorized loop is over slots i (independent sums, each
-    # over x in order): fastmath=False would not vectorize a reduction over x
-    for i in range(S):
-        for x in range(W):
-            MT[x, i] = M[i, x]
+            ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu_prev[i]
     for h in range(H):
         acc = dt.type(0)
         for x in range(W):
             acc += k[h, x] * k[h, x]
         kn[h] = max(np.sqrt(acc), eps)
-    mn[:] = 0
+    # 3-5. per row x of M^T: zero slot z, write every head's key, then accumulate the
+    # slot norms and the dot products k^h . M_t(i)
+    for i in range(S):
+        mn[i] = 0
+    for h in range(H):
+        for i in range(S):
+            c[h, i] = 0
     for x in range(W):
         for i in range(S):
+            MT[x, i] = MTp[x, i]
+        MT[x, z] = 0
+        for h in range(H):
+            kv = k[h, x]
+            for i in range(S):
+                MT[x, i] += kv * ww[h, i]
+        for i in range(S):
             mn[i] += MT[x, i] * MT[x, i]
-    for i in range(S):
-        mn[i] = max(np.sqrt(mn[i]), eps)
-    for h in range(H):
-        c[h, :] = 0
-        for x in range(W):
+        for h in range(H):
             kv = k[h, x]
             for i in range(S):
                 c[h, i] += kv * MT[x, i]
-        for i in range(S):
-            c[h, i] /= kn[h] * mn[i]
+    for i in range(S):
+        mn[i] = max(np.sqrt(mn[i]), eps)
+    # 5. cosines, softmax over slots
     for h in range(H):
+        knh = kn[h]
+        for i in range(S):
+            c[h, i] = c[h, i] / (knh * mn[i])
         cmax = c[h, 0]
         for i in range(1, S):
             cmax = max(cmax, c[h, i])
         tot = dt.type(0)
         for i in range(S):
-            wr[h, i] = np.exp(c[h, i] - cmax)
-            tot += wr[h, i]
+            e = np.exp(c[h, i] - cmax)
+            wr[h, i] = e
+            tot += e
+        inv = one / tot
         for i in range(S):
-            wr[h, i] /= tot
+            wr[h, i] *= inv
     # 6. reads
     for h in range(H):
         for x in range(W):
-            r[h, x] = 0
-        for i in range(S):
-            wv = wr[h, i]
-            for x in range(W):
-                r[h, x] += wv * M[i, x]
+            acc = dt.type(0)
+            for i in range(S):
+                acc += wr[h, i] * MT[x, i]
+            r[h, x] = acc
     # 7. usage
     for i in range(S):
-        sr = dt.type(0)
-        sw = dt.type(0)
-        for h in range(H):
-            sr += wr[h, i]
-            sw += ww[h, i]
-        wu[i] = gamma * wu_prev[i] + sr + sw
-    return z
+        wu[i] = gamma * wu_prev[i]
+    for h in range(H):
+        for i in range(S):
+            wu[i] += wr[h, i] + ww[h, i]
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=FM, cache=True)
 def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
-                     reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs):
-    """Run episode b over T steps (steps 1-7 of metacore.reference.lrua), overwriting
-    reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b], w_lu[:, b], wlu_prev[b], zs[b] and
-    Ms[b, (t + 1) % K] with M_t (K = Ms.shape[1]: T + 1 keeps them all, 2 ping-pongs).
+                     reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs):
+    """Run episode b over T steps, overwriting reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b],
+    w_lu[:, b], wlus[b] (w_lu_{t-1} at t), zs[b] (the slot step t zeroes) and, with
+    K = MTs.shape[1] and L = cs.shape[1], MTs[b, (t + 1) % K] = M_t^T and the cosines and
+    clamped norms of step t at index t % L of cs[b], kns[b], mns[b] (K = T + 1, L = T
+    keep them all; K = 2, L = 1 ping-pong).
 
-    keys: (T, B, H, W), g: (T, B, H) gates, memory0: (B, S, W), read0: (B, H, S),
-    usage0: (B, S); reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S),
-    Ms: (B, K, S, W), wlu_prev: (B, T, S), zs: (B, T) int64."""
+    keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S), usage0: (B, S);
+    reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), MTs: (B, K, W, S),
+    cs: (B, L, H, S), kns: (B, L, H), mns: (B, L, S), wlus: (B, T, S), zs: (B, T) int64."""
     T, _, H, W = keys.shape
     S = memory0.shape[1]
-    K = Ms.shape[1]
-    dt = keys.dtype
-    one = dt.type(1)
-    tmp = np.empty(S, dtype=dt)
-    kn = np.empty(H, dtype=dt)
-    mn = np.empty(S, dtype=dt)
-    c = np.empty((H, S), dtype=dt)
-    MT = np.empty((W, S), dtype=dt)
-    Ms[b, 0] = memory0[b]
+    K = MTs.shape[1]
+    L = cs.shape[1]
+    buf = np.empty(H, dtype=keys.dtype)
+    for i in range(S):
+        for x in range(W):
+            MTs[b, 0, x, i] = memory0[b, i, x]
+    z = _select(usage0[b], H, wlus[b, 0], buf)
     for t in range(T):
         wr_prev = read0[b] if t == 0 else w_r[t - 1, b]  # (H, S)
         wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]  # (S,)
-        zs[b, t] = _step_fwd(keys[t, b], g[t, b], Ms[b, t % K], wr_prev, wu_prev, gamma, eps,
-                             Ms[b, (t + 1) % K], w_r[t, b], w_w[t, b], w_u[t, b],
-                             reads[t, b], wlu_prev[b, t], tmp, kn, mn, c, MT)
-        # the least-used weights w_u_t implies (returned; step t + 1 recomputes them)
-        wu = w_u[t, b]                                  # (S,)
-        tmp[:] = wu
-        tmp.sort()
-        m = tmp[H - 1]
-        for i in range(S):
-            w_lu[t, b, i] = one if wu[i] <= m else 0
+        zs[b, t] = z
+        _fwd_step(keys[t, b], g[t, b], MTs[b, t % K], wr_prev, wu_prev, wlus[b, t], z,
+                  gamma, eps, MTs[b, (t + 1) % K], w_r[t, b], w_w[t, b], w_u[t, b],
+                  reads[t, b], cs[b, t % L], kns[b, t % L], mns[b, t % L])
+        # the least-used weights w_u_t implies: returned, and step t + 1's w_lu_{t-1}
+        z = _select(w_u[t, b], H, w_lu[t, b], buf)
+        if t + 1 < T:
+            wlus[b, t + 1] = w_lu[t, b]
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=True, fastmath=FM, cache=True)
 def _forward(keys, g, memory0, read0, usage0, gamma, eps,
-             reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs):
+             reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs):
     """Every episode in parallel; see _episode_forward for the arguments."""
     for b in prange(keys.shape[1]):
         _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
-                         reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs)
+                         reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs)
 
 
 # ---------------------------------------------------------------- one step, reverse
-@njit(fastmath=False, cache=True)
-def _step_bwd(dr, k, g, M, wr, ww, wr_prev, wlu, z, eps, dMT, dwr, dk, dalpha,
-              dMs, MT, dc, c, gi, kn, kon, mn, mon, sk, sm):
+@njit(fastmath=FM, cache=True)
+def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
+              dMT, dwr, dk, dalpha, gi, f, sm):
     """Reverse of one step of one episode (formulas: metacore.reference.lrua.lrua_backward).
 
-    dr: (H, W) dL/dr_t, k: (H, W), g: (H,), M: (S, W) M_t, wr, ww: (H, S) w_r_t, w_w_t,
-    wr_prev: (H, S) w_r_{t-1}, wlu: (S,) w_lu_{t-1}, z: the zeroed slot.
+    dr: (H, W) dL/dr_t, k: (H, W), g: (H,), MT: (W, S) M_t^T, wr, ww: (H, S) w_r_t, w_w_t,
+    wr_prev: (H, S) w_r_{t-1}, wlu: (S,) w_lu_{t-1}, z: the zeroed slot, c: (H, S) the
+    cosines, kn: (H,), mn: (S,) the clamped norms, all of step t.
     In place: dMT: (W, S) holds dL/dM_t^T on entry, dL/dM_{t-1}^T on exit; dwr: (H, S)
     holds dL/dw_r_t on entry, dL/dw_r_{t-1} on exit. Overwrites dk: (H, W), dalpha: (H,).
-    dL/dM is kept transposed and M_t is transposed into MT: (W, S), so that every sum over
-    x has the slots i as its vectorized loop; the two sums over i (into dk) run on the
-    (S, W) layouts with x as the vectorized loop. Scratch: dMs: (S, W), dc, c, gi: (H, S),
-    kn, kon, sk: (H,), mn, mon, sm: (S,)."""
+    Scratch: gi: (H, S), f: (H,), sm: (S,)."""
     H, W = k.shape
-    S = M.shape[0]
+    S = MT.shape[1]
     dt = k.dtype
-    for i in range(S):
-        for x in range(W):
-            MT[x, i] = M[i, x]
-    # read r = w_r M
-    for h in range(H):
-        for x in range(W):
+    # read r = w_r M: dL/dw_r (the dL/dM part is in the pass over x below)
+    for x in range(W):
+        for h in range(H):
             d = dr[h, x]
             for i in range(S):
                 dwr[h, i] += d * MT[x, i]
-                dMT[x, i] += wr[h, i] * d
-    # softmax over slots
+    # softmax over slots, then the cosine's coefficients:
+    # gi = dc / (a_h b_i), f_h = [|k^h| > EPS] sum_i dc c / a_h^2, sm_i likewise over h
+    for i in range(S):
+        sm[i] = 0
     for h in range(H):
         acc = dt.type(0)
         for i in range(S):
             acc += wr[h, i] * dwr[h, i]
+        knh = kn[h]
+        s = dt.type(0)
         for i in range(S):
-            dc[h, i] = wr[h, i] * (dwr[h, i] - acc)
-    # cosine: recompute the clamped norms and the similarities
-    for h in range(H):
-        acc = dt.type(0)
-        for x in range(W):
-            acc += k[h, x] * k[h, x]
-        nrm = np.sqrt(acc)
-        kn[h] = max(nrm, eps)
-        kon[h] = 1 if nrm > eps else 0
-    mn[:] = 0
-    for x in range(W):
-        for i in range(S):
-            mn[i] += MT[x, i] * MT[x, i]
-    for i in range(S):
-        nrm = np.sqrt(mn[i])
-        mn[i] = max(nrm, eps)
-        mon[i] = 1 if nrm > eps else 0
-        sm[i] = 0
-    for h in range(H):
-        c[h, :] = 0
-        for x in range(W):
-            kv = k[h, x]
-            for i in range(S):
-                c[h, i] += kv * MT[x, i]
-        sk[h] = 0
-        for i in range(S):
-            inv = 1 / (kn[h] * mn[i])
-            c[h, i] *= inv
-            dcc = dc[h, i] * c[h, i]
-            sk[h] += dcc
+            d = wr[h, i] * (dwr[h, i] - acc)
+            dcc = d * c[h, i]
+            s += dcc
             sm[i] += dcc
-            gi[h, i] = dc[h, i] * inv
-    for h in range(H):
-        f = sk[h] * kon[h] / (kn[h] * kn[h])
-        for x in range(W):
-            dk[h, x] = -f * k[h, x]
-        for i in range(S):
-            gv = gi[h, i]
-            for x in range(W):
-                dk[h, x] += gv * M[i, x]
+            gi[h, i] = d / (knh * mn[i])
+        f[h] = s / (knh * knh) if knh > eps else 0
     for i in range(S):
-        sm[i] = sm[i] * mon[i] / (mn[i] * mn[i])
+        sm[i] = sm[i] / (mn[i] * mn[i]) if mn[i] > eps else 0
+    for h in range(H):
+        for i in range(S):
+            dwr[h, i] = 0                               # holds dL/dw_w until the gate
+    # per row x: dL/dM_t^T (read + cosine), then the key and write-weight gradients of
+    # the write M_t = M' + w_w^T k, then the zeroing of slot z
     for x in range(W):
         for i in range(S):
             dMT[x, i] -= sm[i] * MT[x, i]
-    for h in range(H):
-        for x in range(W):
+        for h in range(H):
+            a = dr[h, x]
             kv = k[h, x]
             for i in range(S):
-                dMT[x, i] += gi[h, i] * kv
-    # write M_t = M' + w_w^T k: key gradient and write-weight gradient (into dwr)
-    for i in range(S):
-        for x in range(W):
-            dMs[i, x] = dMT[x, i]
-    for h in range(H):
-        for i in range(S):
-            wv = ww[h, i]
-            for x in range(W):
-                dk[h, x] += wv * dMs[i, x]
-        dwr[h, :] = 0                                   # holds dww until the gate below
-        for x in range(W):
+                dMT[x, i] += a * wr[h, i] + kv * gi[h, i]
+        for h in range(H):
+            acc = dt.type(0)
+            for i in range(S):
+                acc += gi[h, i] * MT[x, i] + ww[h, i] * dMT[x, i]
             kv = k[h, x]
+            dk[h, x] = acc - f[h] * kv
             for i in range(S):
                 dwr[h, i] += kv * dMT[x, i]
-    # zeroing of the least-used slot
-    for x in range(W):
         dMT[x, z] = 0
     # gate: w_w = g w_r_{t-1} + (1 - g) w_lu_{t-1}
     for h in range(H):
@@ -276,81 +260,106 @@ def _step_bwd(dr, k, g, M, wr, ww, wr_prev, wlu, z, eps, dMT, dwr, dk, dalpha,
         dalpha[h] = gh * (1 - gh) * acc
 
 
-@njit(fastmath=False, cache=True)
-def _bwd_scratch(H, S, W, dt):
-    """-> dMs (S, W), MT (W, S), dc, c, gi (H, S), kn, kon, sk (H,), mn, mon, sm (S,)."""
-    return (np.empty((S, W), dt), np.empty((W, S), dt), np.empty((H, S), dt),
-            np.empty((H, S), dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(H, dt),
-            np.empty(H, dt), np.empty(S, dt), np.empty(S, dt), np.empty(S, dt))
-
-
-@njit(parallel=True, fastmath=False, cache=True)
-def _backward(dreads, keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, eps,
+@njit(parallel=True, fastmath=FM, cache=True)
+def _backward(dreads, keys, g, read0, w_r, w_w, MTs, cs, kns, mns, wlus, zs, eps,
               dkeys, dalpha, dmemory0, dread0):
     """BPTT for every episode in parallel (formulas: metacore.reference.lrua.lrua_backward).
 
     dreads, keys: (T, B, H, W), g: (T, B, H), read0: (B, H, S), w_r, w_w: (T, B, H, S),
-    Ms: (B, T + 1, S, W) with M_t at index t, wlu_prev: (B, T, S), zs: (B, T)
+    MTs: (B, T + 1, W, S) with M_t^T at index t, cs: (B, T, H, S), kns: (B, T, H),
+    mns: (B, T, S), wlus: (B, T, S), zs: (B, T) (as _episode_forward keeps them)
     -> dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S),
     all overwritten."""
     T, B, H, W = keys.shape
-    S = Ms.shape[2]
+    S = MTs.shape[3]
     for b in prange(B):
         dt = keys.dtype
         dMT = np.zeros((W, S), dtype=dt)
         dwr = np.zeros((H, S), dtype=dt)
-        dMs, MT, dc, c, gi, kn, kon, sk, mn, mon, sm = _bwd_scratch(H, S, W, dt)
+        gi = np.empty((H, S), dtype=dt)
+        f = np.empty(H, dtype=dt)
+        sm = np.empty(S, dtype=dt)
         for t in range(T - 1, -1, -1):
             wr_prev = read0[b] if t == 0 else w_r[t - 1, b]
-            _step_bwd(dreads[t, b], keys[t, b], g[t, b], Ms[b, t + 1], w_r[t, b], w_w[t, b],
-                      wr_prev, wlu_prev[b, t], zs[b, t], eps, dMT, dwr, dkeys[t, b],
-                      dalpha[t, b], dMs, MT, dc, c, gi, kn, kon, mn, mon, sk, sm)
+            _bwd_step(dreads[t, b], keys[t, b], g[t, b], MTs[b, t + 1], w_r[t, b], w_w[t, b],
+                      wr_prev, wlus[b, t], zs[b, t], cs[b, t], kns[b, t], mns[b, t], eps,
+                      dMT, dwr, dkeys[t, b], dalpha[t, b], gi, f, sm)
         for i in range(S):
             for x in range(W):
                 dmemory0[b, i, x] = dMT[x, i]
-        dread0[b] = dwr
+        for h in range(H):
+            for i in range(S):
+                dread0[b, h, i] = dwr[h, i]
 
 
 # ---------------------------------------------------------------- one step, a batch
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(fastmath=FM, cache=True)
+def _transpose(a, out):
+    """a: (R, C) -> out: (C, R) = a^T, overwritten."""
+    R, C = a.shape
+    for j in range(R):
+        for x in range(C):
+            out[x, j] = a[j, x]
+
+
+@njit(fastmath=FM, cache=True)
+def _one_step(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
+              read, w_r, w_w, w_u, MTp, MT, wlu, c, kn, mn):
+    """lrua_step_forward of one episode, its memory transposed in and left in MT: (W, S);
+    -> z. Scratch and kept values: MTp (W, S), wlu (S,), c (H, S), kn (H,), mn (S,)."""
+    H = key.shape[0]
+    _transpose(memory_prev, MTp)
+    z = _select(w_u_prev, H, wlu, np.empty(H, dtype=key.dtype))
+    _fwd_step(key, g, MTp, w_r_prev, w_u_prev, wlu, z, gamma, eps, MT, w_r, w_w, w_u, read,
+              c, kn, mn)
+    return z
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
 def _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
-                        read, memory, w_r, w_w, w_u, wlu, zs):
+                        read, memory, w_r, w_w, w_u):
     """lrua_step_forward for every episode in parallel. key: (B, H, W), g: (B, H),
     memory_prev: (B, S, W), w_r_prev: (B, H, S), w_u_prev: (B, S); overwrites read: (B, H, W),
-    memory: (B, S, W), w_r, w_w: (B, H, S), w_u, wlu: (B, S), zs: (B,) int64."""
+    memory: (B, S, W), w_r, w_w: (B, H, S), w_u: (B, S)."""
     B, H, W = key.shape
     S = memory_prev.shape[1]
     for b in prange(B):
         dt = key.dtype
-        zs[b] = _step_fwd(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
-                          memory[b], w_r[b], w_w[b], w_u[b], read[b], wlu[b],
-                          np.empty(S, dt), np.empty(H, dt), np.empty(S, dt),
-                          np.empty((H, S), dt), np.empty((W, S), dt))
+        MT = np.empty((W, S), dt)
+        _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
+                  read[b], w_r[b], w_w[b], w_u[b], np.empty((W, S), dt), MT,
+                  np.empty(S, dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(S, dt))
+        _transpose(MT, memory[b])
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def _step_backward_batch(dread, dmemory, dw_r, key, g, w_r_prev, memory, w_r, w_w, wlu, zs,
-                         eps, dkey, dalpha, dmemory_prev, dw_r_prev):
-    """lrua_step_backward for every episode in parallel, given the recomputed step:
-    memory: (B, S, W) M_t, w_r, w_w: (B, H, S), wlu: (B, S) w_lu_{t-1}, zs: (B,).
+@njit(parallel=True, fastmath=FM, cache=True)
+def _step_backward_batch(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev,
+                         gamma, eps, dkey, dalpha, dmemory_prev, dw_r_prev):
+    """lrua_step_backward for every episode in parallel: recompute the step, then reverse it.
     Overwrites dkey: (B, H, W), dalpha: (B, H), dmemory_prev: (B, S, W),
     dw_r_prev: (B, H, S)."""
     B, H, W = key.shape
-    S = memory.shape[1]
+    S = memory_prev.shape[1]
     for b in prange(B):
         dt = key.dtype
-        dMT = np.empty((W, S), dtype=dt)
-        for i in range(S):
-            for x in range(W):
-                dMT[x, i] = dmemory[b, i, x]
-        dw_r_prev[b] = dw_r[b]
-        dMs, MT, dc, c, gi, kn, kon, sk, mn, mon, sm = _bwd_scratch(H, S, W, dt)
-        _step_bwd(dread[b], key[b], g[b], memory[b], w_r[b], w_w[b], w_r_prev[b], wlu[b],
-                  zs[b], eps, dMT, dw_r_prev[b], dkey[b], dalpha[b], dMs, MT, dc, c, gi,
-                  kn, kon, mn, mon, sk, sm)
-        for i in range(S):
-            for x in range(W):
-                dmemory_prev[b, i, x] = dMT[x, i]
+        MT = np.empty((W, S), dt)
+        wr = np.empty((H, S), dt)
+        ww = np.empty((H, S), dt)
+        wlu = np.empty(S, dt)
+        c = np.empty((H, S), dt)
+        kn = np.empty(H, dt)
+        mn = np.empty(S, dt)
+        dMT = np.empty((W, S), dt)              # also the scratch M_{t-1}^T of the recompute
+        z = _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
+                      np.empty((H, W), dt), wr, ww, np.empty(S, dt), dMT, MT, wlu, c, kn, mn)
+        _transpose(dmemory[b], dMT)
+        for h in range(H):
+            for i in range(S):
+                dw_r_prev[b, h, i] = dw_r[b, h, i]
+        _bwd_step(dread[b], key[b], g[b], MT, wr, ww, w_r_prev[b], wlu, z, c, kn, mn, eps,
+                  dMT, dw_r_prev[b], dkey[b], dalpha[b], np.empty((H, S), dt),
+                  np.empty(H, dt), np.empty(S, dt))
+        _transpose(dMT, dmemory_prev[b])
 
 
 # ---------------------------------------------------------------- public functions
@@ -358,112 +367,138 @@ def _c(x):
     return np.ascontiguousarray(x)
 
 
-def _gates(alpha, T, B, H, dtype):
-    """alpha: (H,) or (T, B, H) -> sigmoid(alpha): (T, B, H), a fresh writable array (a
+def _gates(alpha, lead, dtype):
+    """alpha: (H,) or lead + (H,) -> sigmoid(alpha): lead + (H,), a fresh writable array (a
     read-only broadcast view would be a different Numba type: a second compilation)."""
     half = dtype.type(0.5)
-    g = np.empty((T, B, H), dtype)
+    g = np.empty(tuple(lead) + (alpha.shape[-1],), dtype)
     g[...] = half * (1 + np.tanh(half * np.asarray(alpha, dtype=dtype)))
     return g
 
 
 def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
+    """The forward kernel; keep: every M_t^T and the cosines and norms of every step (the
+    tape), else ping-pong buffers. -> outputs (reads, w_r, w_w, w_u, w_lu, memory) and the
+    kept arrays (keys, g, read0, MTs, cs, kns, mns, wlus, zs), keys and read0 contiguous
+    (not copied)."""
     keys, memory0, read0, usage0 = _c(keys), _c(memory0), _c(read0), _c(usage0)
     T, B, H, W = keys.shape
     S = memory0.shape[1]
     dt = keys.dtype
-    g = _gates(alpha, T, B, H, dt)
+    g = _gates(alpha, (T, B), dt)
     reads = np.empty((T, B, H, W), dt)
     w_r = np.empty((T, B, H, S), dt)
     w_w = np.empty((T, B, H, S), dt)
     w_u = np.empty((T, B, S), dt)
     w_lu = np.empty((T, B, S), dt)
-    Ms = np.empty((B, T + 1 if keep else 2, S, W), dt)
-    wlu_prev = np.empty((B, T, S), dt)
+    K, L = (T + 1, T) if keep else (2, 1)
+    MTs = np.empty((B, K, W, S), dt)
+    cs = np.empty((B, L, H, S), dt)
+    kns = np.empty((B, L, H), dt)
+    mns = np.empty((B, L, S), dt)
+    wlus = np.empty((B, T, S), dt)
     zs = np.empty((B, T), np.int64)
     _forward(keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
-             reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs)
-    return keys, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs
+             reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs)
+    memory = np.ascontiguousarray(MTs[:, T % K].transpose(0, 2, 1))     # (B, S, W)
+    return (reads, w_r, w_w, w_u, w_lu, memory), (keys, g, read0, MTs, cs, kns, mns, wlus, zs)
+
+
+def _sweep(dreads, alpha_ndim, w_r, w_w, kept):
+    """The reverse sweep over what _run_forward kept -> dkeys, dalpha, dmemory0, dread0."""
+    keys, g, read0, MTs, cs, kns, mns, wlus, zs = kept
+    T, B, H, W = keys.shape
+    S = MTs.shape[3]
+    dt = keys.dtype
+    dkeys = np.empty((T, B, H, W), dt)
+    dalpha = np.empty((T, B, H), dt)
+    dmemory0 = np.empty((B, S, W), dt)
+    dread0 = np.empty((B, H, S), dt)
+    _backward(_c(dreads), keys, g, read0, w_r, w_w, MTs, cs, kns, mns, wlus, zs,
+              dt.type(EPS), dkeys, dalpha, dmemory0, dread0)
+    if alpha_ndim == 1:
+        dalpha = dalpha.sum(axis=(0, 1))                # (H,)
+    return dkeys, dalpha, dmemory0, dread0
 
 
 def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
     """Same contract as metacore.reference.lrua.lrua_forward:
     -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W);
     fresh arrays in the input dtype."""
-    out = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=False)
-    _, _, _, reads, w_r, w_w, w_u, w_lu, Ms, _, _ = out
-    T = reads.shape[0]
-    return reads, w_r, w_w, w_u, w_lu, Ms[:, T % 2].copy()
+    return _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=False)[0]
 
 
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
-    """Same contract as metacore.reference.lrua.lrua_backward:
+    """Same contract as metacore.reference.lrua.lrua_backward (reruns the forward, keeping):
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
-    keys, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs = _run_forward(
-        keys, alpha, memory0, read0, usage0, gamma, keep=True)
-    T, B, H, W = keys.shape
-    S = Ms.shape[2]
-    dt = keys.dtype
-    dkeys = np.empty((T, B, H, W), dt)
-    dalpha = np.empty((T, B, H), dt)
-    dmemory0 = np.empty((B, S, W), dt)
-    dread0 = np.empty((B, H, S), dt)
-    _backward(_c(dreads), keys, g, read0, w_r, w_w, Ms, wlu_prev, zs, dt.type(EPS),
-              dkeys, dalpha, dmemory0, dread0)
-    if np.ndim(alpha) == 1:
-        dalpha = dalpha.sum(axis=(0, 1))                # (H,)
-    return dkeys, dalpha, dmemory0, dread0
+    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    return _sweep(dreads, np.ndim(alpha), out[1], out[2], kept)
 
 
-def _step_gates(alpha, B, H, dtype):
-    """alpha: (H,) or (B, H) -> sigmoid(alpha): (B, H), a fresh writable array."""
-    half = dtype.type(0.5)
-    g = np.empty((B, H), dtype)
-    g[...] = half * (1 + np.tanh(half * np.asarray(alpha, dtype=dtype)))
-    return g
+def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
+    """Same contract as metacore.reference.lrua.lrua_forward_tape:
+    -> reads, w_r, w_w, w_u, w_lu, memory (as lrua_forward), tape. The tape (this
+    backend's own; opaque) holds private copies of everything lrua_backward_tape reads, so
+    changing the inputs or the returned arrays afterwards does not change the gradients."""
+    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    keys_, g, read0_, MTs, cs, kns, mns, wlus, zs = kept
+    if keys_ is keys:
+        keys_ = keys_.copy()
+    if read0_ is read0:
+        read0_ = read0_.copy()
+    tape = dict(alpha_ndim=np.ndim(alpha), w_r=out[1].copy(), w_w=out[2].copy(),
+                kept=(keys_, g, read0_, MTs, cs, kns, mns, wlus, zs))
+    return out + (tape,)
 
 
-def _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
+def lrua_backward_tape(dreads, tape):
+    """Same contract as metacore.reference.lrua.lrua_backward_tape: the reverse sweep only.
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
+    fresh arrays; the tape is left unchanged (it may be used again)."""
+    return _sweep(dreads, tape["alpha_ndim"], tape["w_r"], tape["w_w"], tape["kept"])
+
+
+def _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev):
     key, memory_prev, w_r_prev, w_u_prev = (_c(key), _c(memory_prev), _c(w_r_prev),
                                             _c(w_u_prev))
     B, H, W = key.shape
-    S = memory_prev.shape[1]
-    dt = key.dtype
-    g = _step_gates(alpha, B, H, dt)
-    read = np.empty((B, H, W), dt)
-    memory = np.empty((B, S, W), dt)
-    w_r = np.empty((B, H, S), dt)
-    w_w = np.empty((B, H, S), dt)
-    w_u = np.empty((B, S), dt)
-    wlu = np.empty((B, S), dt)
-    zs = np.empty(B, np.int64)
-    _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-                        dt.type(EPS), read, memory, w_r, w_w, w_u, wlu, zs)
-    return key, w_r_prev, g, read, memory, w_r, w_w, w_u, wlu, zs
+    return key, memory_prev, w_r_prev, w_u_prev, _gates(alpha, (B,), key.dtype)
 
 
 def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
     """Same contract as metacore.reference.lrua.lrua_step_forward:
     -> read (B, H, W), memory (B, S, W), w_r, w_w (B, H, S), w_u (B, S)."""
-    out = _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
-    return out[3:8]
+    key, memory_prev, w_r_prev, w_u_prev, g = _run_step(key, alpha, memory_prev, w_r_prev,
+                                                        w_u_prev)
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    dt = key.dtype
+    read = np.empty((B, H, W), dt)
+    memory = np.empty((B, S, W), dt)
+    w_r = np.empty((B, H, S), dt)
+    w_w = np.empty((B, H, S), dt)
+    w_u = np.empty((B, S), dt)
+    _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
+                        dt.type(EPS), read, memory, w_r, w_w, w_u)
+    return read, memory, w_r, w_w, w_u
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
                        gamma):
     """Same contract as metacore.reference.lrua.lrua_step_backward (recomputes the step):
     -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S)."""
-    key, w_r_prev, g, _, memory, w_r, w_w, _, wlu, zs = _run_step(
-        key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
+    key, memory_prev, w_r_prev, w_u_prev, g = _run_step(key, alpha, memory_prev, w_r_prev,
+                                                        w_u_prev)
     B, H, W = key.shape
-    S = memory.shape[1]
+    S = memory_prev.shape[1]
     dt = key.dtype
     dkey = np.empty((B, H, W), dt)
     dalpha = np.empty((B, H), dt)
     dmemory_prev = np.empty((B, S, W), dt)
     dw_r_prev = np.empty((B, H, S), dt)
-    _step_backward_batch(_c(dread), _c(dmemory), _c(dw_r), key, g, w_r_prev, memory, w_r,
-                         w_w, wlu, zs, dt.type(EPS), dkey, dalpha, dmemory_prev, dw_r_prev)
+    _step_backward_batch(_c(dread), _c(dmemory), _c(dw_r), key, g, memory_prev, w_r_prev,
+                         w_u_prev, dt.type(gamma), dt.type(EPS), dkey, dalpha, dmemory_prev,
+                         dw_r_prev)
     if np.ndim(alpha) == 1:
         dalpha = dalpha.sum(axis=0)                     # (H,)
     return dkey, dalpha, dmemory_prev, dw_r_prev

@@ -36,10 +36,12 @@ everywhere. Hence d/dgamma = 0 and d/dusage0 = 0 exactly, and the backward retur
 for keys, alpha, memory0 and read0 only; every path through those is differentiated exactly
 (the formulas are in docs/DERIVATIONS.md, under lrua_backward).
 
-Ops: lrua_forward / lrua_backward run whole episodes (every key known up front);
+Ops: lrua_forward / lrua_backward run whole episodes (every key known up front; the
+backward recomputes the forward); lrua_forward_tape / lrua_backward_tape are the same pair
+with the forward keeping a tape of what the backward needs, so that it is not recomputed;
 lrua_step_forward / lrua_step_backward run one step t of a batch, for MANN, whose key k_t
-depends on r_{t-1} through the controller. Both pairs share _step and _step_back, so the
-chained step pair reproduces the whole-episode pair.
+depends on r_{t-1} through the controller. All share _step and _step_back, so the chained
+step pair reproduces the whole-episode pair.
 
 Every function computes in float64 and returns fresh arrays in the input dtype. Inputs are
 assumed valid; `metacore.kernels.lrua` checks them before calling in here.
@@ -95,12 +97,11 @@ def _f64(*arrays):
     return [np.asarray(a, dtype=np.float64) for a in arrays]
 
 
-def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
-    """Run the memory over an episode.
-
-    -> reads (T, B, H, W) r_t, w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
-       w_lu (T, B, S) (from w_u_t, i.e. the slots the next step writes to), memory (B, S, W)
-       M_T; all in the dtype of keys."""
+def _run(keys, alpha, memory0, read0, usage0, gamma, keep):
+    """The forward pass over every episode; keep: also what the reverse sweep needs.
+    -> outputs (reads, w_r, w_w, w_u, w_lu, memory: float64) and, with keep, the tape (a
+    dict of float64 copies: g, k, read0, and per episode Ms (M_0 .. M_T), wrs (w_r_0 ..
+    w_r_T), wws, wlus (w_lu_{t-1}), zs), else None."""
     k64, m64, r64, u64 = _f64(keys, memory0, read0, usage0)
     T, B, H, W = keys.shape
     S = memory0.shape[1]
@@ -111,16 +112,65 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
     w_u = np.zeros((T, B, S))
     w_lu = np.zeros((T, B, S))
     memory = np.zeros((B, S, W))
+    episodes = []
     for b in range(B):
         M, wr, wu = m64[b], r64[b], u64[b]
+        Ms, wrs, wws, wlus, zs = [M.copy()], [wr.copy()], [], [], []
         for t in range(T):
-            r, M, wr, ww, wu, _, _ = _step(k64[t, b], g[t, b], M, wr, wu, float(gamma))
+            r, M, wr, ww, wu, wlu_prev, z = _step(k64[t, b], g[t, b], M, wr, wu, float(gamma))
             reads[t, b], w_r[t, b], w_w[t, b], w_u[t, b] = r, wr, ww, wu
             w_lu[t, b] = least_used(wu, H)[0]
+            if keep:
+                Ms.append(M)
+                wrs.append(wr)
+                wws.append(ww)
+                wlus.append(wlu_prev)
+                zs.append(z)
         memory[b] = M
-    dt = keys.dtype
-    return (reads.astype(dt), w_r.astype(dt), w_w.astype(dt), w_u.astype(dt),
-            w_lu.astype(dt), memory.astype(dt))
+        episodes.append((Ms, wrs, wws, wlus, zs))
+    tape = None
+    if keep:
+        tape = dict(g=np.array(g), k=k64.copy(), episodes=episodes, alpha_ndim=np.ndim(alpha),
+                    dtype=keys.dtype, shape=(T, B, H, S, W))
+    return (reads, w_r, w_w, w_u, w_lu, memory), tape
+
+
+def _sweep(dreads, tape):
+    """The reverse sweep over a tape of _run -> dkeys, dalpha, dmemory0, dread0 (float64)."""
+    dr64 = np.asarray(dreads, dtype=np.float64)
+    T, B, H, S, W = tape["shape"]
+    g, k64 = tape["g"], tape["k"]
+    dkeys = np.zeros((T, B, H, W))
+    dalpha = np.zeros((T, B, H))
+    dmemory0 = np.zeros((B, S, W))
+    dread0 = np.zeros((B, H, S))
+    for b, (Ms, wrs, wws, wlus, zs) in enumerate(tape["episodes"]):
+        # Ms[t + 1] is M_t, wrs[t + 1] is w_r_t (index 0 holds step 0)
+        dM = np.zeros((S, W))
+        dwr = np.zeros((H, S))
+        for t in range(T - 1, -1, -1):
+            dkeys[t, b], dalpha[t, b], dM, dwr = _step_back(
+                dr64[t, b], dM, dwr, k64[t, b], g[t, b], Ms[t + 1], wrs[t + 1], wws[t],
+                wrs[t], wlus[t], zs[t])
+        dmemory0[b] = dM
+        dread0[b] = dwr
+    if tape["alpha_ndim"] == 1:
+        dalpha = dalpha.sum(axis=(0, 1))                                 # (H,)
+    return dkeys, dalpha, dmemory0, dread0
+
+
+def _as(dt, arrays):
+    return tuple(a.astype(dt) for a in arrays)
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+    """Run the memory over an episode.
+
+    -> reads (T, B, H, W) r_t, w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
+       w_lu (T, B, S) (from w_u_t, i.e. the slots the next step writes to), memory (B, S, W)
+       M_T; all in the dtype of keys."""
+    out, _ = _run(keys, alpha, memory0, read0, usage0, gamma, keep=False)
+    return _as(keys.dtype, out)
 
 
 def _step_back(dr, dM, dwr, k, g, M, wr, ww, wr_prev, wlu_prev, z):
@@ -163,38 +213,29 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
         dw_r_{t-1}^h = g_h dww^h;  dalpha_t^h = g_h (1 - g_h) sum_i dww^h(i)
                                                (w_r_{t-1}^h(i) - w_lu_{t-1}(i))  (gate)
     """
-    dr64, k64, m64, r64, u64 = _f64(dreads, keys, memory0, read0, usage0)
-    T, B, H, W = keys.shape
-    S = memory0.shape[1]
-    g = gates(alpha, T, B, H)                                            # (T, B, H)
-    dkeys = np.zeros((T, B, H, W))
-    dalpha = np.zeros((T, B, H))
-    dmemory0 = np.zeros((B, S, W))
-    dread0 = np.zeros((B, H, S))
-    for b in range(B):
-        # forward, keeping what the reverse sweep needs
-        Ms, wrs, wws, wlus, zs = [m64[b]], [r64[b]], [], [], []
-        M, wr, wu = m64[b], r64[b], u64[b]
-        for t in range(T):
-            _, M, wr, ww, wu, wlu_prev, z = _step(k64[t, b], g[t, b], M, wr, wu, float(gamma))
-            Ms.append(M)
-            wrs.append(wr)
-            wws.append(ww)
-            wlus.append(wlu_prev)
-            zs.append(z)
-        # reverse sweep; Ms[t + 1] is M_t, wrs[t + 1] is w_r_t (index 0 holds step 0)
-        dM = np.zeros((S, W))
-        dwr = np.zeros((H, S))
-        for t in range(T - 1, -1, -1):
-            dkeys[t, b], dalpha[t, b], dM, dwr = _step_back(
-                dr64[t, b], dM, dwr, k64[t, b], g[t, b], Ms[t + 1], wrs[t + 1], wws[t],
-                wrs[t], wlus[t], zs[t])
-        dmemory0[b] = dM
-        dread0[b] = dwr
-    if np.ndim(alpha) == 1:
-        dalpha = dalpha.sum(axis=(0, 1))                                 # (H,)
-    dt = keys.dtype
-    return (dkeys.astype(dt), dalpha.astype(dt), dmemory0.astype(dt), dread0.astype(dt))
+    _, tape = _run(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    return _as(keys.dtype, _sweep(dreads, tape))
+
+
+def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
+    """lrua_forward, also keeping what the backward needs, so that the gradients of the same
+    episode cost only the reverse sweep (no second forward pass).
+
+    -> reads, w_r, w_w, w_u, w_lu, memory (exactly lrua_forward's), tape: an opaque object
+    for lrua_backward_tape (this backend's own: float64 copies of every M_t, w_r_t, w_w_t,
+    w_lu_{t-1}, the zeroed slots, the keys and the gates, so later changes to the inputs or
+    outputs do not reach it)."""
+    out, tape = _run(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    return _as(keys.dtype, out) + (tape,)
+
+
+def lrua_backward_tape(dreads, tape):
+    """lrua_backward of the episode that lrua_forward_tape ran, from its tape: dreads
+    (T, B, H, W) dL/dreads -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0
+    (B, S, W), dread0 (B, H, S), fresh arrays in the dtype of that episode's keys; equal to
+    lrua_backward with the same inputs. The tape is not changed (it may be used again, for
+    another dreads)."""
+    return _as(tape["dtype"], _sweep(dreads, tape))
 
 
 # ---------------------------------------------------------------- one step, a batch

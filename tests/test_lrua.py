@@ -506,3 +506,128 @@ def test_works_without_numba():
     assert res.returncode == 0, res.stderr
     assert "ERR lrua_forward: backend 'numba' needs the package 'numba'" in res.stdout
     assert "backend='reference'" in res.stdout
+
+
+# ---------------------------------------------------------------- the tape pair
+def tape_grads(backend, c, keys, alpha, memory0, read0, usage0, gamma=GAMMA):
+    """lrua_forward_tape then lrua_backward_tape -> (forward outputs, gradients)."""
+    *out, tape = K.lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma,
+                                     backend=backend)
+    assert isinstance(tape, K.LruaTape) and tape.backend == backend
+    return out, K.lrua_backward_tape(c, tape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("shape, seed", [((5, 2, 2, 7, 3), 1), ((3, 1, 3, 4, 2), 1),
+                                         ((1, 1, 1, 3, 1), 3)])
+def test_tape_backward_matches_finite_differences(shape, seed, per_step, backend):
+    keys, alpha, memory0, read0, usage0, c = data(shape, np.float64, seed=seed,
+                                                  per_step=per_step)
+    out, grads = tape_grads(backend, c, keys, alpha, memory0, read0, usage0)
+    assert selection_margin(usage0, out[3], shape[2]) > MARGIN
+
+    def f():
+        return probe(backend, keys, alpha, memory0, read0, usage0, c)
+
+    for name, x, dx in zip(("keys", "alpha", "memory0", "read0"),
+                           (keys, alpha, memory0, read0), grads):
+        assert dx.shape == x.shape and dx.dtype == x.dtype, name
+        assert np.abs(dx).max() > 1e-3, f"d{name} is ~0: a comparison that cannot fail"
+        err = gradcheck.rel_error(dx, gradcheck.numerical_gradient(f, x))
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_tape_pair_equals_the_recomputing_pair(backend, dtype, per_step):
+    """Same kernels, same order of operations: the tape pair gives lrua_forward's and
+    lrua_backward's results bit for bit on one backend."""
+    keys, alpha, memory0, read0, usage0, c = data((7, 3, 2, 11, 5), dtype, seed=6,
+                                                  per_step=per_step)
+    out, grads = tape_grads(backend, c, keys, alpha, memory0, read0, usage0)
+    want = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    for a, b in zip(out, want):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    want = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    for a, b in zip(grads, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, seed", SHAPES)
+def test_numba_tape_matches_reference(shape, seed, dtype, per_step):
+    """The numba tape pair against the float64 reference, with test_numba_matches_reference's
+    bounds."""
+    T, B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, c = data(shape, dtype, seed=seed, per_step=per_step)
+    as64 = [x.astype(np.float64) for x in (keys, alpha, memory0, read0, usage0, c)]
+    ref_out, ref = tape_grads("reference", as64[5], *as64[:5])
+    assert selection_margin(as64[4], ref_out[3], H) > 1e-4
+    out, grads = tape_grads("numba", c, keys, alpha, memory0, read0, usage0)
+    bound = 4 * T * (S + W + H)
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), out, ref_out):
+        assert a.dtype == dtype, name
+        if name == "w_lu":
+            np.testing.assert_array_equal(a, r)
+        else:
+            assert_close(name, a, r, dtype, bound)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"), grads, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert np.abs(r).max() > 1e-3, f"reference {name} is ~0: no scale to compare at"
+        assert_close(name, a, r, dtype, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tape_keeps_copies_and_can_be_used_again(backend):
+    """Overwriting the inputs and the returned arrays after the forward changes nothing; the
+    backward leaves the tape as it was (a second call, for another dreads, is exact), and
+    every result is a fresh array."""
+    args = data((4, 2, 3, 6, 5), np.float32, seed=12)
+    keys, alpha, memory0, read0, usage0, c = args
+    want = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, backend=backend)
+    want2 = K.lrua_backward(2 * c, keys, alpha, memory0, read0, usage0, GAMMA,
+                            backend=backend)
+    ins = [x.copy() for x in (keys, alpha, memory0, read0, usage0)]
+    *out, tape = K.lrua_forward_tape(*ins, GAMMA, backend=backend)
+    for x in ins + out:
+        x[...] = np.nan
+    grads = K.lrua_backward_tape(c, tape)
+    grads2 = K.lrua_backward_tape(2 * c, tape)
+    for a, b in zip(grads + grads2, want + want2):
+        np.testing.assert_array_equal(a, b)
+    for x in grads:
+        assert not any(np.shares_memory(x, y) for y in grads2 + (c,))
+
+
+def test_tape_bad_inputs_name_the_problem(monkeypatch):
+    keys, alpha, memory0, read0, usage0, c = data((3, 2, 2, 5, 4), np.float64, seed=9)
+    F, Bk = K.lrua_forward_tape, K.lrua_backward_tape
+    _raises(ValueError, ["lrua_forward_tape", "memory0", "(2, *, 4)", "(2, 5, 3)"],
+            F, keys, alpha, memory0[..., :3], read0, usage0, GAMMA)
+    _raises(ValueError, ["lrua_forward_tape", "gamma", "[0, 1]"],
+            F, keys, alpha, memory0, read0, usage0, 1.5)
+    tape = F(keys, alpha, memory0, read0, usage0, GAMMA, backend="reference")[-1]
+    _raises(TypeError, ["lrua_backward_tape", "LruaTape", "dict"], Bk, c, {"shape": 1})
+    _raises(ValueError, ["lrua_backward_tape", "dreads", "(3, 2, 2, 4)", "(3, 2, 2, 3)"],
+            Bk, c[..., :3], tape)
+    _raises(TypeError, ["lrua_backward_tape", "dreads", "float32", "float64"],
+            Bk, c.astype(np.float32), tape)
+    bad = c.copy()
+    bad[0, 0, 0, 0] = np.nan
+    _raises(ValueError, ["lrua_backward_tape", "dreads", "1 non-finite"], Bk, bad, tape)
+    # a backend with only the whole-episode pair: 'auto' passes over it, naming it fails
+    import types
+    fake = types.SimpleNamespace(lrua_forward=None, lrua_backward=None)
+    real = K._backend
+    monkeypatch.setattr(K, "_backend",
+                        lambda op, name, *a: fake if name == "fake" else real(op, name, *a))
+    monkeypatch.setattr(K, "AUTO_ORDER", ("fake", "reference"))
+    assert F(keys, alpha, memory0, read0, usage0, GAMMA)[-1].backend == "reference"
+    _raises(NotImplementedError, ["lrua_forward_tape", "'fake'", "lrua_backward"],
+            F, keys, alpha, memory0, read0, usage0, GAMMA, backend="fake")

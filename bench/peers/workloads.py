@@ -281,23 +281,32 @@ def make_lrua(cfg, seed=0):
 
 def metacore_lrua(cfg, inputs, dtype, variant):
     """-> call returning (reads (T, B, H, W), dkeys (T, B, H, W), dalpha (H,),
-    dmemory0 (B, S, W), dread0 (B, H, S)): lrua_forward, then lrua_backward of the probe
-    (which reruns the forward inside), as bench/bench_lrua.py times it."""
+    dmemory0 (B, S, W), dread0 (B, H, S)), as bench/bench_lrua.py times it. `metacore`:
+    lrua_forward_tape, then lrua_backward_tape of the probe (the reverse sweep only);
+    `metacore-reference` (also the float64 truth): lrua_forward, then lrua_backward of the
+    probe (which reruns the forward inside)."""
     from metacore.kernels import lrua as K
-    backend = {"metacore": "numba", "metacore-reference": "reference"}[variant]
     a = {n: np.ascontiguousarray(v, dtype=dtype) for n, v in inputs.items()}
     args = (a["keys"], a["alpha"], a["memory0"], a["read0"], a["usage0"], cfg["gamma"])
+    if variant == "metacore":
+        def call():
+            *out, tape = K.lrua_forward_tape(*args, backend="numba")
+            return (out[0],) + tuple(K.lrua_backward_tape(a["probe"], tape))
+        return call
+    if variant != "metacore-reference":
+        raise KeyError(variant)
 
     def call():
-        reads = K.lrua_forward(*args, backend=backend)[0]
-        return (reads,) + tuple(K.lrua_backward(a["probe"], *args, backend=backend))
+        reads = K.lrua_forward(*args, backend="reference")[0]
+        return (reads,) + tuple(K.lrua_backward(a["probe"], *args, backend="reference"))
     return call
 
 
 def lrua_flops(T, B, H, S, W):
-    """bench/bench_lrua.py's nominal count: 26 H S W per step per episode (forward 6, the
-    backward's recomputed forward 6, its sweep 14; only the H S W terms)."""
-    return 26 * H * S * W * T * B
+    """bench/bench_lrua.py's nominal count: 20 H S W per step per episode (forward 6,
+    reverse sweep 14; only the H S W terms). A backward that reruns the forward (the
+    reference's lrua_backward, the step chain) does 6 more, not counted."""
+    return 20 * H * S * W * T * B
 
 
 # ---------------------------------------------------------------- registry
@@ -378,10 +387,11 @@ def _lrua(quick=True):
              "zeroed before the write M_t = M' + w_w^T k. Inputs as bench/bench_lrua.py "
              "(M_0 = 1e-6, w_u_0 = 0, w_r_0 one-hot). Timed: the reads of the whole episode "
              "and the gradient of a fixed linear probe L = sum(c * reads) w.r.t. keys, "
-             "alpha, memory0 and read0. `metacore` is the Numba backend (lrua_forward + "
-             "lrua_backward, which reruns the forward), `metacore-reference` the float64 "
-             "NumPy reference (loops over episodes and steps; it computes in float64 and "
-             "returns float32). PyTorch eager: a Python loop over the 50 steps, batched "
+             "alpha, memory0 and read0. `metacore` is the Numba backend (lrua_forward_tape, "
+             "which keeps what the backward needs, + lrua_backward_tape, the reverse sweep "
+             "only), `metacore-reference` the float64 NumPy reference (lrua_forward + "
+             "lrua_backward, which reruns the forward; loops over episodes and steps; it "
+             "computes in float64 and returns float32). PyTorch eager: a Python loop over the 50 steps, batched "
              "over episodes, autograd; JAX: jit of value_and_grad of a lax.scan over the "
              "steps. In both the least-used weights and the zeroed slot come from the usage "
              "under no_grad / stop_gradient (kthvalue / sort, argmin), as metacore treats "
