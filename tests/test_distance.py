@@ -263,8 +263,8 @@ def test_gemm_backward_recomputes_cancelling_rows(monkeypatch):
     """Supports in one tight cluster at +1e4, queries half beside it and half at -1e4
     (float32). Centring leaves the near queries at |q'| ~ 1e4 while their gradient terms
     are ~1e-2, so the GEMM form 2 (r_i q'_i - sum_j g_ij s'_j) loses every digit there; the
-    KAPPA test must send those rows to the direct formula. With the test disabled
-    (KAPPA = inf) the same bound fails, so this test can fail."""
+    elementwise KAPPA test alone must send those rows to the direct formula. With both tests
+    disabled (KAPPA = KAPPA_ROW = inf) the same bound fails, so this test can fail."""
     mod = K._backend("t", "numba")
     for name, value in ROUTES["gemm"].items():
         monkeypatch.setattr(mod, name, value)
@@ -282,7 +282,45 @@ def test_gemm_backward_recomputes_cancelling_rows(monkeypatch):
     dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
     assert_close("split queries dq", dq, rdq, m_dq, np.float32, c_dq)
     assert_close("split queries ds", ds, rds, m_ds, np.float32, c_ds)
+    monkeypatch.setattr(mod, "KAPPA_ROW", np.inf)                 # the elementwise test alone
+    dq1, _ = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    assert_close("elementwise test alone", dq1, rdq, m_dq, np.float32, c_dq)
     monkeypatch.setattr(mod, "KAPPA", np.inf)
+    dq_bad, _ = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    with pytest.raises(AssertionError):
+        assert_close("GEMM form alone", dq_bad, rdq, m_dq, np.float32, c_dq)
+
+
+@needs_numba
+def test_gemm_backward_two_clusters_gradient_inside(monkeypatch):
+    """Two tight clusters at +-1e4, each with queries and supports, and the upstream
+    gradient zero across clusters (a converged ProtoNet's softmax): every row passes the
+    elementwise test (its partners span both clusters), but the GEMM form's error ~ eps 1e4
+    against terms ~ 1e-2 is caught by the g-weighted normwise test (KAPPA_ROW) and the rows
+    recomputed directly. With that test disabled the bound fails, so this test can fail.
+    The fused ProtoNet loss goes through the same backward."""
+    mod = K._backend("t", "numba")
+    for name, value in ROUTES["gemm"].items():
+        monkeypatch.setattr(mod, name, value)
+    T, Q, N, D = 1, 12, 8, 40
+    rng = np.random.default_rng(25)
+    centre = 1e4 + rng.standard_normal((T, 1, D))
+    side_q = np.where(np.arange(Q) % 2 == 0, 1.0, -1.0)
+    side_s = np.where(np.arange(N) % 2 == 0, 1.0, -1.0)
+    q = (side_q[None, :, None] * centre + 1e-2 * rng.standard_normal((T, Q, D))).astype(
+        np.float32)
+    s = (side_s[None, :, None] * centre + 1e-2 * rng.standard_normal((T, N, D))).astype(
+        np.float32)
+    same = (side_q[:, None] == side_s[None, :])[None]                   # (1, Q, N)
+    g = np.where(same, rng.standard_normal((T, Q, N)), 0).astype(np.float32)
+    q64, s64, g64 = (x.astype(np.float64) for x in (q, s, g))
+    rdq, rds = R.pairwise_sqeuclidean_backward(g64, q64, s64)
+    _, c_dq, c_ds = steps("sqeuclidean", (T, Q, N, D))
+    _, m_dq, m_ds = magnitudes("sqeuclidean", g, q, s)
+    dq, ds = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
+    assert_close("two clusters dq", dq, rdq, m_dq, np.float32, c_dq)
+    assert_close("two clusters ds", ds, rds, m_ds, np.float32, c_ds)
+    monkeypatch.setattr(mod, "KAPPA_ROW", np.inf)
     dq_bad, _ = K.pairwise_sqeuclidean_backward(g, q, s, backend="numba")
     with pytest.raises(AssertionError):
         assert_close("GEMM form alone", dq_bad, rdq, m_dq, np.float32, c_dq)

@@ -141,7 +141,8 @@ def fmt_t(s):
 
 def table(w, rows, threads_list, frameworks):
     """One markdown table: a row per framework, per thread count its median, GFLOP/s and
-    the best metacore variant's speed-up over it."""
+    the best metacore variant's speed-up over it. Baselines (w.baselines, e.g. NumPy-BLAS)
+    are compared rows like the peers, never counted as metacore variants."""
     fl = W.flops(w)
     head = "| framework |" + "".join(f" {t} thread{'s' * (t > 1)}: median | GFLOP/s |"
                                     f" metacore speed-up |" for t in threads_list)
@@ -198,7 +199,8 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "OMP/OpenBLAS/MKL/Numba thread variables set to the count, "
          "`torch.set_num_threads`, XLA's Eigen pool off for 1 thread. Speed-up = the "
          "framework's median / the fastest metacore variant's median (> 1: metacore is "
-         "faster). GFLOP/s = the stated FLOP count / the median. The minimum is shown "
+         "faster); baselines that are not metacore (`numpy-blas`, the distance tables' "
+         "NumPy BLAS expansion) are compared rows like the peers. GFLOP/s = the stated FLOP count / the median. The minimum is shown "
          "beside each median because on a loaded machine it is the better estimate of "
          "the unloaded time; ratios use medians.", ""]
     L += ["## Import time and installed size", "",
@@ -209,7 +211,7 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
                                    f"{fmt_t(v[0])} | {v[1] / 2**20:.1f} MiB |"))
     L.append("")
     for wname, (w, rows) in results.items():
-        frameworks = list(w.metacore) + list(w.peers)
+        frameworks = list(w.metacore) + list(w.baselines) + list(w.peers)
         tab, fl = table(w, rows, args.threads, frameworks)
         checks = ", ".join(f"{f} {r['check_rel_error']:.1e}" for (f, t), r in rows.items()
                            if t == args.threads[0] and "check_rel_error" in r)
@@ -304,7 +306,7 @@ def main(argv=None):
                      **{f"out{i}": o for i, o in enumerate(W.truth(w, inputs))})
             rows = {}
             for t in args.threads:
-                for f in list(w.metacore) + list(w.peers):
+                for f in list(w.metacore) + list(w.baselines) + list(w.peers):
                     if f in PEERS and not have["torch" if f.startswith("torch") else "jax"]:
                         rows[(f, t)] = dict(ok=False, error="not installed")
                         continue

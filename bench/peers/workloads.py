@@ -31,6 +31,7 @@ class Workload:
     quick: bool = True        # part of `python -m bench --quick`
     note: str = ""
     metacore: tuple = ("metacore",)          # metacore variants (labels)
+    baselines: tuple = ()                    # non-metacore rows built by metacore_call
     peers: tuple = ("torch-eager", "torch-func", "jax")
     extra: dict = field(default_factory=dict)
 
@@ -334,7 +335,7 @@ def _distance(kind, Q, N, D, quick=True):
         name=f"{'dist' if kind == 'sqeuclidean' else 'protoloss'}-Q{Q}-N{N}-D{D}",
         kind=kind, title=f"{what[0].upper() + what[1:]}, Q={Q}, N={N}, D={D}",
         cfg=dict(Q=Q, N=N, D=D), outputs=("d", "dq", "ds") if kind == "sqeuclidean" else
-        ("loss", "dq", "ds"), quick=quick, metacore=("metacore", "numpy-blas"),
+        ("loss", "dq", "ds"), quick=quick, metacore=("metacore",), baselines=("numpy-blas",),
         tol=1e-4,
         note="`metacore` is metacore.kernels.distance (Numba); `numpy-blas` the expansion "
              "|q|^2 + |s|^2 - 2 q s^T through NumPy's BLAS.")
