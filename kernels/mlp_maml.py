@@ -21,8 +21,9 @@ numba is imported on first use, so this module imports without it.
 """
 import numpy as np
 
-from metacore.algorithms.maml import _check_all
+from metacore.algorithms.maml import _check_alpha, _check_steps
 from metacore.network import Linear, Model, ReLU
+from metacore.validate import check_float_array
 
 _numba_module = None
 
@@ -40,9 +41,28 @@ def _kernel():
     return _numba_module
 
 
+_structures = {}     # what the layout depends on -> (dims, woff, boff)
+
+
 def mlp_structure(model):
     """-> dims (L+1,), woff (L,), boff (L,) int64 for a Linear-ReLU-...-Linear MSE model;
-    a ValueError naming the problem for any other model."""
+    a ValueError naming the problem for any other model. Remembered by value (layer types
+    and widths, loss), so that a per-call model walk costs no time."""
+    if not isinstance(model, Model):
+        return _mlp_structure(model)          # raises the TypeError
+    key = (model.loss_name, model.num_params) + tuple(
+        (type(layer), getattr(layer, "d_in", None), getattr(layer, "d_out", None))
+        for layer in model.layers)
+    found = _structures.get(key)
+    if found is None:
+        found = _mlp_structure(model)
+        if len(_structures) > 64:
+            _structures.clear()
+        _structures[key] = found
+    return found
+
+
+def _mlp_structure(model):
     op = "mlp_maml_gradient"
     if not isinstance(model, Model):
         raise TypeError(f"{op}: model must be a metacore.network.Model, got "
@@ -65,6 +85,32 @@ def mlp_structure(model):
     return dims, woff, boff
 
 
+def _check_inputs(op, model, dims, theta, support_x, support_y, query_x, query_y, alpha,
+                  steps):
+    """The checks of metacore.algorithms.maml for this one model shape, without its
+    per-call (T, P) scratch arrays: a few microseconds, not tens. -> alpha (float), steps."""
+    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
+        raise ValueError(f"{op}: alpha must be a scalar (per-parameter Meta-SGD rates are "
+                         f"not fused), got an array of shape {alpha.shape}")
+    if isinstance(support_x, (list, tuple)) or isinstance(support_y, (list, tuple)):
+        raise ValueError(f"{op}: support must be one (T, N, D) batch used at every inner "
+                         f"step, not a list of batches")
+    steps = _check_steps(op, steps)
+    check_float_array(op, "theta", theta, shape=(model.num_params,))
+    dt = theta.dtype
+    D, O = int(dims[0]), int(dims[-1])
+    check_float_array(op, "support_x", support_x, shape=(None, None, D), dtype=dt)
+    T, N = support_x.shape[:2]
+    check_float_array(op, "support_y", support_y, shape=(T, N, O), dtype=dt)
+    check_float_array(op, "query_x", query_x, shape=(T, None, D), dtype=dt)
+    M = query_x.shape[1]
+    check_float_array(op, "query_y", query_y, shape=(T, M, O), dtype=dt)
+    if T == 0 or N == 0 or M == 0:
+        raise ValueError(f"{op}: needs at least one task, support point and query point, got "
+                         f"support_x {support_x.shape} and query_x {query_x.shape}")
+    return _check_alpha(op, alpha, model.num_params, dt), steps
+
+
 def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1):
     """Second-order MAML meta-gradient, fused (module docstring).
 
@@ -75,15 +121,9 @@ def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alph
     """
     op = "mlp_maml_gradient"
     dims, woff, boff = mlp_structure(model)
-    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
-        raise ValueError(f"{op}: alpha must be a scalar (per-parameter Meta-SGD rates are "
-                         f"not fused), got an array of shape {alpha.shape}")
-    if isinstance(support_x, (list, tuple)) or isinstance(support_y, (list, tuple)):
-        raise ValueError(f"{op}: support must be one (T, N, D) batch used at every inner "
-                         f"step, not a list of batches")
-    theta, alpha, _, _, _ = _check_all(op, model, theta, support_x, support_y, query_x,
-                                       query_y, alpha, steps)
+    alpha, steps = _check_inputs(op, model, dims, theta, support_x, support_y, query_x,
+                                 query_y, alpha, steps)
     dt = theta.dtype
     arrays = [np.ascontiguousarray(a) for a in (theta, support_x, support_y, query_x,
                                                  query_y)]
-    return _kernel().mlp_maml_gradient(*arrays, dt.type(alpha), int(steps), dims, woff, boff)
+    return _kernel().mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff)

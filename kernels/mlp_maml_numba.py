@@ -3,7 +3,7 @@ for a whole meta-batch in one compiled call (one core, a plain loop over tasks).
 
 Shape letters (this module):
     T tasks, N support points, M query points, P parameters, L linear layers,
-    D_l the width entering linear layer l (D_0 inputs, D_L = O outputs).
+    D_l the width entering linear layer l (D_0 inputs, D_L = O outputs), k inner steps.
 
 The network is Linear(D_0, D_1) - ReLU - Linear(D_1, D_2) - ReLU - ... - Linear(D_{L-1}, D_L),
 its parameters one flat (P,) vector: layer l's w (D_l, D_{l+1}) row-major at woff[l], its
@@ -14,20 +14,34 @@ same support batch at every inner step:
     theta_{i+1} = theta_i - alpha g_i,   v_k = grad L_query(theta_k),
     v_i = v_{i+1} - alpha H_i v_{i+1}  (i = k-1 .. 0),   grad F = mean_t v_0.
 H_i u by Pearlmutter's R-operator, layer by layer (a = layer input, z = pre-activation,
-mask = [z > 0], r-prefixed = R{.} in the direction u, u_w / u_b the blocks of u):
+dz = d loss / dz, mask = [z > 0], r-prefixed = R{.} in the direction u, u_w / u_b the
+blocks of u):
     forward   rz_l = ra_l w_l + a_l u_w + u_b,   ra_{l+1} = rz_l * mask_l,   ra_0 = 0
     loss      R{dout} = (2 / (N O)) rz_{L-1}
     backward  R{dw} = ra^T dz + a^T rdz,  R{db} = sum_n rdz,
               rdx = rdz w^T + dz u_w^T,   rdz_{l-1} = rdx * mask_{l-1}.
+The inner step at theta_i already computes every a, z and dz that H_i needs, so each step's
+support pass (a, z, dz and w^T, a few KiB per step) is kept for the reverse sweep: nothing
+is recomputed, and H_i u costs the R-forward and R-backward only.
 
-Why the loops look as they do: fastmath is off (results must follow the NumPy path's
-rounding model), so LLVM vectorises only loops without a floating-point reduction. Every
-product is therefore written with the contiguous output row as the innermost loop (an axpy),
-and the x w^T products use a transposed copy of the weights (wt, same offsets as theta).
-Accumulation is in the input dtype.
+Where the time goes: every matrix product is one call of kernels/small_gemm.py, which keeps
+a 2-row by 4-vector block of the output in vector registers for the whole reduction
+(explicit 256-bit vectors from kernels/simd.py: Numba's own loop vectoriser re-checks
+aliasing at every loop entry and runs scalar tails, which for 40-wide rows cost as much as
+the arithmetic). Terms that share an output share one call (a u_w + ra w, a^T rdz + ra^T dz,
+rdz w^T + dz u_w^T). x w^T uses a transposed copy of the weights (wt, same offsets as
+theta), so that B's rows are contiguous. Weight gradients with fewer outputs than one
+vector (the sinusoid net's last layer) are axpys along a's rows instead. The elementwise
+loops are compiled with fastmath 'contract' only (a * b + c may become one fused
+multiply-add); no reassociation, no finite-math assumptions. Accumulation is in the input
+dtype.
 """
 import numpy as np
 from numba import njit
+
+from metacore.kernels.small_gemm import gemm
+
+FASTMATH = {"contract"}
 
 
 @njit(cache=True)
@@ -73,184 +87,195 @@ def _transpose_weights(th, dims, woff, wt):
     for l in range(dims.shape[0] - 1):
         w, t = _w(th, woff, dims, l), _wt(wt, woff, dims, l)
         for d in range(w.shape[0]):
+            wr = w[d]
             for h in range(w.shape[1]):
-                t[h, d] = w[d, h]
+                t[h, d] = wr[h]
+
+
+# ---------------------------------------------------------------- per-layer products
+# Every product is one call of the register-tiled kernels/small_gemm.py:
+# gemm(A1, B1, A2, B2, two, bias, use_bias, C): C <- [bias] + A1 B1 [+ A2 B2].
+@njit(cache=True)
+def _affine(a, w, b, z):
+    """z (N, H) <- a (N, D) @ w (D, H) + b (H,)."""
+    gemm(a, w, a, w, False, b, True, z)
 
 
 @njit(cache=True)
+def _raffine(a, ra, w, uw, ub, rz, first):
+    """rz (N, H) <- a @ u_w + u_b, plus ra @ w unless `first` (ra_0 = 0); a, ra (N, D)."""
+    gemm(a, uw, ra, w, not first, ub, True, rz)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _relu_into(z, a):
+    """a (N, H) <- max(z, 0)."""
+    zero = z.dtype.type(0)
+    for n in range(z.shape[0]):
+        zr, ar = z[n], a[n]
+        for h in range(z.shape[1]):
+            ar[h] = zr[h] if zr[h] > zero else zero
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _rrelu_into(z, rz, ra):
+    """ra (N, H) <- rz * [z > 0]."""
+    zero = z.dtype.type(0)
+    for n in range(z.shape[0]):
+        zr, rr, ar = z[n], rz[n], ra[n]
+        for h in range(z.shape[1]):
+            ar[h] = rr[h] if zr[h] > zero else zero
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _row_sums(dz, gb):
+    """gb (H,) <- sum_n dz (N, H)."""
+    zero = gb.dtype.type(0)
+    for h in range(gb.shape[0]):
+        gb[h] = zero
+    for n in range(dz.shape[0]):
+        dr = dz[n]
+        for h in range(gb.shape[0]):
+            gb[h] += dr[h]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _narrow_weight_grad(a, dz, ra, rdz, two, gw):
+    """gw (D, H) <- a^T dz [+ ra^T rdz] for H below one vector: for each output column,
+    axpys along a's contiguous rows (the tiled product would run H scalar chains)."""
+    N, D = a.shape
+    zero = gw.dtype.type(0)
+    for h in range(gw.shape[1]):
+        for d in range(D):
+            gw[d, h] = zero
+        for n in range(N):
+            s0, q0 = dz[n, h], rdz[n, h] if two else zero
+            ar, rr = a[n], ra[n]
+            for d in range(D):
+                gw[d, h] += ar[d] * s0 + rr[d] * q0
+
+
+@njit(cache=True)
+def _weight_grad(a, dz, gw, gb):
+    """gw (D, H) <- a^T dz, gb (H,) <- sum_n dz; a (N, D), dz (N, H). Overwrites."""
+    if dz.shape[1] * dz.itemsize < 32:
+        _narrow_weight_grad(a, dz, a, dz, False, gw)
+    else:
+        gemm(a.T, dz, a.T, dz, False, gb, False, gw)
+    _row_sums(dz, gb)
+
+
+@njit(cache=True)
+def _rweight_grad(a, rdz, ra, dz, hw, hb, first):
+    """hw (D, H) <- a^T rdz + ra^T dz (the second term absent if `first`: ra_0 = 0),
+    hb (H,) <- sum_n rdz. Overwrites."""
+    if dz.shape[1] * dz.itemsize < 32:
+        _narrow_weight_grad(a, rdz, ra, dz, not first, hw)
+    else:
+        gemm(a.T, rdz, ra.T, dz, not first, hb, False, hw)
+    _row_sums(rdz, hb)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _mask(x, zprev):
+    """x (N, D) <- x * [zprev > 0]."""
+    zero = x.dtype.type(0)
+    for n in range(x.shape[0]):
+        xr, zr = x[n], zprev[n]
+        for d in range(x.shape[1]):
+            if not zr[d] > zero:
+                xr[d] = zero
+
+
+@njit(cache=True)
+def _input_grad(dz, wt, zprev, dx):
+    """dx (N, D) <- (dz w^T) * [zprev > 0]; dz (N, H), wt = w^T (H, D), zprev (N, D)."""
+    gemm(dz, wt, dz, wt, False, dx[0], False, dx)
+    _mask(dx, zprev)
+
+
+@njit(cache=True)
+def _rinput_grad(rdz, dz, wt, ut, zprev, rdx):
+    """rdx (N, D) <- (rdz w^T + dz u_w^T) * [zprev > 0]; wt, ut = w^T, u_w^T (H, D)."""
+    gemm(rdz, wt, dz, ut, True, rdx[0], False, rdx)
+    _mask(rdx, zprev)
+
+
+# ---------------------------------------------------------------- whole-network passes
+@njit(cache=True, fastmath=FASTMATH)
 def _forward(th, x, dims, woff, boff, A, aoff, Z, zoff):
     """x: (N, D_0) -> A holds a_0 .. a_{L-1}, Z holds z_0 .. z_{L-1} (z_{L-1} the output)."""
     N = x.shape[0]
     L = dims.shape[0] - 1
-    zero = th.dtype.type(0)
     a = _act(A, aoff[0], N, dims[0])
     for n in range(N):
         for d in range(dims[0]):
             a[n, d] = x[n, d]
     for l in range(L):
         D, H = dims[l], dims[l + 1]
-        a, z = _act(A, aoff[l], N, D), _act(Z, zoff[l], N, H)
-        w, b = _w(th, woff, dims, l), _b(th, boff, dims, l)
-        for n in range(N):
-            zr = z[n]
-            for h in range(H):
-                zr[h] = b[h]
-            for d in range(D):
-                s = a[n, d]
-                wr = w[d]
-                for h in range(H):
-                    zr[h] += s * wr[h]
+        z = _act(Z, zoff[l], N, H)
+        _affine(_act(A, aoff[l], N, D), _w(th, woff, dims, l), _b(th, boff, dims, l), z)
         if l < L - 1:
-            an = _act(A, aoff[l + 1], N, H)
-            for n in range(N):
-                zr, ar = z[n], an[n]
-                for h in range(H):
-                    ar[h] = zr[h] if zr[h] > zero else zero
+            _relu_into(z, _act(A, aoff[l + 1], N, H))
 
 
-@njit(cache=True)
-def _loss_dout(Z, zlast, y, scale, dY):
-    """MSE of the output z_{L-1} against y (N, O); dY <- scale (out - y). -> loss."""
+@njit(cache=True, fastmath=FASTMATH)
+def _loss_dout(Z, zlast, y, scale, G):
+    """MSE of the output z_{L-1} against y (N, O); G[zlast:] <- scale (out - y) = dz_{L-1}.
+    -> loss."""
     N, O = y.shape
     acc = Z.dtype.type(0)
     for n in range(N):
         for o in range(O):
             diff = Z[zlast + n * O + o] - y[n, o]
             acc += diff * diff
-            dY[n * O + o] = diff * scale
+            G[zlast + n * O + o] = diff * scale
     return acc / (N * O)
 
 
-@njit(cache=True)
-def _dw_acc(a, dy, gw):
-    """gw (D, H) += a^T dy, a (N, D), dy (N, H): accumulates."""
-    for n in range(a.shape[0]):
-        dr = dy[n]
-        for d in range(a.shape[1]):
-            s = a[n, d]
-            gr = gw[d]
-            for h in range(gr.shape[0]):
-                gr[h] += s * dr[h]
-
-
-@njit(cache=True)
-def _db_acc(dy, gb):
-    """gb (H,) += sum_n dy (N, H): accumulates."""
-    for n in range(dy.shape[0]):
-        dr = dy[n]
-        for h in range(gb.shape[0]):
-            gb[h] += dr[h]
-
-
-@njit(cache=True)
-def _dx_masked(dy, wt, z, dx):
-    """dx (N, D) <- (dy w^T) * [z > 0], dy (N, H), wt = w^T (H, D), z (N, D)."""
-    zero = dx.dtype.type(0)
-    for n in range(dy.shape[0]):
-        xr = dx[n]
-        for d in range(xr.shape[0]):
-            xr[d] = zero
-        for h in range(dy.shape[1]):
-            s = dy[n, h]
-            tr = wt[h]
-            for d in range(xr.shape[0]):
-                xr[d] += s * tr[d]
-        zr = z[n]
-        for d in range(xr.shape[0]):
-            if not zr[d] > zero:
-                xr[d] = zero
-
-
-@njit(cache=True)
-def _backward(N, dims, woff, boff, wt, A, aoff, Z, zoff, dY, dX, g):
-    """Gradient of the loss given dY = d loss / d out (N, O) flat; g (P,) is ZEROED first
-    then written. dY and dX are scratch (both overwritten)."""
+@njit(cache=True, fastmath=FASTMATH)
+def _backward(N, dims, woff, boff, wt, A, aoff, Z, zoff, G, g):
+    """Gradient g (P,) (overwritten) of the loss whose dz_{L-1} is in G at zoff[L-1];
+    fills G with every dz_l (same layout as Z), which the R-backward reuses."""
     L = dims.shape[0] - 1
-    g[:] = g.dtype.type(0)
     for l in range(L - 1, -1, -1):
         D, H = dims[l], dims[l + 1]
-        dy = _act(dY, 0, N, H)
-        _dw_acc(_act(A, aoff[l], N, D), dy, _w(g, woff, dims, l))
-        _db_acc(dy, _b(g, boff, dims, l))
+        dz = _act(G, zoff[l], N, H)
+        _weight_grad(_act(A, aoff[l], N, D), dz, _w(g, woff, dims, l), _b(g, boff, dims, l))
         if l > 0:
-            _dx_masked(dy, _wt(wt, woff, dims, l), _act(Z, zoff[l - 1], N, D),
-                       _act(dX, 0, N, D))
-            dY, dX = dX, dY
+            _input_grad(dz, _wt(wt, woff, dims, l), _act(Z, zoff[l - 1], N, D),
+                        _act(G, zoff[l - 1], N, D))
 
 
-@njit(cache=True)
-def _hvp(th, u, ut, N, dims, woff, boff, wt, A, aoff, Z, zoff, y, scale,
-         rA, rZ, dY, dX, rdY, rdX, hv):
-    """hv (P,) <- H u at th, whose forward pass A, Z and transposed weights wt are given;
-    ut = u's weight blocks transposed. hv is ZEROED first. The rest is scratch."""
+@njit(cache=True, fastmath=FASTMATH)
+def _hvp(th, u, ut, N, dims, woff, boff, wt, A, aoff, Z, zoff, G, scale, rA, rZ, rG, hv):
+    """hv (P,) <- H u at th, given th's forward pass (A, Z), backward (G: every dz_l) and
+    transposed weights wt; ut = u's weight blocks transposed. rA, rZ, rG are scratch."""
     L = dims.shape[0] - 1
-    zero = hv.dtype.type(0)
-    # ---- R forward: rz_l = ra_l w + a_l u_w + u_b, ra_0 = 0 (the data does not move)
+    # ---- R-forward: rz_l = ra_l w + a_l u_w + u_b, ra_0 = 0 (the data does not move)
     for l in range(L):
         D, H = dims[l], dims[l + 1]
-        a, ra = _act(A, aoff[l], N, D), _act(rA, aoff[l], N, D)
-        z, rz = _act(Z, zoff[l], N, H), _act(rZ, zoff[l], N, H)
-        w, uw, ub = _w(th, woff, dims, l), _w(u, woff, dims, l), _b(u, boff, dims, l)
-        for n in range(N):
-            rr = rz[n]
-            for h in range(H):
-                rr[h] = ub[h]
-            for d in range(D):
-                s = a[n, d]
-                wr = uw[d]
-                for h in range(H):
-                    rr[h] += s * wr[h]
-            if l > 0:
-                for d in range(D):
-                    s = ra[n, d]
-                    wr = w[d]
-                    for h in range(H):
-                        rr[h] += s * wr[h]
+        rz = _act(rZ, zoff[l], N, H)
+        _raffine(_act(A, aoff[l], N, D), _act(rA, aoff[l], N, D), _w(th, woff, dims, l),
+                 _w(u, woff, dims, l), _b(u, boff, dims, l), rz, l == 0)
         if l < L - 1:
-            ran = _act(rA, aoff[l + 1], N, H)
-            for n in range(N):
-                zr, rr, ar = z[n], rz[n], ran[n]
-                for h in range(H):
-                    ar[h] = rr[h] if zr[h] > zero else zero
-    # ---- loss: dout = scale (out - y), R{dout} = scale R{out}
-    zl, O = zoff[L - 1], dims[L]
-    for n in range(N):
-        for o in range(O):
-            dY[n * O + o] = (Z[zl + n * O + o] - y[n, o]) * scale
-            rdY[n * O + o] = rZ[zl + n * O + o] * scale
-    # ---- backward carrying d and R{d}
-    hv[:] = zero
+            _rrelu_into(_act(Z, zoff[l], N, H), rz, _act(rA, aoff[l + 1], N, H))
+    # ---- R{dout} = scale R{out}
+    zl = zoff[L - 1]
+    for j in range(N * dims[L]):
+        rG[zl + j] = rZ[zl + j] * scale
+    # ---- R-backward, reading the kept dz_l
     for l in range(L - 1, -1, -1):
         D, H = dims[l], dims[l + 1]
-        dy, rdy = _act(dY, 0, N, H), _act(rdY, 0, N, H)
-        hw = _w(hv, woff, dims, l)
-        _dw_acc(_act(A, aoff[l], N, D), rdy, hw)
+        dz, rdz = _act(G, zoff[l], N, H), _act(rG, zoff[l], N, H)
+        _rweight_grad(_act(A, aoff[l], N, D), rdz, _act(rA, aoff[l], N, D), dz,
+                      _w(hv, woff, dims, l), _b(hv, boff, dims, l), l == 0)
         if l > 0:
-            _dw_acc(_act(rA, aoff[l], N, D), dy, hw)
-        _db_acc(rdy, _b(hv, boff, dims, l))
-        if l > 0:
-            zp = _act(Z, zoff[l - 1], N, D)
-            wtl, utl = _wt(wt, woff, dims, l), _wt(ut, woff, dims, l)
-            dx, rdx = _act(dX, 0, N, D), _act(rdX, 0, N, D)
-            _dx_masked(dy, wtl, zp, dx)
-            for n in range(N):           # rdx = rdy w^T + dy u_w^T, then the same mask
-                xr = rdx[n]
-                for d in range(D):
-                    xr[d] = zero
-                for h in range(H):
-                    rs, s = rdy[n, h], dy[n, h]
-                    tr, vr = wtl[h], utl[h]
-                    for d in range(D):
-                        xr[d] += rs * tr[d] + s * vr[d]
-                zr = zp[n]
-                for d in range(D):
-                    if not zr[d] > zero:
-                        xr[d] = zero
-            dY, dX = dX, dY
-            rdY, rdX = rdX, rdY
+            _rinput_grad(rdz, dz, _wt(wt, woff, dims, l), _wt(ut, woff, dims, l),
+                         _act(Z, zoff[l - 1], N, D), _act(rG, zoff[l - 1], N, D))
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=FASTMATH)
 def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, steps,
                       dims, woff, boff):
     """Second-order MAML meta-gradient for every task, unchecked (see kernels/mlp_maml.py).
@@ -264,34 +289,33 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     T, N = support_x.shape[0], support_x.shape[1]
     M = query_x.shape[1]
     P = theta.shape[0]
-    O = dims[dims.shape[0] - 1]
     dt = theta.dtype
-    NM = max(N, M)
-    width = 0
     total = 0
     for l in range(dims.shape[0]):
-        width = max(width, dims[l])
         total += dims[l]
+    O = dims[dims.shape[0] - 1]
     s_aoff, s_zoff = _offsets(dims, N)
     q_aoff, q_zoff = _offsets(dims, M)
+    zlast_s, zlast_q = s_zoff[s_zoff.shape[0] - 1], q_zoff[q_zoff.shape[0] - 1]
     s_scale = dt.type(2.0 / (N * O))   # as mse.py: the float64 ratio, rounded once
     q_scale = dt.type(2.0 / (M * O))
-    # scratch: support and query activations kept apart, so that the support pass at
-    # theta_{k-1} is still there when the backward sweep starts
-    sA = np.empty(N * total, dt)
-    sZ = np.empty(N * total, dt)
-    rA = np.empty(N * total, dt)
-    rZ = np.empty(N * total, dt)
+    S = N * total                       # one support pass's a (or z, or dz) buffer
+    # kept per inner step i: theta_i, its w^T, and the support pass a, z, dz at theta_i
+    iterates = np.empty((steps, P), dt)
+    wts = np.empty((steps, P), dt)
+    sA = np.empty((steps, S), dt)
+    sZ = np.empty((steps, S), dt)
+    sG = np.empty((steps, S), dt)
+    rA = np.empty(S, dt)
+    rZ = np.empty(S, dt)
+    rG = np.empty(S, dt)
     qA = np.empty(M * total, dt)
     qZ = np.empty(M * total, dt)
-    b1 = np.empty(NM * width, dt)
-    b2 = np.empty(NM * width, dt)
-    b3 = np.empty(NM * width, dt)
-    b4 = np.empty(NM * width, dt)
-    iterates = np.empty((steps, P), dt)        # theta_0 .. theta_{k-1} of one task
+    qG = np.empty(M * total, dt)
+    wt0 = np.empty(P, dt)               # theta's w^T: the same for every task
+    _transpose_weights(theta, dims, woff, wt0)
     th = np.empty(P, dt)
-    wt = np.empty(P, dt)                        # w^T blocks at the support iterate
-    wtq = np.empty(P, dt)                       # w^T blocks at theta_k (query pass)
+    wtq = np.empty(P, dt)
     g = np.empty(P, dt)
     v = np.empty(P, dt)
     u = np.empty(P, dt)
@@ -301,32 +325,32 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     gsum = np.zeros(P, dt)
     for t in range(T):
         sx, sy, qx, qy = support_x[t], support_y[t], query_x[t], query_y[t]
-        # ---- inner loop: theta_{i+1} = theta_i - alpha g_i
+        # ---- inner loop: theta_{i+1} = theta_i - alpha g_i, keeping each step's pass
         th[:] = theta
         for i in range(steps):
             iterates[i, :] = th
-            _forward(th, sx, dims, woff, boff, sA, s_aoff, sZ, s_zoff)
-            _loss_dout(sZ, s_zoff[s_zoff.shape[0] - 1], sy, s_scale, b1)
-            _transpose_weights(th, dims, woff, wt)
-            _backward(N, dims, woff, boff, wt, sA, s_aoff, sZ, s_zoff, b1, b2, g)
+            if i == 0:
+                wts[0, :] = wt0
+            else:
+                _transpose_weights(th, dims, woff, wts[i])
+            A, Z, G = sA[i], sZ[i], sG[i]
+            _forward(th, sx, dims, woff, boff, A, s_aoff, Z, s_zoff)
+            _loss_dout(Z, zlast_s, sy, s_scale, G)
+            _backward(N, dims, woff, boff, wts[i], A, s_aoff, Z, s_zoff, G, g)
             for j in range(P):
                 th[j] = th[j] - alpha * g[j]
         # ---- query loss and v_k = grad L_query(theta_k)
         _forward(th, qx, dims, woff, boff, qA, q_aoff, qZ, q_zoff)
-        qloss[t] = _loss_dout(qZ, q_zoff[q_zoff.shape[0] - 1], qy, q_scale, b1)
+        qloss[t] = _loss_dout(qZ, zlast_q, qy, q_scale, qG)
         _transpose_weights(th, dims, woff, wtq)
-        _backward(M, dims, woff, boff, wtq, qA, q_aoff, qZ, q_zoff, b1, b2, v)
+        _backward(M, dims, woff, boff, wtq, qA, q_aoff, qZ, q_zoff, qG, v)
         # ---- v_i = v_{i+1} - alpha H_i v_{i+1}, i = k-1 .. 0
         for i in range(steps - 1, -1, -1):
-            th[:] = iterates[i]
-            if i < steps - 1:        # sA, sZ and wt already hold the pass at theta_{k-1}
-                _forward(th, sx, dims, woff, boff, sA, s_aoff, sZ, s_zoff)
-                _transpose_weights(th, dims, woff, wt)
             for j in range(P):
                 u[j] = alpha * v[j]
             _transpose_weights(u, dims, woff, ut)
-            _hvp(th, u, ut, N, dims, woff, boff, wt, sA, s_aoff, sZ, s_zoff, sy, s_scale,
-                 rA, rZ, b1, b2, b3, b4, hv)
+            _hvp(iterates[i], u, ut, N, dims, woff, boff, wts[i], sA[i], s_aoff, sZ[i],
+                 s_zoff, sG[i], s_scale, rA, rZ, rG, hv)
             for j in range(P):
                 v[j] = v[j] - hv[j]
         for j in range(P):

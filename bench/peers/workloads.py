@@ -43,14 +43,15 @@ def _mlp_dims(model):
 
 
 def mlp_flops(dims, rows):
-    """(forward, backward to the weights and inputs, HVP given the forward) for `rows` points.
-    S = sum_l D_l D_{l+1}, S' = the same without the first layer (no dx at the input):
-    forward 2 rows S; backward dW 2 rows S + dx 2 rows S'; HVP: R-forward (a u_w for every
-    layer, ra w past the first) 2 rows (S + S'), R-backward a^T rdz + ra^T dz 2 rows (S + S'),
-    dx 2 rows S', rdx = rdz w^T + dz u_w^T 4 rows S'."""
+    """(forward, backward to the weights and inputs, HVP given the forward and backward) for
+    `rows` points. S = sum_l D_l D_{l+1}, S' = the same without the first layer (no dx at
+    the input): forward 2 rows S; backward dW 2 rows S + dx 2 rows S'; HVP, with the
+    pass's a, z and dz kept: R-forward (a u_w for every layer, ra w past the first)
+    2 rows (S + S'), R-backward a^T rdz + ra^T dz 2 rows (S + S'), rdx = rdz w^T + dz u_w^T
+    4 rows S'. Multiply-adds only (2 FLOPs each); the elementwise work is not counted."""
     S = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
     S1 = S - dims[0] * dims[1]
-    return 2 * rows * S, 2 * rows * (S + S1), 2 * rows * (2 * S + 5 * S1)
+    return 2 * rows * S, 2 * rows * (S + S1), 2 * rows * (2 * S + 4 * S1)
 
 
 def sinusoid_flops(kind, k, T, N, M, dims):
@@ -61,9 +62,8 @@ def sinusoid_flops(kind, k, T, N, M, dims):
         return T * inner
     if kind == "fomaml":
         return T * (inner + fq + bq)
-    # second order: k inner steps, the query gradient, k HVPs, and k - 1 support forwards
-    # recomputed in the reverse sweep (the pass at theta_{k-1} is kept)
-    return T * (inner + fq + bq + k * hs + (k - 1) * fs)
+    # second order: k inner steps, the query gradient, and k HVPs at the kept passes
+    return T * (inner + fq + bq + k * hs)
 
 
 def make_sinusoid(cfg, seed=0):
