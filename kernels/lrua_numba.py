@@ -67,16 +67,226 @@ def _select(wu, n, wlu, buf):
     return z
 
 
+# ---------------------------------------------------------------- small products
+@njit(fastmath=FM, cache=True)
+def _acc_hx(out, coef, inp):
+    """out (H, S) += coef (H, X) @ inp (X, S): four rows of inp and four rows of out per
+    loop over the slots (then the remainders one at a time)."""
+    H, X = coef.shape
+    S = inp.shape[1]
+    H4 = H - H % 4
+    X4 = X - X % 4
+    for h in range(0, H4, 4):
+        for x in range(0, X4, 4):
+            a00, a01, a02, a03 = coef[h, x], coef[h, x + 1], coef[h, x + 2], coef[h, x + 3]
+            a10, a11, a12, a13 = coef[h + 1, x], coef[h + 1, x + 1], coef[h + 1, x + 2], coef[h + 1, x + 3]
+            a20, a21, a22, a23 = coef[h + 2, x], coef[h + 2, x + 1], coef[h + 2, x + 2], coef[h + 2, x + 3]
+            a30, a31, a32, a33 = coef[h + 3, x], coef[h + 3, x + 1], coef[h + 3, x + 2], coef[h + 3, x + 3]
+            for i in range(S):
+                m0, m1, m2, m3 = inp[x, i], inp[x + 1, i], inp[x + 2, i], inp[x + 3, i]
+                out[h, i] += (a00 * m0 + a01 * m1) + (a02 * m2 + a03 * m3)
+                out[h + 1, i] += (a10 * m0 + a11 * m1) + (a12 * m2 + a13 * m3)
+                out[h + 2, i] += (a20 * m0 + a21 * m1) + (a22 * m2 + a23 * m3)
+                out[h + 3, i] += (a30 * m0 + a31 * m1) + (a32 * m2 + a33 * m3)
+        for x in range(X4, X):
+            a0, a1, a2, a3 = coef[h, x], coef[h + 1, x], coef[h + 2, x], coef[h + 3, x]
+            for i in range(S):
+                m = inp[x, i]
+                out[h, i] += a0 * m
+                out[h + 1, i] += a1 * m
+                out[h + 2, i] += a2 * m
+                out[h + 3, i] += a3 * m
+    for h in range(H4, H):
+        for x in range(0, X4, 4):
+            a0, a1, a2, a3 = coef[h, x], coef[h, x + 1], coef[h, x + 2], coef[h, x + 3]
+            for i in range(S):
+                out[h, i] += (a0 * inp[x, i] + a1 * inp[x + 1, i]) + (a2 * inp[x + 2, i]
+                                                                   + a3 * inp[x + 3, i])
+        for x in range(X4, X):
+            a = coef[h, x]
+            for i in range(S):
+                out[h, i] += a * inp[x, i]
+
+
+@njit(fastmath=FM, cache=True)
+def _acc_xh(out, coef, inp):
+    """out (X, S) += coef^T (X, H) @ inp (H, S), coef: (H, X): _acc_hx with the roles of
+    the rows swapped."""
+    H, X = coef.shape
+    S = inp.shape[1]
+    H4 = H - H % 4
+    X4 = X - X % 4
+    for x in range(0, X4, 4):
+        for h in range(0, H4, 4):
+            a00, a01, a02, a03 = coef[h, x], coef[h + 1, x], coef[h + 2, x], coef[h + 3, x]
+            a10, a11, a12, a13 = coef[h, x + 1], coef[h + 1, x + 1], coef[h + 2, x + 1], coef[h + 3, x + 1]
+            a20, a21, a22, a23 = coef[h, x + 2], coef[h + 1, x + 2], coef[h + 2, x + 2], coef[h + 3, x + 2]
+            a30, a31, a32, a33 = coef[h, x + 3], coef[h + 1, x + 3], coef[h + 2, x + 3], coef[h + 3, x + 3]
+            for i in range(S):
+                m0, m1, m2, m3 = inp[h, i], inp[h + 1, i], inp[h + 2, i], inp[h + 3, i]
+                out[x, i] += (a00 * m0 + a01 * m1) + (a02 * m2 + a03 * m3)
+                out[x + 1, i] += (a10 * m0 + a11 * m1) + (a12 * m2 + a13 * m3)
+                out[x + 2, i] += (a20 * m0 + a21 * m1) + (a22 * m2 + a23 * m3)
+                out[x + 3, i] += (a30 * m0 + a31 * m1) + (a32 * m2 + a33 * m3)
+        for h in range(H4, H):
+            a0, a1, a2, a3 = coef[h, x], coef[h, x + 1], coef[h, x + 2], coef[h, x + 3]
+            for i in range(S):
+                m = inp[h, i]
+                out[x, i] += a0 * m
+                out[x + 1, i] += a1 * m
+                out[x + 2, i] += a2 * m
+                out[x + 3, i] += a3 * m
+    for x in range(X4, X):
+        for h in range(0, H4, 4):
+            a0, a1, a2, a3 = coef[h, x], coef[h + 1, x], coef[h + 2, x], coef[h + 3, x]
+            for i in range(S):
+                out[x, i] += (a0 * inp[h, i] + a1 * inp[h + 1, i]) + (a2 * inp[h + 2, i]
+                                                                   + a3 * inp[h + 3, i])
+        for h in range(H4, H):
+            a = coef[h, x]
+            for i in range(S):
+                out[x, i] += a * inp[h, i]
+
+
+@njit(fastmath=FM, cache=True)
+def _dot_hx(out, a, b):
+    """out (H, X) += a (H, S) @ b^T, b: (X, S): sums over the slots (reassociated, so that
+    each vectorizes), four heads and two rows of b per pass (eight sums)."""
+    H, S = a.shape
+    X = b.shape[0]
+    dt = a.dtype
+    H4 = H - H % 4
+    X2 = X - X % 2
+    for x in range(0, X2, 2):
+        for h in range(0, H4, 4):
+            s0 = dt.type(0)
+            s1 = dt.type(0)
+            s2 = dt.type(0)
+            s3 = dt.type(0)
+            t0 = dt.type(0)
+            t1 = dt.type(0)
+            t2 = dt.type(0)
+            t3 = dt.type(0)
+            for i in range(S):
+                m = b[x, i]
+                n = b[x + 1, i]
+                a0, a1, a2, a3 = a[h, i], a[h + 1, i], a[h + 2, i], a[h + 3, i]
+                s0 += a0 * m
+                s1 += a1 * m
+                s2 += a2 * m
+                s3 += a3 * m
+                t0 += a0 * n
+                t1 += a1 * n
+                t2 += a2 * n
+                t3 += a3 * n
+            out[h, x] += s0
+            out[h + 1, x] += s1
+            out[h + 2, x] += s2
+            out[h + 3, x] += s3
+            out[h, x + 1] += t0
+            out[h + 1, x + 1] += t1
+            out[h + 2, x + 1] += t2
+            out[h + 3, x + 1] += t3
+        for h in range(H4, H):
+            s = dt.type(0)
+            t = dt.type(0)
+            for i in range(S):
+                s += a[h, i] * b[x, i]
+                t += a[h, i] * b[x + 1, i]
+            out[h, x] += s
+            out[h, x + 1] += t
+    for x in range(X2, X):
+        for h in range(H):
+            s = dt.type(0)
+            for i in range(S):
+                s += a[h, i] * b[x, i]
+            out[h, x] += s
+
+
+@njit(fastmath=FM, cache=True)
+def _sumsq_rows(a, out):
+    """out (S,) = sum over the rows x of a (X, S) of a[x]^2, four rows per pass."""
+    X, S = a.shape
+    X4 = X - X % 4
+    for i in range(S):
+        out[i] = 0
+    for x in range(0, X4, 4):
+        for i in range(S):
+            out[i] += (a[x, i] * a[x, i] + a[x + 1, i] * a[x + 1, i]) + (
+                a[x + 2, i] * a[x + 2, i] + a[x + 3, i] * a[x + 3, i])
+    for x in range(X4, X):
+        for i in range(S):
+            out[i] += a[x, i] * a[x, i]
+
+
+@njit(fastmath=FM, cache=True)
+def _softmax_row(c, out, h, ex):
+    """out[h] (S,) = softmax(c[h]), c, out: (H, S); scratch ex: (2, S).
+
+    Every c here is a cosine, in [-1, 1] up to rounding, and a softmax does not change when
+    its arguments are shifted, so y = c(i) - 1 lies in [-2, 0] and exp(y) is computed in
+    vectorizable form (no max to find first): exp(y) = 2^n exp(r), n = round(y / ln 2) in
+    {-4, ..., 0} (a select, no bit tricks), r = y - n ln 2 in [-ln(2)/2, ln(2)/2] (Cody and
+    Waite's two-part ln 2, n ln2_hi exact), exp(r) by its Taylor polynomial to degree 7 in
+    float32, 13 in float64 (remainder below |r|^(d+1) / (d+1)! = 5e-9, resp. 4e-18,
+    relative). If some |c(i)| exceeds 1.25 (it cannot, for a cosine) the row takes np.exp
+    of c - max c instead."""
+    S = c.shape[1]
+    dt = c.dtype
+    one = dt.type(1)
+    half = dt.type(0.5)
+    log2e = dt.type(1.4426950408889634)
+    ln2_hi = dt.type(0.693359375)                   # 9 bits: n ln2_hi is exact
+    ln2_lo = dt.type(-2.1219444005469058e-04)       # ln 2 - ln2_hi
+    bad = 0
+    for i in range(S):
+        y = c[h, i] - one
+        bad += 1 if abs(y + one) > dt.type(1.25) else 0
+        n = np.floor(y * log2e + half)
+        ex[0, i] = (y - n * ln2_hi) - n * ln2_lo
+        ex[1, i] = one if n > -half else (half if n > dt.type(-1.5) else (
+            dt.type(0.25) if n > dt.type(-2.5) else (
+                dt.type(0.125) if n > dt.type(-3.5) else dt.type(0.0625))))
+    tot = dt.type(0)
+    if bad == 0:
+        deg = 7 if c.itemsize == 4 else 13
+        cj = one                                        # 1 / deg!
+        for j in range(2, deg + 1):
+            cj /= dt.type(j)
+        for i in range(S):
+            out[h, i] = cj
+        for j in range(deg, 0, -1):                     # Horner, coefficient 1 / (j - 1)!
+            cj *= dt.type(j)
+            for i in range(S):
+                out[h, i] = out[h, i] * ex[0, i] + cj
+        for i in range(S):
+            e = out[h, i] * ex[1, i]
+            out[h, i] = e
+            tot += e
+    else:
+        cmax = c[h, 0]
+        for i in range(1, S):
+            cmax = max(cmax, c[h, i])
+        for i in range(S):
+            e = np.exp(c[h, i] - cmax)
+            out[h, i] = e
+            tot += e
+    inv = one / tot
+    for i in range(S):
+        out[h, i] *= inv
+
+
 # ---------------------------------------------------------------- one step, forward
 @njit(fastmath=FM, cache=True)
 def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
-              MT, wr, ww, wu, r, c, kn, mn):
+              MT, wr, ww, wu, r, c, kn, mn, ex):
     """One step of one episode (steps 2-7 of metacore.reference.lrua; step 1 and the slot z
     come from _select of wu_prev).
 
     k: (H, W), g: (H,) gates, MTp: (W, S) M_{t-1}^T, wr_prev: (H, S), wu_prev: (S,),
     wlu_prev: (S,) w_lu_{t-1}, z: the slot to zero; writes MT: (W, S) M_t^T, wr, ww: (H, S),
-    wu: (S,), r: (H, W), c: (H, S) the cosines, kn: (H,), mn: (S,) the clamped norms."""
+    wu: (S,), r: (H, W), c: (H, S) the cosines, kn: (H,), mn: (S,) the clamped norms;
+    scratch ex: (2, S)."""
     H, W = k.shape
     S = MTp.shape[1]
     dt = k.dtype
@@ -86,57 +296,35 @@ def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
         gh = g[h]
         for i in range(S):
             ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu_prev[i]
+    # 3-4. zero slot z, write every head's key: M_t^T = M'^T + k^T w_w
+    for x in range(W):
+        for i in range(S):
+            MT[x, i] = MTp[x, i]
+        MT[x, z] = 0
+    _acc_xh(MT, k, ww)
+    # 5. cosines with clamped norms, softmax over slots
     for h in range(H):
         acc = dt.type(0)
         for x in range(W):
             acc += k[h, x] * k[h, x]
         kn[h] = max(np.sqrt(acc), eps)
-    # 3-5. per row x of M^T: zero slot z, write every head's key, then accumulate the
-    # slot norms and the dot products k^h . M_t(i)
+    _sumsq_rows(MT, mn)
     for i in range(S):
-        mn[i] = 0
+        mn[i] = max(np.sqrt(mn[i]), eps)
     for h in range(H):
         for i in range(S):
             c[h, i] = 0
-    for x in range(W):
-        for i in range(S):
-            MT[x, i] = MTp[x, i]
-        MT[x, z] = 0
-        for h in range(H):
-            kv = k[h, x]
-            for i in range(S):
-                MT[x, i] += kv * ww[h, i]
-        for i in range(S):
-            mn[i] += MT[x, i] * MT[x, i]
-        for h in range(H):
-            kv = k[h, x]
-            for i in range(S):
-                c[h, i] += kv * MT[x, i]
-    for i in range(S):
-        mn[i] = max(np.sqrt(mn[i]), eps)
-    # 5. cosines, softmax over slots
+    _acc_hx(c, k, MT)
     for h in range(H):
         knh = kn[h]
         for i in range(S):
             c[h, i] = c[h, i] / (knh * mn[i])
-        cmax = c[h, 0]
-        for i in range(1, S):
-            cmax = max(cmax, c[h, i])
-        tot = dt.type(0)
-        for i in range(S):
-            e = np.exp(c[h, i] - cmax)
-            wr[h, i] = e
-            tot += e
-        inv = one / tot
-        for i in range(S):
-            wr[h, i] *= inv
-    # 6. reads
+        _softmax_row(c, wr, h, ex)
+    # 6. reads r = w_r M_t
     for h in range(H):
         for x in range(W):
-            acc = dt.type(0)
-            for i in range(S):
-                acc += wr[h, i] * MT[x, i]
-            r[h, x] = acc
+            r[h, x] = 0
+    _dot_hx(r, wr, MT)
     # 7. usage
     for i in range(S):
         wu[i] = gamma * wu_prev[i]
@@ -162,6 +350,7 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
     K = MTs.shape[1]
     L = cs.shape[1]
     buf = np.empty(H, dtype=keys.dtype)
+    ex = np.empty((2, S), dtype=keys.dtype)
     for i in range(S):
         for x in range(W):
             MTs[b, 0, x, i] = memory0[b, i, x]
@@ -172,7 +361,7 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
         zs[b, t] = z
         _fwd_step(keys[t, b], g[t, b], MTs[b, t % K], wr_prev, wu_prev, wlus[b, t], z,
                   gamma, eps, MTs[b, (t + 1) % K], w_r[t, b], w_w[t, b], w_u[t, b],
-                  reads[t, b], cs[b, t % L], kns[b, t % L], mns[b, t % L])
+                  reads[t, b], cs[b, t % L], kns[b, t % L], mns[b, t % L], ex)
         # the least-used weights w_u_t implies: returned, and step t + 1's w_lu_{t-1}
         z = _select(w_u[t, b], H, w_lu[t, b], buf)
         if t + 1 < T:
@@ -203,12 +392,8 @@ def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
     H, W = k.shape
     S = MT.shape[1]
     dt = k.dtype
-    # read r = w_r M: dL/dw_r (the dL/dM part is in the pass over x below)
-    for x in range(W):
-        for h in range(H):
-            d = dr[h, x]
-            for i in range(S):
-                dwr[h, i] += d * MT[x, i]
+    # read r = w_r M: dL/dw_r += dr M_t^T
+    _acc_hx(dwr, dr, MT)
     # softmax over slots, then the cosine's coefficients:
     # gi = dc / (a_h b_i), f_h = [|k^h| > EPS] sum_i dc c / a_h^2, sm_i likewise over h
     for i in range(S):
@@ -228,27 +413,26 @@ def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
         f[h] = s / (knh * knh) if knh > eps else 0
     for i in range(S):
         sm[i] = sm[i] / (mn[i] * mn[i]) if mn[i] > eps else 0
-    for h in range(H):
-        for i in range(S):
-            dwr[h, i] = 0                               # holds dL/dw_w until the gate
-    # per row x: dL/dM_t^T (read + cosine), then the key and write-weight gradients of
-    # the write M_t = M' + w_w^T k, then the zeroing of slot z
+    # dL/dM_t^T: read (dr^T w_r) and cosine (k^T gi - sm M_t^T) parts
     for x in range(W):
         for i in range(S):
             dMT[x, i] -= sm[i] * MT[x, i]
-        for h in range(H):
-            a = dr[h, x]
-            kv = k[h, x]
-            for i in range(S):
-                dMT[x, i] += a * wr[h, i] + kv * gi[h, i]
-        for h in range(H):
-            acc = dt.type(0)
-            for i in range(S):
-                acc += gi[h, i] * MT[x, i] + ww[h, i] * dMT[x, i]
-            kv = k[h, x]
-            dk[h, x] = acc - f[h] * kv
-            for i in range(S):
-                dwr[h, i] += kv * dMT[x, i]
+    _acc_xh(dMT, dr, wr)
+    _acc_xh(dMT, k, gi)
+    # dL/dk: cosine (gi M_t - f k) and write (w_w dL/dM_t) parts
+    for h in range(H):
+        fh = f[h]
+        for x in range(W):
+            dk[h, x] = -fh * k[h, x]
+    _dot_hx(dk, gi, MT)
+    _dot_hx(dk, ww, dMT)
+    # write M_t = M' + w_w^T k: dL/dw_w = k dL/dM_t^T (into dwr until the gate)
+    for h in range(H):
+        for i in range(S):
+            dwr[h, i] = 0
+    _acc_hx(dwr, k, dMT)
+    # zeroing of the least-used slot
+    for x in range(W):
         dMT[x, z] = 0
     # gate: w_w = g w_r_{t-1} + (1 - g) w_lu_{t-1}
     for h in range(H):
@@ -304,14 +488,15 @@ def _transpose(a, out):
 
 @njit(fastmath=FM, cache=True)
 def _one_step(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
-              read, w_r, w_w, w_u, MTp, MT, wlu, c, kn, mn):
+              read, w_r, w_w, w_u, MTp, MT, wlu, c, kn, mn, ex):
     """lrua_step_forward of one episode, its memory transposed in and left in MT: (W, S);
-    -> z. Scratch and kept values: MTp (W, S), wlu (S,), c (H, S), kn (H,), mn (S,)."""
+    -> z. Scratch and kept values: MTp (W, S), wlu (S,), c (H, S), kn (H,), mn (S,),
+    ex (2, S)."""
     H = key.shape[0]
     _transpose(memory_prev, MTp)
     z = _select(w_u_prev, H, wlu, np.empty(H, dtype=key.dtype))
     _fwd_step(key, g, MTp, w_r_prev, w_u_prev, wlu, z, gamma, eps, MT, w_r, w_w, w_u, read,
-              c, kn, mn)
+              c, kn, mn, ex)
     return z
 
 
@@ -328,7 +513,8 @@ def _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
         MT = np.empty((W, S), dt)
         _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
                   read[b], w_r[b], w_w[b], w_u[b], np.empty((W, S), dt), MT,
-                  np.empty(S, dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(S, dt))
+                  np.empty(S, dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(S, dt),
+                  np.empty((2, S), dt))
         _transpose(MT, memory[b])
 
 
@@ -351,7 +537,8 @@ def _step_backward_batch(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_
         mn = np.empty(S, dt)
         dMT = np.empty((W, S), dt)              # also the scratch M_{t-1}^T of the recompute
         z = _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
-                      np.empty((H, W), dt), wr, ww, np.empty(S, dt), dMT, MT, wlu, c, kn, mn)
+                      np.empty((H, W), dt), wr, ww, np.empty(S, dt), dMT, MT, wlu, c, kn, mn,
+                      np.empty((2, S), dt))
         _transpose(dmemory[b], dMT)
         for h in range(H):
             for i in range(S):
