@@ -16,9 +16,10 @@ the docstring of `metacore.reference.distance`.
 Backends:
     reference  metacore.reference.distance   float64 NumPy, direct formulas; the ground truth.
     numba      metacore.kernels.distance_numba  Numba CPU: serial kernels and a fused
-               ProtoNet loss at episodic sizes, parallel tiled kernels above, and at large
-               sizes BLAS GEMMs (squared Euclidean: centred, cancelling pairs recomputed by
-               the direct formula); input-dtype accumulation. See its docstring.
+               ProtoNet loss at 5-way episodic sizes, parallel tiled kernels above, and
+               from the 20-way episode up BLAS GEMMs (squared Euclidean forward, backward
+               and loss: centred, cancelling pairs and rows recomputed by the direct
+               formula); input-dtype accumulation. See its docstring.
     numba-cuda metacore.kernels.distance_cuda  Numba @cuda.jit kernels      } registered by
     cupy       metacore.kernels.distance_cupy  CUDA C raw kernels (.cu)     } _dispatch
     auto       NumPy arrays: the first importable of AUTO_ORDER; CuPy arrays: cupy; other

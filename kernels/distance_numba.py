@@ -12,17 +12,24 @@ How the kernels differ from the reference (routing by size: see "public function
     expansion |q|^2 + |s|^2 - 2 q.s: for points near 1e4 separated by 1e-2 the expansion
     in float32 loses every digit (|q|^2 ~ 1e9 against d ~ 1e-3). The direct formula has
     relative error at most (D + 2) eps for any inputs (every summand is non-negative).
-  * At large sizes the squared Euclidean goes through one GEMM per task for the cross term
-    after centring both sets on the task mean, and every pair whose expansion still cancels
-    more than one bit is recomputed directly (_sqeuclidean_gemm): BLAS speed, no
-    catastrophic cancellation. The cosine's dot products and its backward's products are
-    plain GEMMs there (their error bound is relative to sum |q_k s_k| in any order).
-  * Sums are never reassociated (fastmath at most contracts a*b + c into one FMA), so the
-    vectorized loops run over independent outputs: the queries (forward, reading q
-    transposed) or the features k (backward), each output summed in order.
-  * Small (episodic) problems run serial kernels: no thread launch and no copies of g; the
-    ProtoNet loss with squared Euclidean or L1 is one fused call (distances, softmax
-    cross-entropy, both gradients) per batch of tasks.
+  * From Q N D >= GEMM_TERMS (the 20-way episode and up) the squared Euclidean forward,
+    backward and ProtoNet loss go through BLAS GEMMs inside Numba after centring both sets
+    on the task mean: the forward recomputes every pair whose expansion cancels more than
+    one bit by the direct formula; the backward, 2 (r_i q'_i - sum_j g_ij s'_j), keeps a
+    row only if two a priori tests show its error within a constant of the direct
+    formula's, and recomputes it directly otherwise (bounds and tests above _centre). The
+    cosine's dot products and its backward's products are plain GEMMs there (their error
+    bound is relative to sum |q_k s_k| in any order).
+  * Result sums are never reassociated (fastmath at most contracts a*b + c into one FMA),
+    so the vectorized loops run over independent outputs: the queries (forward, reading q
+    transposed) or the features k (backward), each output summed in order. Only the sums
+    of non-negative terms (norms) and the GEMM route's test values, whose bounds hold in
+    any order, are reassociated.
+  * Small (episodic) problems run serial kernels, one compiled call per op: no thread
+    launch and no copies of g; the ProtoNet loss with squared Euclidean or L1 is one fused
+    call (distances, softmax cross-entropy, both gradients) per batch of tasks.
+  * all_finite: one compiled finiteness probe over several arrays, which the entry
+    module's host fast path uses in place of one NumPy reduction per array.
   * Everything accumulates in the input dtype (float32 stays float32); the direct formulas
     meet the per-dtype tolerances of tests/test_distance.py without float64 accumulation.
 """
@@ -649,7 +656,7 @@ def all_finite(*arrays):
 #                     kernels serve only L1, D < GEMM_MIN_D, and the cosine's norms.
 # GEMM_TERMS: measured on the bench shapes (D = 64, 1 thread): at Q N D = 24,000
 # (75 x 5 x 64) the serial direct kernels are faster, at 384,000 (300 x 20 x 64) the GEMM
-# route is 2-3x faster.
+# route is about 2x faster (forward + backward, one process, medians).
 SMALL_TERMS = 1 << 21
 GEMM_TERMS = 1 << 16
 GEMM_MIN_D = 16
