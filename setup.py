@@ -50,7 +50,9 @@ setup(
         "metacore.data": ["*.npz", "*.txt", "*.json"],
         "metacore.kernels": ["*.cu"],
     },
-    install_requires=["numpy>=1.24", "numba>=0.59"],
+    # scipy: Numba's np.dot / np.matmul call BLAS through scipy.linalg.cython_blas (the
+    # distance kernels' GEMM route); without it those calls fail to compile
+    install_requires=["numpy>=1.24", "numba>=0.59", "scipy>=1.10"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "cuda": ["numba-cuda[cu13]", "cupy-cuda13x"],
