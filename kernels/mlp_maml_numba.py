@@ -39,7 +39,8 @@ dtype.
 import numpy as np
 from numba import njit
 
-from metacore.kernels.small_gemm import gemm
+from metacore.kernels.simd import as_flat, view2d
+from metacore.kernels.small_gemm import gemm, gemv
 
 FASTMATH = {"contract"}
 
@@ -60,14 +61,14 @@ def _offsets(dims, N):
 def _w(th, woff, dims, l):
     """Layer l's w (D_l, D_{l+1}) as a 2-D view of the flat vector."""
     D, H = dims[l], dims[l + 1]
-    return th[woff[l]:woff[l] + D * H].reshape(D, H)
+    return view2d(th, woff[l], D, H)
 
 
 @njit(cache=True)
 def _wt(wt, woff, dims, l):
     """Layer l's w^T (D_{l+1}, D_l) stored at w's offset in wt."""
     D, H = dims[l], dims[l + 1]
-    return wt[woff[l]:woff[l] + D * H].reshape(H, D)
+    return view2d(wt, woff[l], H, D)
 
 
 @njit(cache=True)
@@ -78,7 +79,7 @@ def _b(th, boff, dims, l):
 @njit(cache=True)
 def _act(buf, off, N, W):
     """(N, W) view of a flat activation buffer at off."""
-    return buf[off:off + N * W].reshape(N, W)
+    return view2d(buf, off, N, W)
 
 
 @njit(cache=True)
@@ -95,36 +96,43 @@ def _transpose_weights(th, dims, woff, wt):
 # ---------------------------------------------------------------- per-layer products
 # Every product is one call of the register-tiled kernels/small_gemm.py:
 # gemm(A1, B1, A2, B2, two, bias, use_bias, C): C <- [bias] + A1 B1 [+ A2 B2].
+# A layer with one output (the sinusoid net's last) is a matrix-vector product: gemv.
 @njit(cache=True)
 def _affine(a, w, b, z):
     """z (N, H) <- a (N, D) @ w (D, H) + b (H,)."""
-    gemm(a, w, a, w, False, b, True, z)
+    if w.shape[1] == 1:
+        gemv(a, as_flat(w), a, as_flat(w), False, b[0], True, as_flat(z))
+    else:
+        gemm(a, w, a, w, False, b, True, z)
 
 
 @njit(cache=True)
 def _raffine(a, ra, w, uw, ub, rz, first):
     """rz (N, H) <- a @ u_w + u_b, plus ra @ w unless `first` (ra_0 = 0); a, ra (N, D)."""
-    gemm(a, uw, ra, w, not first, ub, True, rz)
+    if w.shape[1] == 1:
+        gemv(a, as_flat(uw), ra, as_flat(w), not first, ub[0], True, as_flat(rz))
+    else:
+        gemm(a, uw, ra, w, not first, ub, True, rz)
 
 
+# The elementwise steps run over the (N, H) block as one flat loop: one loop entry (and
+# one overlap check) per block instead of one per row.
 @njit(cache=True, fastmath=FASTMATH)
 def _relu_into(z, a):
     """a (N, H) <- max(z, 0)."""
     zero = z.dtype.type(0)
-    for n in range(z.shape[0]):
-        zr, ar = z[n], a[n]
-        for h in range(z.shape[1]):
-            ar[h] = zr[h] if zr[h] > zero else zero
+    zf, af = as_flat(z), as_flat(a)
+    for j in range(zf.shape[0]):
+        af[j] = zf[j] if zf[j] > zero else zero
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _rrelu_into(z, rz, ra):
     """ra (N, H) <- rz * [z > 0]."""
     zero = z.dtype.type(0)
-    for n in range(z.shape[0]):
-        zr, rr, ar = z[n], rz[n], ra[n]
-        for h in range(z.shape[1]):
-            ar[h] = rr[h] if zr[h] > zero else zero
+    zf, rf, af = as_flat(z), as_flat(rz), as_flat(ra)
+    for j in range(zf.shape[0]):
+        af[j] = rf[j] if zf[j] > zero else zero
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -180,11 +188,9 @@ def _rweight_grad(a, rdz, ra, dz, hw, hb, first):
 def _mask(x, zprev):
     """x (N, D) <- x * [zprev > 0]."""
     zero = x.dtype.type(0)
-    for n in range(x.shape[0]):
-        xr, zr = x[n], zprev[n]
-        for d in range(x.shape[1]):
-            if not zr[d] > zero:
-                xr[d] = zero
+    xf, zf = as_flat(x), as_flat(zprev)
+    for j in range(xf.shape[0]):
+        xf[j] = xf[j] if zf[j] > zero else zero
 
 
 @njit(cache=True)

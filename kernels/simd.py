@@ -19,12 +19,18 @@ Intrinsics (use inside @njit code only; indices are not bounds-checked):
     vzero(row)          Vec of zeros in row's dtype
     vfma(a, b, c)       a * b + c lane by lane, one rounding (llvm.fma)
     vadd(a, b)          a + b lane by lane
+    view2d(buf, o, r, c) buf[o : o + r c] as a (r, c) C-contiguous view, cheaply (below)
+    as_flat(a)          a C-contiguous 2-D array as its 1-D view, cheaply
+    vsum(a)             the sum of a's lanes, in a fixed pairwise order (lanes 0+1, 2+3, ...,
+                        then pairs of those), so the result does not depend on the compiler
 """
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, models, register_model
+from numba.np.arrayobj import populate_array
 
 VECTOR_BYTES = 32
 LANES = {np.dtype(np.float32): VECTOR_BYTES // 4, np.dtype(np.float64): VECTOR_BYTES // 8}
@@ -151,4 +157,65 @@ def vadd(typingctx, a, b):
 
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], args[1])
+    return sig, codegen
+
+
+@intrinsic
+def vsum(typingctx, a):
+    _same_vectors("vsum", a)
+    sig = a.dtype(a)
+
+    def codegen(context, builder, signature, args):
+        parts = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i))
+                 for i in range(signature.args[0].lanes)]
+        while len(parts) > 1:
+            parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        return parts[0]
+    return sig, codegen
+
+
+@intrinsic
+def view2d(typingctx, buf, off, rows, cols):
+    """buf[off : off + rows * cols] as a C-contiguous (rows, cols) array sharing buf's memory:
+    what buf[off:off + rows * cols].reshape(rows, cols) gives, without reshape's general
+    stride search (about 50 ns a call, which for 10 x 40 blocks costs more than the work).
+    Unchecked: the caller guarantees off + rows * cols <= buf.size."""
+    dtype = _float_row("view2d", buf)
+    for name, v in (("off", off), ("rows", rows), ("cols", cols)):
+        if not isinstance(v, types.Integer):
+            raise TypeError(f"view2d: {name} must be an integer, got {v}")
+    out = types.Array(dtype, 2, "C")
+    sig = out(buf, off, rows, cols)
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        o, r, c = (context.cast(builder, v, t, types.intp)
+                   for v, t in zip(args[1:], signature.args[1:]))
+        item = context.get_constant(types.intp, dtype.bitwidth // 8)
+        data = builder.gep(src.data, [o])
+        view = context.make_array(out)(context, builder)
+        populate_array(view, data=data, shape=[r, c], strides=[builder.mul(c, item), item],
+                       itemsize=item, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, out, view._getvalue())
+    return sig, codegen
+
+
+@intrinsic
+def as_flat(typingctx, a):
+    """A C-contiguous 2-D float array as the 1-D C-contiguous view of all its elements (what
+    a.reshape(a.size) gives, without reshape's general stride search)."""
+    if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+            and a.dtype in (types.float32, types.float64)):
+        raise TypeError(f"as_flat: needs a C-contiguous 2-D float32 or float64 array, got {a}")
+    out = types.Array(a.dtype, 1, "C")
+    sig = out(a)
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, src.shape, 2)
+        item = context.get_constant(types.intp, a.dtype.bitwidth // 8)
+        view = context.make_array(out)(context, builder)
+        populate_array(view, data=src.data, shape=[builder.mul(shape[0], shape[1])],
+                       strides=[item], itemsize=item, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, out, view._getvalue())
     return sig, codegen

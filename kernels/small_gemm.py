@@ -8,12 +8,16 @@ Op (Numba-callable, unchecked; the caller guarantees shapes and dtypes):
         C (M, H) <- [bias (H,) if use_bias] + A1 (M, K1) @ B1 (K1, H) [+ A2 (M, K2) @ B2 (K2, H)
         if two]. A1, A2 any layout (read one scalar at a time, so a transposed view works);
         B1, B2, C C-contiguous; C must not overlap the inputs (it is overwritten).
+    gemv(A1, b1, A2, b2, two, bias, use_bias, c)
+        the one-column case: c (M,) <- [bias (scalar)] + A1 (M, K1) @ b1 (K1,) [+ A2 @ b2];
+        A1, A2 C-contiguous (their rows are loaded as vectors), b1, b2, c 1-D C-contiguous.
 Reference: plain NumPy, bias + A1 @ B1 + A2 @ B2 (tests/test_small_gemm.py).
 
-How: a 2-row by 4-vector block of C (8 vector accumulators) stays in registers for the
-whole reduction; each step loads 4 vectors of one B row and multiplies them by two
-broadcast scalars of A (8 fused multiply-adds per 4 loads). Leftover vectors of a row go
-through a 2-row by 1-vector block, leftover columns (H mod L) through a scalar loop over k
+How: a 4-row by 5-vector block of C (20 vector accumulators) stays in registers for the
+whole reduction; each step loads 5 vectors of one B row and multiplies them by four
+broadcast scalars of A (20 fused multiply-adds per 5 loads; 5 vectors = the 40-wide rows
+of the sinusoid net in float32). Rows left over go through 2-row by 5-vector blocks,
+leftover vectors of a row through 2-row by 1-vector blocks, leftover columns (H mod L) through a scalar loop over k
 with two partial sums per output (k even, k odd) for both rows at once. An odd last row is computed as a pair with
 itself: C is only ever stored, never accumulated, so writing it twice is harmless.
 Rounding: each output is a sum over k in increasing k (term 1, then term 2), one fused
@@ -22,29 +26,50 @@ apart (and term 1 and term 2 apart), adding the partial sums at the end.
 """
 from numba import njit
 
-from metacore.kernels.simd import vfma, vload, vsplat, vstore, vzero
+from metacore.kernels.simd import vfma, vload, vsplat, vstore, vsum, vzero
 
 
 @njit(cache=True)
-def _block_2x4(A, B, m, m1, h, L, c00, c01, c02, c03, c10, c11, c12, c13):
-    """Accumulate A[m|m1, :] @ B[:, h : h + 4L] into eight vectors."""
+def _block_4x5(A, B, m, h, L, c):
+    """Accumulate A[m : m + 4, :] @ B[:, h : h + 5L] into c, 20 vectors: c[5 i + j] is row
+    m + i, vector j."""
+    (c00, c01, c02, c03, c04, c10, c11, c12, c13, c14,
+     c20, c21, c22, c23, c24, c30, c31, c32, c33, c34) = c
     for k in range(A.shape[1]):
-        s0 = vsplat(A[m, k])
-        s1 = vsplat(A[m1, k])
         row = B[k]
-        w0 = vload(row, h)
-        w1 = vload(row, h + L)
-        w2 = vload(row, h + 2 * L)
-        w3 = vload(row, h + 3 * L)
-        c00 = vfma(s0, w0, c00)
-        c01 = vfma(s0, w1, c01)
-        c02 = vfma(s0, w2, c02)
-        c03 = vfma(s0, w3, c03)
-        c10 = vfma(s1, w0, c10)
-        c11 = vfma(s1, w1, c11)
-        c12 = vfma(s1, w2, c12)
-        c13 = vfma(s1, w3, c13)
-    return c00, c01, c02, c03, c10, c11, c12, c13
+        w0, w1, w2 = vload(row, h), vload(row, h + L), vload(row, h + 2 * L)
+        w3, w4 = vload(row, h + 3 * L), vload(row, h + 4 * L)
+        s = vsplat(A[m, k])
+        c00, c01, c02 = vfma(s, w0, c00), vfma(s, w1, c01), vfma(s, w2, c02)
+        c03, c04 = vfma(s, w3, c03), vfma(s, w4, c04)
+        s = vsplat(A[m + 1, k])
+        c10, c11, c12 = vfma(s, w0, c10), vfma(s, w1, c11), vfma(s, w2, c12)
+        c13, c14 = vfma(s, w3, c13), vfma(s, w4, c14)
+        s = vsplat(A[m + 2, k])
+        c20, c21, c22 = vfma(s, w0, c20), vfma(s, w1, c21), vfma(s, w2, c22)
+        c23, c24 = vfma(s, w3, c23), vfma(s, w4, c24)
+        s = vsplat(A[m + 3, k])
+        c30, c31, c32 = vfma(s, w0, c30), vfma(s, w1, c31), vfma(s, w2, c32)
+        c33, c34 = vfma(s, w3, c33), vfma(s, w4, c34)
+    return (c00, c01, c02, c03, c04, c10, c11, c12, c13, c14,
+            c20, c21, c22, c23, c24, c30, c31, c32, c33, c34)
+
+
+@njit(cache=True)
+def _block_2x5(A, B, m, m1, h, L, c):
+    """Accumulate A[m|m1, :] @ B[:, h : h + 5L] into c, 10 vectors (row m, then row m1)."""
+    c00, c01, c02, c03, c04, c10, c11, c12, c13, c14 = c
+    for k in range(A.shape[1]):
+        row = B[k]
+        w0, w1, w2 = vload(row, h), vload(row, h + L), vload(row, h + 2 * L)
+        w3, w4 = vload(row, h + 3 * L), vload(row, h + 4 * L)
+        s = vsplat(A[m, k])
+        c00, c01, c02 = vfma(s, w0, c00), vfma(s, w1, c01), vfma(s, w2, c02)
+        c03, c04 = vfma(s, w3, c03), vfma(s, w4, c04)
+        s = vsplat(A[m1, k])
+        c10, c11, c12 = vfma(s, w0, c10), vfma(s, w1, c11), vfma(s, w2, c12)
+        c13, c14 = vfma(s, w3, c13), vfma(s, w4, c14)
+    return c00, c01, c02, c03, c04, c10, c11, c12, c13, c14
 
 
 @njit(cache=True)
@@ -79,51 +104,109 @@ def _column_pair(A, B, m, m1, h):
 
 
 @njit(cache=True)
+def _start(bias, use_bias, h, L, like):
+    """The 5 vectors an output block starts from: bias[h : h + 5L], or zeros."""
+    if use_bias:
+        return (vload(bias, h), vload(bias, h + L), vload(bias, h + 2 * L),
+                vload(bias, h + 3 * L), vload(bias, h + 4 * L))
+    z = vzero(like)
+    return z, z, z, z, z
+
+
+@njit(cache=True)
+def _store5(row, h, L, c0, c1, c2, c3, c4):
+    vstore(row, h, c0)
+    vstore(row, h + L, c1)
+    vstore(row, h + 2 * L, c2)
+    vstore(row, h + 3 * L, c3)
+    vstore(row, h + 4 * L, c4)
+
+
+@njit(cache=True)
+def _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m1, h):
+    """Rows m and m1 of C from column h on: 2 x 5-vector blocks, then single vectors, then
+    scalar columns."""
+    H = C.shape[1]
+    L = 32 // C.itemsize
+    zero = C.dtype.type(0)
+    r0, r1 = C[m], C[m1]
+    while h + 5 * L <= H:
+        b = _start(bias, use_bias, h, L, r0)
+        c = _block_2x5(A1, B1, m, m1, h, L, b + b)
+        if two:
+            c = _block_2x5(A2, B2, m, m1, h, L, c)
+        _store5(r0, h, L, c[0], c[1], c[2], c[3], c[4])
+        _store5(r1, h, L, c[5], c[6], c[7], c[8], c[9])
+        h += 5 * L
+    while h + L <= H:
+        c0 = vload(bias, h) if use_bias else vzero(r0)
+        c0, c1 = _block_2x1(A1, B1, m, m1, h, c0, c0)
+        if two:
+            c0, c1 = _block_2x1(A2, B2, m, m1, h, c0, c1)
+        vstore(r0, h, c0)
+        vstore(r1, h, c1)
+        h += L
+    while h < H:
+        b0 = bias[h] if use_bias else zero
+        s0, s1 = _column_pair(A1, B1, m, m1, h)
+        if two:
+            t0, t1 = _column_pair(A2, B2, m, m1, h)
+            s0, s1 = s0 + t0, s1 + t1
+        r0[h] = b0 + s0
+        r1[h] = b0 + s1
+        h += 1
+
+
+@njit(cache=True)
 def gemm(A1, B1, A2, B2, two, bias, use_bias, C):
     """C <- [bias] + A1 @ B1 [+ A2 @ B2] (module docstring)."""
     M, H = C.shape
     L = 32 // C.itemsize
-    zero = C.dtype.type(0)
-    for m in range(0, M, 2):
-        m1 = m + 1 if m + 1 < M else m
-        r0, r1 = C[m], C[m1]
+    m = 0
+    while m + 3 < M:                     # four rows at a time, 5 vectors wide
         h = 0
-        while h + 4 * L <= H:
-            if use_bias:
-                c00, c01 = vload(bias, h), vload(bias, h + L)
-                c02, c03 = vload(bias, h + 2 * L), vload(bias, h + 3 * L)
-            else:
-                c00 = c01 = c02 = c03 = vzero(r0)
-            c10, c11, c12, c13 = c00, c01, c02, c03
-            c00, c01, c02, c03, c10, c11, c12, c13 = _block_2x4(
-                A1, B1, m, m1, h, L, c00, c01, c02, c03, c10, c11, c12, c13)
+        while h + 5 * L <= H:
+            b = _start(bias, use_bias, h, L, C[m])
+            c = _block_4x5(A1, B1, m, h, L, b + b + b + b)
             if two:
-                c00, c01, c02, c03, c10, c11, c12, c13 = _block_2x4(
-                    A2, B2, m, m1, h, L, c00, c01, c02, c03, c10, c11, c12, c13)
-            vstore(r0, h, c00)
-            vstore(r0, h + L, c01)
-            vstore(r0, h + 2 * L, c02)
-            vstore(r0, h + 3 * L, c03)
-            vstore(r1, h, c10)
-            vstore(r1, h + L, c11)
-            vstore(r1, h + 2 * L, c12)
-            vstore(r1, h + 3 * L, c13)
-            h += 4 * L
-        while h + L <= H:
-            c0 = vload(bias, h) if use_bias else vzero(r0)
-            c1 = c0
-            c0, c1 = _block_2x1(A1, B1, m, m1, h, c0, c1)
-            if two:
-                c0, c1 = _block_2x1(A2, B2, m, m1, h, c0, c1)
-            vstore(r0, h, c0)
-            vstore(r1, h, c1)
-            h += L
-        while h < H:
-            b = bias[h] if use_bias else zero
-            s0, s1 = _column_pair(A1, B1, m, m1, h)
-            if two:
-                t0, t1 = _column_pair(A2, B2, m, m1, h)
-                s0, s1 = s0 + t0, s1 + t1
-            r0[h] = b + s0
-            r1[h] = b + s1
-            h += 1
+                c = _block_4x5(A2, B2, m, h, L, c)
+            _store5(C[m], h, L, c[0], c[1], c[2], c[3], c[4])
+            _store5(C[m + 1], h, L, c[5], c[6], c[7], c[8], c[9])
+            _store5(C[m + 2], h, L, c[10], c[11], c[12], c[13], c[14])
+            _store5(C[m + 3], h, L, c[15], c[16], c[17], c[18], c[19])
+            h += 5 * L
+        if h < H:                        # the columns left over, as two pairs of rows
+            _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m + 1, h)
+            _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m + 2, m + 3, h)
+        m += 4
+    while m < M:                         # then pairs; an odd last row pairs with itself
+        _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, min(m + 1, M - 1), 0)
+        m += 2
+
+
+@njit(cache=True, fastmath={"contract"})
+def _dot(a, b):
+    """a (K,) . b (K,): whole vectors in one vector accumulator (lanes summed by vsum),
+    the K mod L tail added after in order."""
+    K = a.shape[0]
+    L = 32 // a.itemsize
+    acc = vzero(a)
+    k = 0
+    while k + L <= K:
+        acc = vfma(vload(a, k), vload(b, k), acc)
+        k += L
+    s = vsum(acc)
+    while k < K:
+        s += a[k] * b[k]
+        k += 1
+    return s
+
+
+@njit(cache=True)
+def gemv(A1, b1, A2, b2, two, bias, use_bias, c):
+    """c <- [bias] + A1 @ b1 [+ A2 @ b2] (module docstring)."""
+    for m in range(c.shape[0]):
+        s = _dot(A1[m], b1)
+        if two:
+            s += _dot(A2[m], b2)
+        c[m] = bias + s if use_bias else s
