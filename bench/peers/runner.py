@@ -128,6 +128,35 @@ def import_cost(python, module, dist_dirs, repeats=5):
     return float(np.median(times)), size
 
 
+def fma_peak():
+    """{"float32": GFLOP/s, "float64": GFLOP/s} of one core (bench/peers/roofline.py, in a
+    child pinned to core 0), or None if it could not run."""
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "bench.peers.roofline"]
+    if shutil.which("taskset") is None:
+        cmd = cmd[3:]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=child_env(1), capture_output=True, text=True,
+                           timeout=300)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def roofline_line(w, rows, threads_list, fl, peak):
+    """The FMA roofline (FLOP count / measured peak of the cores used) per thread count,
+    and how many times it the fastest metacore variant's median is."""
+    if not peak:
+        return "FMA roofline: the peak measurement did not run."
+    parts = []
+    for t in threads_list:
+        roof = fl / (peak["float32"] * 1e9 * t)
+        ok = [rows[(f, t)]["median_s"] for f in w.metacore if rows.get((f, t), {}).get("ok")]
+        tail = f", metacore at {min(ok) / roof:.1f}x it" if ok else ""
+        parts.append(f"{t} thread{'s' * (t > 1)}: {fmt_t(roof)}{tail}")
+    return ("FMA roofline (the FLOP count at the measured float32 peak of "
+            f"{peak['float32']:.1f} GFLOP/s per core): " + "; ".join(parts) + ".")
+
+
 # ---------------------------------------------------------------- report
 def fmt_t(s):
     if s is None:
@@ -187,6 +216,12 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "machine is shared, so times are noisy; ratios are of medians measured in the same "
          "run, each framework in its own process pinned with taskset to the same cores "
          "(core 0 for 1 thread, cores 0-1 for 2 threads).",
+         "- FMA peak of one core, measured (bench/peers/roofline.py: 12 independent "
+         "256-bit fused multiply-add chains, pinned to core 0): " + (
+             f"{info['peak']['float32']:.1f} GFLOP/s float32, "
+             f"{info['peak']['float64']:.1f} GFLOP/s float64" if info.get("peak")
+             else "not measured") + ". Each table's roofline is its FLOP count at this "
+         "peak (times the thread count).",
          f"- Wall time of the whole run: {elapsed / 60:.1f} min.", "",
          "## Method", "",
          "Every framework computes the same float32 function of the same inputs. Before "
@@ -217,7 +252,8 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
                            if t == args.threads[0] and "check_rel_error" in r)
         L += [f"## {w.title}", "", w.note, "",
               f"FLOP count: {fl:,} ({fl / 1e6:.2f} MFLOP) per call. Check (rel_error against "
-              f"float64, tolerance {w.tol:g}): {checks}.", "", tab, ""]
+              f"float64, tolerance {w.tol:g}): {checks}.", "",
+              roofline_line(w, rows, args.threads, fl, info.get("peak")), "", tab, ""]
     if memory is not None:                       # the optional section (--memory), not timed
         from bench.peers import memory as MEM
         L += MEM.report(memory, args.memory_k)
@@ -289,6 +325,7 @@ def main(argv=None):
             vers.append(f"{m} not installed")
     args.peer_versions = ", ".join(vers)
     info = machine_info()
+    info["peak"] = fma_peak()
     # imports first, so that a partial page (an interrupted run) has them too
     imports = {"metacore": import_cost(sys.executable, "metacore",
                                        ["metacore", "kernels", "reference"]),
