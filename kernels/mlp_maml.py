@@ -88,7 +88,8 @@ def _mlp_structure(model):
 def _check_inputs(op, model, dims, theta, support_x, support_y, query_x, query_y, alpha,
                   steps):
     """The checks of metacore.algorithms.maml for this one model shape, without its
-    per-call (T, P) scratch arrays: a few microseconds, not tens. -> alpha (float), steps."""
+    per-call (T, P) scratch arrays: a few microseconds, not tens (finiteness is checked
+    after, in one compiled pass). -> alpha (float), steps."""
     if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
         raise ValueError(f"{op}: alpha must be a scalar (per-parameter Meta-SGD rates are "
                          f"not fused), got an array of shape {alpha.shape}")
@@ -96,15 +97,16 @@ def _check_inputs(op, model, dims, theta, support_x, support_y, query_x, query_y
         raise ValueError(f"{op}: support must be one (T, N, D) batch used at every inner "
                          f"step, not a list of batches")
     steps = _check_steps(op, steps)
-    check_float_array(op, "theta", theta, shape=(model.num_params,))
+    check_float_array(op, "theta", theta, shape=(model.num_params,), finite=False)
     dt = theta.dtype
     D, O = int(dims[0]), int(dims[-1])
-    check_float_array(op, "support_x", support_x, shape=(None, None, D), dtype=dt)
+    check_float_array(op, "support_x", support_x, shape=(None, None, D), dtype=dt,
+                      finite=False)
     T, N = support_x.shape[:2]
-    check_float_array(op, "support_y", support_y, shape=(T, N, O), dtype=dt)
-    check_float_array(op, "query_x", query_x, shape=(T, None, D), dtype=dt)
+    check_float_array(op, "support_y", support_y, shape=(T, N, O), dtype=dt, finite=False)
+    check_float_array(op, "query_x", query_x, shape=(T, None, D), dtype=dt, finite=False)
     M = query_x.shape[1]
-    check_float_array(op, "query_y", query_y, shape=(T, M, O), dtype=dt)
+    check_float_array(op, "query_y", query_y, shape=(T, M, O), dtype=dt, finite=False)
     if T == 0 or N == 0 or M == 0:
         raise ValueError(f"{op}: needs at least one task, support point and query point, got "
                          f"support_x {support_x.shape} and query_x {query_x.shape}")
@@ -126,4 +128,8 @@ def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alph
     dt = theta.dtype
     arrays = [np.ascontiguousarray(a) for a in (theta, support_x, support_y, query_x,
                                                  query_y)]
-    return _kernel().mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff)
+    kernel = _kernel()
+    if not kernel.all_finite(*arrays):     # one compiled pass found a NaN or Inf: name it
+        for name, x in zip(("theta", "support_x", "support_y", "query_x", "query_y"), arrays):
+            check_float_array(op, name, x)
+    return kernel.mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff)

@@ -39,7 +39,7 @@ dtype.
 import numpy as np
 from numba import njit
 
-from metacore.kernels.simd import as_flat, view2d
+from metacore.kernels.simd import as_flat, view2d, vtranspose
 from metacore.kernels.small_gemm import gemm, gemv
 
 FASTMATH = {"contract"}
@@ -84,13 +84,19 @@ def _act(buf, off, N, W):
 
 @njit(cache=True)
 def _transpose_weights(th, dims, woff, wt):
-    """wt[woff_l + h D + d] = th[woff_l + d H + h]: w_l^T at w_l's offset (biases untouched)."""
+    """wt[woff_l + h D + d] = th[woff_l + d H + h]: w_l^T at w_l's offset (biases untouched).
+    Whole L x L tiles go through vector registers (simd.vtranspose), the edges by scalars."""
+    L = 32 // th.itemsize
     for l in range(dims.shape[0] - 1):
-        w, t = _w(th, woff, dims, l), _wt(wt, woff, dims, l)
-        for d in range(w.shape[0]):
-            wr = w[d]
-            for h in range(w.shape[1]):
-                t[h, d] = wr[h]
+        D, H, o = dims[l], dims[l + 1], woff[l]
+        D0, H0 = D - D % L, H - H % L
+        for d in range(0, D0, L):
+            for h in range(0, H0, L):
+                vtranspose(th, o + d * H + h, H, wt, o + h * D + d, D)
+        for d in range(D):
+            h_from = H0 if d < D0 else 0
+            for h in range(h_from, H):
+                wt[o + h * D + d] = th[o + d * H + h]
 
 
 # ---------------------------------------------------------------- per-layer products
@@ -281,6 +287,30 @@ def _hvp(th, u, ut, N, dims, woff, boff, wt, A, aoff, Z, zoff, G, scale, rA, rZ,
                          _act(Z, zoff[l - 1], N, D), _act(rG, zoff[l - 1], N, D))
 
 
+@njit(cache=True)
+def _finite_1d(x):
+    for j in range(x.shape[0]):
+        if not np.isfinite(x[j]):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _finite_3d(a):
+    for t in range(a.shape[0]):
+        for n in range(a.shape[1]):
+            if not _finite_1d(a[t, n]):
+                return False
+    return True
+
+
+@njit(cache=True)
+def all_finite(theta, support_x, support_y, query_x, query_y):
+    """True if no input holds a NaN or Inf (the wrapper's check, one compiled pass)."""
+    return (_finite_1d(theta) and _finite_3d(support_x) and _finite_3d(support_y)
+            and _finite_3d(query_x) and _finite_3d(query_y))
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, steps,
                       dims, woff, boff):
@@ -306,7 +336,8 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     s_scale = dt.type(2.0 / (N * O))   # as mse.py: the float64 ratio, rounded once
     q_scale = dt.type(2.0 / (M * O))
     S = N * total                       # one support pass's a (or z, or dz) buffer
-    # kept per inner step i: theta_i, its w^T, and the support pass a, z, dz at theta_i
+    # kept per inner step i: theta_i and its w^T (row 0 unused: theta and wt0 are step 0),
+    # and the support pass a, z, dz at theta_i
     iterates = np.empty((steps, P), dt)
     wts = np.empty((steps, P), dt)
     sA = np.empty((steps, S), dt)
@@ -331,32 +362,34 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     gsum = np.zeros(P, dt)
     for t in range(T):
         sx, sy, qx, qy = support_x[t], support_y[t], query_x[t], query_y[t]
-        # ---- inner loop: theta_{i+1} = theta_i - alpha g_i, keeping each step's pass
-        th[:] = theta
+        # ---- inner loop: theta_{i+1} = theta_i - alpha g_i, keeping each step's pass;
+        # theta_0 = theta and its w^T are shared by all tasks (no copy)
         for i in range(steps):
-            iterates[i, :] = th
-            if i == 0:
-                wts[0, :] = wt0
-            else:
-                _transpose_weights(th, dims, woff, wts[i])
+            th_i = theta if i == 0 else iterates[i]
+            wt_i = wt0 if i == 0 else wts[i]
+            if i > 0:
+                _transpose_weights(th_i, dims, woff, wt_i)
             A, Z, G = sA[i], sZ[i], sG[i]
-            _forward(th, sx, dims, woff, boff, A, s_aoff, Z, s_zoff)
+            _forward(th_i, sx, dims, woff, boff, A, s_aoff, Z, s_zoff)
             _loss_dout(Z, zlast_s, sy, s_scale, G)
-            _backward(N, dims, woff, boff, wts[i], A, s_aoff, Z, s_zoff, G, g)
+            _backward(N, dims, woff, boff, wt_i, A, s_aoff, Z, s_zoff, G, g)
+            nxt = iterates[i + 1] if i + 1 < steps else th      # theta_{i+1}
             for j in range(P):
-                th[j] = th[j] - alpha * g[j]
-        # ---- query loss and v_k = grad L_query(theta_k)
+                nxt[j] = th_i[j] - alpha * g[j]
+        # ---- query loss and v_k = grad L_query(theta_k), theta_k in th
         _forward(th, qx, dims, woff, boff, qA, q_aoff, qZ, q_zoff)
         qloss[t] = _loss_dout(qZ, zlast_q, qy, q_scale, qG)
         _transpose_weights(th, dims, woff, wtq)
         _backward(M, dims, woff, boff, wtq, qA, q_aoff, qZ, q_zoff, qG, v)
         # ---- v_i = v_{i+1} - alpha H_i v_{i+1}, i = k-1 .. 0
         for i in range(steps - 1, -1, -1):
+            th_i = theta if i == 0 else iterates[i]
+            wt_i = wt0 if i == 0 else wts[i]
             for j in range(P):
                 u[j] = alpha * v[j]
             _transpose_weights(u, dims, woff, ut)
-            _hvp(iterates[i], u, ut, N, dims, woff, boff, wts[i], sA[i], s_aoff, sZ[i],
-                 s_zoff, sG[i], s_scale, rA, rZ, rG, hv)
+            _hvp(th_i, u, ut, N, dims, woff, boff, wt_i, sA[i], s_aoff, sZ[i], s_zoff,
+                 sG[i], s_scale, rA, rZ, rG, hv)
             for j in range(P):
                 v[j] = v[j] - hv[j]
         for j in range(P):

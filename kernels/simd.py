@@ -21,6 +21,8 @@ Intrinsics (use inside @njit code only; indices are not bounds-checked):
     vadd(a, b)          a + b lane by lane
     view2d(buf, o, r, c) buf[o : o + r c] as a (r, c) C-contiguous view, cheaply (below)
     as_flat(a)          a C-contiguous 2-D array as its 1-D view, cheaply
+    vtranspose(src, so, sl, dst, do, dl)  an L x L block of src (row stride sl) into dst
+                        transposed (row stride dl), in vector registers
     vsum(a)             the sum of a's lanes, in a fixed pairwise order (lanes 0+1, 2+3, ...,
                         then pairs of those), so the result does not depend on the compiler
 """
@@ -218,4 +220,56 @@ def as_flat(typingctx, a):
         populate_array(view, data=src.data, shape=[builder.mul(shape[0], shape[1])],
                        strides=[item], itemsize=item, meminfo=src.meminfo, parent=src.parent)
         return impl_ret_borrowed(context, builder, out, view._getvalue())
+    return sig, codegen
+
+
+@intrinsic
+def vtranspose(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
+    """An L x L block transposed: dst[d_off + j d_ld + i] <- src[s_off + i s_ld + j] for
+    i, j < L (L = the lanes of the dtype). L vector loads, log2(L) rounds of L lane
+    shuffles (round b swaps the off-diagonal b x b sub-blocks of each 2b x 2b block), L
+    vector stores. src and dst: C-contiguous 1-D arrays of one float dtype, not
+    overlapping. Unchecked."""
+    dtype = _float_row("vtranspose", src)
+    if _float_row("vtranspose", dst) != dtype:
+        raise TypeError(f"vtranspose: src and dst dtypes differ ({src}, {dst})")
+    for name, v in (("s_off", s_off), ("s_ld", s_ld), ("d_off", d_off), ("d_ld", d_ld)):
+        if not isinstance(v, types.Integer):
+            raise TypeError(f"vtranspose: {name} must be an integer, got {v}")
+    sig = types.none(src, s_off, s_ld, dst, d_off, d_ld)
+    lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+
+    def codegen(context, builder, signature, args):
+        vecty = context.get_value_type(Vec(dtype))
+        srcty, _, _, dstty, _, _ = signature.args
+        s_arr = context.make_array(srcty)(context, builder, args[0])
+        d_arr = context.make_array(dstty)(context, builder, args[3])
+        so, sl, do, dl = (context.cast(builder, args[i], signature.args[i], types.intp)
+                          for i in (1, 2, 4, 5))
+        rows = []
+        for i in range(lanes):
+            at = builder.add(so, builder.mul(sl, context.get_constant(types.intp, i)))
+            p = builder.gep(s_arr.data, [at])
+            rows.append(builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
+                                     align=dtype.bitwidth // 8))
+        b = 1
+        i32 = ir.IntType(32)
+        while b < lanes:
+            lo = ir.Constant(ir.VectorType(i32, lanes),
+                             [j if not j & b else lanes + j - b for j in range(lanes)])
+            hi = ir.Constant(ir.VectorType(i32, lanes),
+                             [j + b if not j & b else lanes + j for j in range(lanes)])
+            new = list(rows)
+            for i in range(lanes):
+                if not i & b:
+                    new[i] = builder.shuffle_vector(rows[i], rows[i + b], lo)
+                    new[i + b] = builder.shuffle_vector(rows[i], rows[i + b], hi)
+            rows = new
+            b *= 2
+        for j in range(lanes):
+            at = builder.add(do, builder.mul(dl, context.get_constant(types.intp, j)))
+            p = builder.gep(d_arr.data, [at])
+            builder.store(rows[j], _vector_pointer(builder, p, vecty),
+                          align=dtype.bitwidth // 8)
+        return context.get_dummy_value()
     return sig, codegen

@@ -12,8 +12,9 @@ pytest.importorskip("numba")
 from numba import njit                                                   # noqa: E402
 from numba.core.errors import TypingError                                # noqa: E402
 
-from metacore.kernels.simd import LANES, vadd, vfma, vload, vsplat, vstore, vzero  # noqa: E402
-from metacore.kernels.small_gemm import gemm                             # noqa: E402
+from metacore.kernels.simd import (LANES, as_flat, vadd, vfma, vload, vsplat,  # noqa: E402
+                                   vstore, vsum, vtranspose, view2d, vzero)
+from metacore.kernels.small_gemm import gemm, gemv                       # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 # relative to max |C|: float32 sums of up to ~60 products, float64 likewise
@@ -100,3 +101,53 @@ def test_gemm_matches_numpy(dtype, two, use_bias):
         want = _reference(A1, B1, A2, B2, two, bias, use_bias)
         err = np.abs(C - want).max() / np.abs(want).max()
         assert err <= TOL[dtype], ((M, K, H), err)
+
+
+@njit
+def _sum_lanes(a):
+    return vsum(vload(a, 0))
+
+
+@njit
+def _views(buf, off, rows, cols):
+    v = view2d(buf, off, rows, cols)
+    v[rows - 1, cols - 1] = -1.0            # writes through to buf
+    return v.copy(), as_flat(v).copy()
+
+
+@njit
+def _transpose(src, so, sl, dst, do, dl):
+    vtranspose(src, so, sl, dst, do, dl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vsum_views_and_transpose(dtype):
+    L = LANES[np.dtype(dtype)]
+    a = np.arange(1, L + 1, dtype=dtype)
+    assert _sum_lanes(a) == a.sum()
+    buf = np.arange(40, dtype=dtype)
+    v, flat = _views(buf, 3, 4, 5)
+    want = np.arange(3, 23, dtype=dtype).reshape(4, 5)
+    want[3, 4] = -1
+    assert np.array_equal(v, want) and np.array_equal(flat, want.ravel())
+    assert buf[22] == -1                       # a view, not a copy
+    src = np.arange(2 + 3 * L * L, dtype=dtype)
+    dst = np.full(1 + 2 * L * L, np.nan, dtype)
+    _transpose(src, 2, 3 * L, dst, 1, 2 * L)    # row strides wider than the block
+    block = np.array([[src[2 + i * 3 * L + j] for j in range(L)] for i in range(L)])
+    got = np.array([[dst[1 + j * 2 * L + i] for j in range(L)] for i in range(L)])
+    assert np.array_equal(got, block)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("two", [False, True])
+def test_gemv_matches_numpy(dtype, two):
+    rng = np.random.default_rng(2)
+    L = LANES[np.dtype(dtype)]
+    for M, K in [(10, 5 * L), (3, 2 * L + 3), (1, 1), (7, L - 1)]:
+        A1, A2 = (rng.standard_normal((M, K)).astype(dtype) for _ in range(2))
+        b1, b2 = (rng.standard_normal(K).astype(dtype) for _ in range(2))
+        c = np.full(M, np.nan, dtype)
+        gemv(A1, b1, A2, b2, two, dtype(0.5), True, c)
+        want = A1.astype(np.float64) @ b1 + 0.5 + (A2.astype(np.float64) @ b2 if two else 0)
+        assert np.abs(c - want).max() <= TOL[dtype] * np.abs(want).max(), (M, K)
