@@ -278,6 +278,19 @@ def _softmax_row(c, out, h, ex):
 
 # ---------------------------------------------------------------- one step, forward
 @njit(fastmath=FM, cache=True)
+def _write(MTp, z, k, ww, MT):
+    """Steps 3-4: MT (W, S) = M_t^T = M'^T + k^T w_w, M' = M_{t-1} with slot z zeroed;
+    MTp: (W, S) M_{t-1}^T, k: (H, W), ww: (H, S). The reverse sweep recomputes M_t with
+    this same function from the kept checkpoints, so it gets the forward's values."""
+    W, S = MTp.shape
+    for x in range(W):
+        for i in range(S):
+            MT[x, i] = MTp[x, i]
+        MT[x, z] = 0
+    _acc_xh(MT, k, ww)
+
+
+@njit(fastmath=FM, cache=True)
 def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
               MT, wr, ww, wu, r, c, kn, mn, ex):
     """One step of one episode (steps 2-7 of metacore.reference.lrua; step 1 and the slot z
@@ -296,12 +309,8 @@ def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
         gh = g[h]
         for i in range(S):
             ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu_prev[i]
-    # 3-4. zero slot z, write every head's key: M_t^T = M'^T + k^T w_w
-    for x in range(W):
-        for i in range(S):
-            MT[x, i] = MTp[x, i]
-        MT[x, z] = 0
-    _acc_xh(MT, k, ww)
+    # 3-4. zero slot z, write every head's key
+    _write(MTp, z, k, ww, MT)
     # 5. cosines with clamped norms, softmax over slots
     for h in range(H):
         acc = dt.type(0)
@@ -334,20 +343,33 @@ def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
 
 
 @njit(fastmath=FM, cache=True)
+def _copy2(a, out):
+    """out (R, C) = a (R, C), as a plain loop (a slice assignment is several times slower)."""
+    R, C = a.shape
+    for j in range(R):
+        for i in range(C):
+            out[j, i] = a[j, i]
+
+
+@njit(fastmath=FM, cache=True)
 def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
-                     reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs):
+                     reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs):
     """Run episode b over T steps, overwriting reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b],
-    w_lu[:, b], wlus[b] (w_lu_{t-1} at t), zs[b] (the slot step t zeroes) and, with
-    K = MTs.shape[1] and L = cs.shape[1], MTs[b, (t + 1) % K] = M_t^T and the cosines and
-    clamped norms of step t at index t % L of cs[b], kns[b], mns[b] (K = T + 1, L = T
-    keep them all; K = 2, L = 1 ping-pong).
+    w_lu[:, b], MTs[b] (two memories, ping-pong; M_T^T ends in MTs[b, T % 2]), and what the
+    reverse sweep needs (when MTc.shape[1] > 0; else cs, kns, mns have one step and the
+    rest is left alone): MTc[b, j] = M_{jK}^T, the checkpoint of every K-th memory
+    (K = ceil(T / MTc.shape[1]); the sweep recomputes the others with _write), the cosines
+    and clamped norms cs[b, t], kns[b, t], mns[b, t] of step t, copies wrs[b, t], wws[b, t]
+    of w_r_t, w_w_t, wlus[b, t] = w_lu_{t-1} and zs[b, t], the slot step t zeroes.
 
     keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S), usage0: (B, S);
-    reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), MTs: (B, K, W, S),
-    cs: (B, L, H, S), kns: (B, L, H), mns: (B, L, S), wlus: (B, T, S), zs: (B, T) int64."""
+    reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), MTs: (B, 2, W, S),
+    MTc: (B, C, W, S), cs: (B, T or 1, H, S), kns: (B, T or 1, H), mns: (B, T or 1, S),
+    wrs, wws: (B, T, H, S) or (B, 0, H, S), wlus: (B, T, S), zs: (B, T) int64."""
     T, _, H, W = keys.shape
     S = memory0.shape[1]
-    K = MTs.shape[1]
+    C = MTc.shape[1]
+    K = (T + C - 1) // C if C > 0 else T + 1
     L = cs.shape[1]
     buf = np.empty(H, dtype=keys.dtype)
     ex = np.empty((2, S), dtype=keys.dtype)
@@ -358,10 +380,15 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
     for t in range(T):
         wr_prev = read0[b] if t == 0 else w_r[t - 1, b]  # (H, S)
         wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]  # (S,)
+        if C > 0 and t % K == 0:
+            _copy2(MTs[b, t % 2], MTc[b, t // K])
         zs[b, t] = z
-        _fwd_step(keys[t, b], g[t, b], MTs[b, t % K], wr_prev, wu_prev, wlus[b, t], z,
-                  gamma, eps, MTs[b, (t + 1) % K], w_r[t, b], w_w[t, b], w_u[t, b],
+        _fwd_step(keys[t, b], g[t, b], MTs[b, t % 2], wr_prev, wu_prev, wlus[b, t], z,
+                  gamma, eps, MTs[b, (t + 1) % 2], w_r[t, b], w_w[t, b], w_u[t, b],
                   reads[t, b], cs[b, t % L], kns[b, t % L], mns[b, t % L], ex)
+        if C > 0:
+            _copy2(w_r[t, b], wrs[b, t])
+            _copy2(w_w[t, b], wws[b, t])
         # the least-used weights w_u_t implies: returned, and step t + 1's w_lu_{t-1}
         z = _select(w_u[t, b], H, w_lu[t, b], buf)
         if t + 1 < T:
@@ -370,11 +397,12 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
 
 @njit(parallel=True, fastmath=FM, cache=True)
 def _forward(keys, g, memory0, read0, usage0, gamma, eps,
-             reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs):
+             reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs):
     """Every episode in parallel; see _episode_forward for the arguments."""
     for b in prange(keys.shape[1]):
         _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
-                         reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs)
+                         reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus,
+                         zs)
 
 
 # ---------------------------------------------------------------- one step, reverse
@@ -445,17 +473,20 @@ def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def _backward(dreads, keys, g, read0, w_r, w_w, MTs, cs, kns, mns, wlus, zs, eps,
+def _backward(dreads, keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs, eps,
               dkeys, dalpha, dmemory0, dread0):
-    """BPTT for every episode in parallel (formulas: metacore.reference.lrua.lrua_backward).
-
-    dreads, keys: (T, B, H, W), g: (T, B, H), read0: (B, H, S), w_r, w_w: (T, B, H, S),
-    MTs: (B, T + 1, W, S) with M_t^T at index t, cs: (B, T, H, S), kns: (B, T, H),
-    mns: (B, T, S), wlus: (B, T, S), zs: (B, T) (as _episode_forward keeps them)
+    """BPTT for every episode in parallel (formulas: metacore.reference.lrua.lrua_backward),
+    over what _episode_forward kept: dreads, keys: (T, B, H, W), g: (T, B, H), read0:
+    (B, H, S), MTc: (B, C, W, S) the checkpoints M_{jK}^T, cs: (B, T, H, S), kns: (B, T, H),
+    mns: (B, T, S), wrs, wws: (B, T, H, S), wlus: (B, T, S), zs: (B, T). Segment by segment
+    from the last, M_{jK + 1} .. M_{jK + K} are recomputed from the checkpoint (the write
+    only, into a ring of K memories) and the segment's steps run in reverse
     -> dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S),
     all overwritten."""
     T, B, H, W = keys.shape
-    S = MTs.shape[3]
+    S = MTc.shape[3]
+    C = MTc.shape[1]
+    K = (T + C - 1) // C
     for b in prange(B):
         dt = keys.dtype
         dMT = np.zeros((W, S), dtype=dt)
@@ -463,11 +494,18 @@ def _backward(dreads, keys, g, read0, w_r, w_w, MTs, cs, kns, mns, wlus, zs, eps
         gi = np.empty((H, S), dtype=dt)
         f = np.empty(H, dtype=dt)
         sm = np.empty(S, dtype=dt)
-        for t in range(T - 1, -1, -1):
-            wr_prev = read0[b] if t == 0 else w_r[t - 1, b]
-            _bwd_step(dreads[t, b], keys[t, b], g[t, b], MTs[b, t + 1], w_r[t, b], w_w[t, b],
-                      wr_prev, wlus[b, t], zs[b, t], cs[b, t], kns[b, t], mns[b, t], eps,
-                      dMT, dwr, dkeys[t, b], dalpha[t, b], gi, f, sm)
+        ring = np.empty((K, W, S), dtype=dt)            # ring[q] = M_{jK + q + 1}^T
+        for j in range(C - 1, -1, -1):
+            t0 = j * K
+            t1 = min(T, t0 + K)
+            for t in range(t0, t1):
+                _write(MTc[b, j] if t == t0 else ring[t - t0 - 1], zs[b, t], keys[t, b],
+                       wws[b, t], ring[t - t0])
+            for t in range(t1 - 1, t0 - 1, -1):
+                wr_prev = read0[b] if t == 0 else wrs[b, t - 1]
+                _bwd_step(dreads[t, b], keys[t, b], g[t, b], ring[t - t0], wrs[b, t],
+                          wws[b, t], wr_prev, wlus[b, t], zs[b, t], cs[b, t], kns[b, t],
+                          mns[b, t], eps, dMT, dwr, dkeys[t, b], dalpha[t, b], gi, f, sm)
         for i in range(S):
             for x in range(W):
                 dmemory0[b, i, x] = dMT[x, i]
@@ -563,11 +601,17 @@ def _gates(alpha, lead, dtype):
     return g
 
 
+# memories per checkpoint segment: the tape keeps every K-th M_t (B ceil(T / K) S W values,
+# not B (T + 1) S W) and the sweep recomputes the others (the write only, H S W per step)
+# into a ring of K memories that stays in cache; streaming every M_t out to memory and back
+# cost more than that write
+SEGMENT = 10
+
+
 def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
-    """The forward kernel; keep: every M_t^T and the cosines and norms of every step (the
-    tape), else ping-pong buffers. -> outputs (reads, w_r, w_w, w_u, w_lu, memory) and the
-    kept arrays (keys, g, read0, MTs, cs, kns, mns, wlus, zs), keys and read0 contiguous
-    (not copied)."""
+    """The forward kernel; keep: also what the reverse sweep needs. -> outputs (reads, w_r,
+    w_w, w_u, w_lu, memory) and the kept arrays (keys, g, read0, MTc, cs, kns, mns, wrs,
+    wws, wlus, zs), keys and read0 contiguous (not copied)."""
     keys, memory0, read0, usage0 = _c(keys), _c(memory0), _c(read0), _c(usage0)
     T, B, H, W = keys.shape
     S = memory0.shape[1]
@@ -578,30 +622,34 @@ def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
     w_w = np.empty((T, B, H, S), dt)
     w_u = np.empty((T, B, S), dt)
     w_lu = np.empty((T, B, S), dt)
-    K, L = (T + 1, T) if keep else (2, 1)
-    MTs = np.empty((B, K, W, S), dt)
+    MTs = np.empty((B, 2, W, S), dt)
+    C, L, TT = ((T + SEGMENT - 1) // SEGMENT, T, T) if keep else (0, 1, 0)
+    MTc = np.empty((B, C, W, S), dt)
     cs = np.empty((B, L, H, S), dt)
     kns = np.empty((B, L, H), dt)
     mns = np.empty((B, L, S), dt)
+    wrs = np.empty((B, TT, H, S), dt)
+    wws = np.empty((B, TT, H, S), dt)
     wlus = np.empty((B, T, S), dt)
     zs = np.empty((B, T), np.int64)
     _forward(keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
-             reads, w_r, w_w, w_u, w_lu, MTs, cs, kns, mns, wlus, zs)
-    memory = np.ascontiguousarray(MTs[:, T % K].transpose(0, 2, 1))     # (B, S, W)
-    return (reads, w_r, w_w, w_u, w_lu, memory), (keys, g, read0, MTs, cs, kns, mns, wlus, zs)
+             reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs)
+    memory = np.ascontiguousarray(MTs[:, T % 2].transpose(0, 2, 1))     # (B, S, W)
+    return ((reads, w_r, w_w, w_u, w_lu, memory),
+            (keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs))
 
 
-def _sweep(dreads, alpha_ndim, w_r, w_w, kept):
+def _sweep(dreads, alpha_ndim, kept):
     """The reverse sweep over what _run_forward kept -> dkeys, dalpha, dmemory0, dread0."""
-    keys, g, read0, MTs, cs, kns, mns, wlus, zs = kept
+    keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs = kept
     T, B, H, W = keys.shape
-    S = MTs.shape[3]
+    S = MTc.shape[3]
     dt = keys.dtype
     dkeys = np.empty((T, B, H, W), dt)
     dalpha = np.empty((T, B, H), dt)
     dmemory0 = np.empty((B, S, W), dt)
     dread0 = np.empty((B, H, S), dt)
-    _backward(_c(dreads), keys, g, read0, w_r, w_w, MTs, cs, kns, mns, wlus, zs,
+    _backward(_c(dreads), keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs,
               dt.type(EPS), dkeys, dalpha, dmemory0, dread0)
     if alpha_ndim == 1:
         dalpha = dalpha.sum(axis=(0, 1))                # (H,)
@@ -618,31 +666,30 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
     """Same contract as metacore.reference.lrua.lrua_backward (reruns the forward, keeping):
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
-    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
-    return _sweep(dreads, np.ndim(alpha), out[1], out[2], kept)
+    _, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    return _sweep(dreads, np.ndim(alpha), kept)
 
 
 def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
     """Same contract as metacore.reference.lrua.lrua_forward_tape:
     -> reads, w_r, w_w, w_u, w_lu, memory (as lrua_forward), tape. The tape (this
-    backend's own; opaque) holds private copies of everything lrua_backward_tape reads, so
-    changing the inputs or the returned arrays afterwards does not change the gradients."""
+    backend's own; opaque) holds private copies of everything lrua_backward_tape reads (the
+    kernel writes w_r and w_w twice), so changing the inputs or the returned arrays
+    afterwards does not change the gradients."""
     out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
-    keys_, g, read0_, MTs, cs, kns, mns, wlus, zs = kept
+    keys_, g, read0_, *rest = kept
     if keys_ is keys:
         keys_ = keys_.copy()
     if read0_ is read0:
         read0_ = read0_.copy()
-    tape = dict(alpha_ndim=np.ndim(alpha), w_r=out[1].copy(), w_w=out[2].copy(),
-                kept=(keys_, g, read0_, MTs, cs, kns, mns, wlus, zs))
-    return out + (tape,)
+    return out + (dict(alpha_ndim=np.ndim(alpha), kept=(keys_, g, read0_, *rest)),)
 
 
 def lrua_backward_tape(dreads, tape):
     """Same contract as metacore.reference.lrua.lrua_backward_tape: the reverse sweep only.
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
     fresh arrays; the tape is left unchanged (it may be used again)."""
-    return _sweep(dreads, tape["alpha_ndim"], tape["w_r"], tape["w_w"], tape["kept"])
+    return _sweep(dreads, tape["alpha_ndim"], tape["kept"])
 
 
 def _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev):
