@@ -155,18 +155,25 @@ def _row_sums(dz, gb):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _narrow_weight_grad(a, dz, ra, rdz, two, gw):
-    """gw (D, H) <- a^T dz [+ ra^T rdz] for H below one vector: for each output column,
-    axpys along a's contiguous rows (the tiled product would run H scalar chains)."""
+    """gw (D, H) <- a^T dz [+ ra^T rdz if two] for H below one vector: for each output
+    column, axpys along a's contiguous rows (the tiled product would run H scalar chains).
+    ra and rdz are not read unless two."""
     N, D = a.shape
     zero = gw.dtype.type(0)
     for h in range(gw.shape[1]):
         for d in range(D):
             gw[d, h] = zero
         for n in range(N):
-            s0, q0 = dz[n, h], rdz[n, h] if two else zero
-            ar, rr = a[n], ra[n]
-            for d in range(D):
-                gw[d, h] += ar[d] * s0 + rr[d] * q0
+            s0 = dz[n, h]
+            ar = a[n]
+            if two:
+                q0 = rdz[n, h]
+                rr = ra[n]
+                for d in range(D):
+                    gw[d, h] += ar[d] * s0 + rr[d] * q0
+            else:
+                for d in range(D):
+                    gw[d, h] += ar[d] * s0
 
 
 @njit(cache=True)
@@ -343,7 +350,7 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     sA = np.empty((steps, S), dt)
     sZ = np.empty((steps, S), dt)
     sG = np.empty((steps, S), dt)
-    rA = np.empty(S, dt)
+    rA = np.zeros(S, dt)                # its first block, ra_0 = 0, is never written
     rZ = np.empty(S, dt)
     rG = np.empty(S, dt)
     qA = np.empty(M * total, dt)

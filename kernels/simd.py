@@ -15,12 +15,16 @@ Values:
 Intrinsics (use inside @njit code only; indices are not bounds-checked):
     vload(row, i)       row[i : i + L] of a C-contiguous 1-D float32/float64 array -> Vec
     vstore(row, i, v)   row[i : i + L] <- v
+    vload2(a, i, j), vstore2(a, i, j, v)   the same at a[i, j : j + L] of a C-contiguous
+                        2-D array, without a row view (whose reference counting costs more
+                        than the load)
     vsplat(x)           Vec with every lane = the float32/float64 scalar x
     vzero(row)          Vec of zeros in row's dtype
     vfma(a, b, c)       a * b + c lane by lane, one rounding (llvm.fma)
     vadd(a, b)          a + b lane by lane
-    view2d(buf, o, r, c) buf[o : o + r c] as a (r, c) C-contiguous view, cheaply (below)
-    as_flat(a)          a C-contiguous 2-D array as its 1-D view, cheaply
+    view2d(buf, o, r, c) buf[o : o + r c] as a (r, c) C-contiguous view, cheaply; borrowed
+                        (no reference held: use inside the kernel only, never return it)
+    as_flat(a)          a C-contiguous 2-D array as its 1-D view, cheaply; borrowed
     vtranspose(src, so, sl, dst, do, dl)  an L x L block of src (row stride sl) into dst
                         transposed (row stride dl), in vector registers
     vsum(a)             the sum of a's lanes, in a fixed pairwise order (lanes 0+1, 2+3, ...,
@@ -30,7 +34,6 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, models, register_model
 from numba.np.arrayobj import populate_array
 
@@ -180,8 +183,10 @@ def vsum(typingctx, a):
 def view2d(typingctx, buf, off, rows, cols):
     """buf[off : off + rows * cols] as a C-contiguous (rows, cols) array sharing buf's memory:
     what buf[off:off + rows * cols].reshape(rows, cols) gives, without reshape's general
-    stride search (about 50 ns a call, which for 10 x 40 blocks costs more than the work).
-    Unchecked: the caller guarantees off + rows * cols <= buf.size."""
+    stride search and without reference counting (together about 50 ns a call, which for
+    10 x 40 blocks costs more than the work). The view is borrowed: it holds no reference
+    to buf's memory, so it is valid only while buf is, and must never be returned to
+    Python (copy it). Unchecked: the caller guarantees off + rows * cols <= buf.size."""
     dtype = _float_row("view2d", buf)
     for name, v in (("off", off), ("rows", rows), ("cols", cols)):
         if not isinstance(v, types.Integer):
@@ -196,16 +201,18 @@ def view2d(typingctx, buf, off, rows, cols):
         item = context.get_constant(types.intp, dtype.bitwidth // 8)
         data = builder.gep(src.data, [o])
         view = context.make_array(out)(context, builder)
+        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
         populate_array(view, data=data, shape=[r, c], strides=[builder.mul(c, item), item],
-                       itemsize=item, meminfo=src.meminfo, parent=src.parent)
-        return impl_ret_borrowed(context, builder, out, view._getvalue())
+                       itemsize=item, meminfo=null, parent=src.parent)
+        return view._getvalue()
     return sig, codegen
 
 
 @intrinsic
 def as_flat(typingctx, a):
     """A C-contiguous 2-D float array as the 1-D C-contiguous view of all its elements (what
-    a.reshape(a.size) gives, without reshape's general stride search)."""
+    a.reshape(a.size) gives, without reshape's general stride search). Borrowed, like
+    view2d's views: valid while a's memory is, never to be returned to Python."""
     if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
             and a.dtype in (types.float32, types.float64)):
         raise TypeError(f"as_flat: needs a C-contiguous 2-D float32 or float64 array, got {a}")
@@ -217,9 +224,10 @@ def as_flat(typingctx, a):
         shape = cgutils.unpack_tuple(builder, src.shape, 2)
         item = context.get_constant(types.intp, a.dtype.bitwidth // 8)
         view = context.make_array(out)(context, builder)
+        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
         populate_array(view, data=src.data, shape=[builder.mul(shape[0], shape[1])],
-                       strides=[item], itemsize=item, meminfo=src.meminfo, parent=src.parent)
-        return impl_ret_borrowed(context, builder, out, view._getvalue())
+                       strides=[item], itemsize=item, meminfo=null, parent=src.parent)
+        return view._getvalue()
     return sig, codegen
 
 
@@ -271,5 +279,51 @@ def vtranspose(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
             p = builder.gep(d_arr.data, [at])
             builder.store(rows[j], _vector_pointer(builder, p, vecty),
                           align=dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _float_matrix(op, a):
+    if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+            and a.dtype in (types.float32, types.float64)):
+        raise TypeError(f"{op}: needs a C-contiguous 2-D float32 or float64 array, got {a}")
+    return a.dtype
+
+
+def _matrix_pointer(context, builder, aryty, ary_value, index_types, index_values):
+    ary = context.make_array(aryty)(context, builder, ary_value)
+    idx = [context.cast(builder, v, t, types.intp) for v, t in zip(index_values, index_types)]
+    return cgutils.get_item_pointer(context, builder, aryty, ary, idx)
+
+
+@intrinsic
+def vload2(typingctx, a, i, j):
+    """a[i, j : j + L] of a C-contiguous 2-D array -> Vec, without making a row view (a
+    view is a new reference: two reference-count updates per row)."""
+    dtype = _float_matrix("vload2", a)
+    sig = Vec(dtype)(a, i, j)
+
+    def codegen(context, builder, signature, args):
+        vecty = context.get_value_type(signature.return_type)
+        p = _matrix_pointer(context, builder, signature.args[0], args[0],
+                            signature.args[1:], args[1:])
+        return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
+                            align=dtype.bitwidth // 8)
+    return sig, codegen
+
+
+@intrinsic
+def vstore2(typingctx, a, i, j, v):
+    """a[i, j : j + L] <- v for a C-contiguous 2-D array (no row view)."""
+    dtype = _float_matrix("vstore2", a)
+    if not (isinstance(v, Vec) and v.dtype == dtype):
+        raise TypeError(f"vstore2: value must be a Vec of {dtype}, got {v}")
+    sig = types.none(a, i, j, v)
+
+    def codegen(context, builder, signature, args):
+        vecty = context.get_value_type(signature.args[3])
+        p = _matrix_pointer(context, builder, signature.args[0], args[0],
+                            signature.args[1:3], args[1:3])
+        builder.store(args[3], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
         return context.get_dummy_value()
     return sig, codegen

@@ -26,7 +26,7 @@ apart (and term 1 and term 2 apart), adding the partial sums at the end.
 """
 from numba import njit
 
-from metacore.kernels.simd import vfma, vload, vsplat, vstore, vsum, vzero
+from metacore.kernels.simd import vfma, vload, vload2, vsplat, vstore2, vsum, vzero
 
 
 @njit(cache=True)
@@ -36,9 +36,8 @@ def _block_4x5(A, B, m, h, L, c):
     (c00, c01, c02, c03, c04, c10, c11, c12, c13, c14,
      c20, c21, c22, c23, c24, c30, c31, c32, c33, c34) = c
     for k in range(A.shape[1]):
-        row = B[k]
-        w0, w1, w2 = vload(row, h), vload(row, h + L), vload(row, h + 2 * L)
-        w3, w4 = vload(row, h + 3 * L), vload(row, h + 4 * L)
+        w0, w1, w2 = vload2(B, k, h), vload2(B, k, h + L), vload2(B, k, h + 2 * L)
+        w3, w4 = vload2(B, k, h + 3 * L), vload2(B, k, h + 4 * L)
         s = vsplat(A[m, k])
         c00, c01, c02 = vfma(s, w0, c00), vfma(s, w1, c01), vfma(s, w2, c02)
         c03, c04 = vfma(s, w3, c03), vfma(s, w4, c04)
@@ -60,9 +59,8 @@ def _block_2x5(A, B, m, m1, h, L, c):
     """Accumulate A[m|m1, :] @ B[:, h : h + 5L] into c, 10 vectors (row m, then row m1)."""
     c00, c01, c02, c03, c04, c10, c11, c12, c13, c14 = c
     for k in range(A.shape[1]):
-        row = B[k]
-        w0, w1, w2 = vload(row, h), vload(row, h + L), vload(row, h + 2 * L)
-        w3, w4 = vload(row, h + 3 * L), vload(row, h + 4 * L)
+        w0, w1, w2 = vload2(B, k, h), vload2(B, k, h + L), vload2(B, k, h + 2 * L)
+        w3, w4 = vload2(B, k, h + 3 * L), vload2(B, k, h + 4 * L)
         s = vsplat(A[m, k])
         c00, c01, c02 = vfma(s, w0, c00), vfma(s, w1, c01), vfma(s, w2, c02)
         c03, c04 = vfma(s, w3, c03), vfma(s, w4, c04)
@@ -76,7 +74,7 @@ def _block_2x5(A, B, m, m1, h, L, c):
 def _block_2x1(A, B, m, m1, h, c0, c1):
     """Accumulate A[m|m1, :] @ B[:, h : h + L] into two vectors."""
     for k in range(A.shape[1]):
-        w = vload(B[k], h)
+        w = vload2(B, k, h)
         c0 = vfma(vsplat(A[m, k]), w, c0)
         c1 = vfma(vsplat(A[m1, k]), w, c1)
     return c0, c1
@@ -104,22 +102,22 @@ def _column_pair(A, B, m, m1, h):
 
 
 @njit(cache=True)
-def _start(bias, use_bias, h, L, like):
+def _start(bias, use_bias, h, L):
     """The 5 vectors an output block starts from: bias[h : h + 5L], or zeros."""
     if use_bias:
         return (vload(bias, h), vload(bias, h + L), vload(bias, h + 2 * L),
                 vload(bias, h + 3 * L), vload(bias, h + 4 * L))
-    z = vzero(like)
+    z = vzero(bias)
     return z, z, z, z, z
 
 
 @njit(cache=True)
-def _store5(row, h, L, c0, c1, c2, c3, c4):
-    vstore(row, h, c0)
-    vstore(row, h + L, c1)
-    vstore(row, h + 2 * L, c2)
-    vstore(row, h + 3 * L, c3)
-    vstore(row, h + 4 * L, c4)
+def _store5(C, m, h, L, c0, c1, c2, c3, c4):
+    vstore2(C, m, h, c0)
+    vstore2(C, m, h + L, c1)
+    vstore2(C, m, h + 2 * L, c2)
+    vstore2(C, m, h + 3 * L, c3)
+    vstore2(C, m, h + 4 * L, c4)
 
 
 @njit(cache=True)
@@ -129,22 +127,21 @@ def _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m1, h):
     H = C.shape[1]
     L = 32 // C.itemsize
     zero = C.dtype.type(0)
-    r0, r1 = C[m], C[m1]
     while h + 5 * L <= H:
-        b = _start(bias, use_bias, h, L, r0)
+        b = _start(bias, use_bias, h, L)
         c = _block_2x5(A1, B1, m, m1, h, L, b + b)
         if two:
             c = _block_2x5(A2, B2, m, m1, h, L, c)
-        _store5(r0, h, L, c[0], c[1], c[2], c[3], c[4])
-        _store5(r1, h, L, c[5], c[6], c[7], c[8], c[9])
+        _store5(C, m, h, L, c[0], c[1], c[2], c[3], c[4])
+        _store5(C, m1, h, L, c[5], c[6], c[7], c[8], c[9])
         h += 5 * L
     while h + L <= H:
-        c0 = vload(bias, h) if use_bias else vzero(r0)
+        c0 = vload(bias, h) if use_bias else vzero(bias)
         c0, c1 = _block_2x1(A1, B1, m, m1, h, c0, c0)
         if two:
             c0, c1 = _block_2x1(A2, B2, m, m1, h, c0, c1)
-        vstore(r0, h, c0)
-        vstore(r1, h, c1)
+        vstore2(C, m, h, c0)
+        vstore2(C, m1, h, c1)
         h += L
     while h < H:
         b0 = bias[h] if use_bias else zero
@@ -152,8 +149,8 @@ def _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m1, h):
         if two:
             t0, t1 = _column_pair(A2, B2, m, m1, h)
             s0, s1 = s0 + t0, s1 + t1
-        r0[h] = b0 + s0
-        r1[h] = b0 + s1
+        C[m, h] = b0 + s0
+        C[m1, h] = b0 + s1
         h += 1
 
 
@@ -166,14 +163,14 @@ def gemm(A1, B1, A2, B2, two, bias, use_bias, C):
     while m + 3 < M:                     # four rows at a time, 5 vectors wide
         h = 0
         while h + 5 * L <= H:
-            b = _start(bias, use_bias, h, L, C[m])
+            b = _start(bias, use_bias, h, L)
             c = _block_4x5(A1, B1, m, h, L, b + b + b + b)
             if two:
                 c = _block_4x5(A2, B2, m, h, L, c)
-            _store5(C[m], h, L, c[0], c[1], c[2], c[3], c[4])
-            _store5(C[m + 1], h, L, c[5], c[6], c[7], c[8], c[9])
-            _store5(C[m + 2], h, L, c[10], c[11], c[12], c[13], c[14])
-            _store5(C[m + 3], h, L, c[15], c[16], c[17], c[18], c[19])
+            _store5(C, m, h, L, c[0], c[1], c[2], c[3], c[4])
+            _store5(C, m + 1, h, L, c[5], c[6], c[7], c[8], c[9])
+            _store5(C, m + 2, h, L, c[10], c[11], c[12], c[13], c[14])
+            _store5(C, m + 3, h, L, c[15], c[16], c[17], c[18], c[19])
             h += 5 * L
         if h < H:                        # the columns left over, as two pairs of rows
             _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m + 1, h)
@@ -185,19 +182,19 @@ def gemm(A1, B1, A2, B2, two, bias, use_bias, C):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _dot(a, b):
-    """a (K,) . b (K,): whole vectors in one vector accumulator (lanes summed by vsum),
+def _dot(A, m, b):
+    """A[m, :] . b (K,): whole vectors in one vector accumulator (lanes summed by vsum),
     the K mod L tail added after in order."""
-    K = a.shape[0]
-    L = 32 // a.itemsize
-    acc = vzero(a)
+    K = b.shape[0]
+    L = 32 // b.itemsize
+    acc = vzero(b)
     k = 0
     while k + L <= K:
-        acc = vfma(vload(a, k), vload(b, k), acc)
+        acc = vfma(vload2(A, m, k), vload(b, k), acc)
         k += L
     s = vsum(acc)
     while k < K:
-        s += a[k] * b[k]
+        s += A[m, k] * b[k]
         k += 1
     return s
 
@@ -206,7 +203,7 @@ def _dot(a, b):
 def gemv(A1, b1, A2, b2, two, bias, use_bias, c):
     """c <- [bias] + A1 @ b1 [+ A2 @ b2] (module docstring)."""
     for m in range(c.shape[0]):
-        s = _dot(A1[m], b1)
+        s = _dot(A1, m, b1)
         if two:
-            s += _dot(A2[m], b2)
+            s += _dot(A2, m, b2)
         c[m] = bias + s if use_bias else s
