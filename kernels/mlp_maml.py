@@ -1,22 +1,29 @@
-"""Fused second-order MAML meta-gradient of a ReLU MLP with MSE loss (the sinusoid model of
-Finn et al. 2017, any widths), for a whole meta-batch in one compiled call.
+"""Fused MAML-family meta-gradients of a ReLU MLP with MSE loss (the sinusoid model of
+Finn et al. 2017, any widths), for a whole meta-batch in one compiled call: second-order
+MAML, first-order MAML and Reptile.
 
 Shape letters (this module):
     T tasks, N support points, M query points, P parameters, D input features, O outputs.
 
-Op:
-    mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1)
+Ops:
+    mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
+                      first_order=False)
         -> query_loss (T,), grad (P,)
-    the same numbers as metacore.algorithms.maml.maml_gradient(...).query_loss / .grad for
-    a scalar alpha and one support batch used at every inner step.
+    the same numbers as metacore.algorithms.maml.maml_gradient(..., first_order=...)
+    .query_loss / .grad for a scalar alpha and one support batch used at every inner step.
+    mlp_reptile_direction(model, theta, support_x, support_y, alpha, steps=1)
+        -> loss_0 (T,), d (P,)
+    the same numbers as metacore.algorithms.reptile.reptile_direction(...).
 
 Versions:
-    reference  metacore.algorithms.maml.maml_gradient: NumPy over all tasks at once, any
-               Model; the ground truth here (itself checked by finite differences).
+    reference  metacore.algorithms.maml.maml_gradient / reptile.reptile_direction: NumPy over
+               all tasks at once, any Model; the ground truth here (itself checked by finite
+               differences).
     numba      metacore.kernels.mlp_maml_numba: Numba CPU, one core, the task loop, inner
                steps, query gradient and R-operator backward sweep written out per layer
-               (no per-op NumPy calls), input-dtype accumulation. Only for models made of
-               Linear - ReLU - ... - Linear with loss 'mse'.
+               (no per-op NumPy calls; products through kernels/small_gemm.py), input-dtype
+               accumulation. Only for models made of Linear - ReLU - ... - Linear with loss
+               'mse'.
 numba is imported on first use, so this module imports without it.
 """
 import numpy as np
@@ -113,15 +120,7 @@ def _check_inputs(op, model, dims, theta, support_x, support_y, query_x, query_y
     return _check_alpha(op, alpha, model.num_params, dt), steps
 
 
-def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1):
-    """Second-order MAML meta-gradient, fused (module docstring).
-
-    model: Linear-ReLU-...-Linear metacore Model with loss 'mse'; theta: (P,) float32 or
-    float64; support_x (T, N, D), support_y (T, N, O): the batch of every inner step;
-    query_x (T, M, D), query_y (T, M, O); alpha: a scalar >= 0; steps: int >= 1.
-    -> query_loss (T,), grad (P,) in theta's dtype (fresh arrays).
-    """
-    op = "mlp_maml_gradient"
+def _run(op, model, theta, support_x, support_y, query_x, query_y, alpha, steps, mode):
     dims, woff, boff = mlp_structure(model)
     alpha, steps = _check_inputs(op, model, dims, theta, support_x, support_y, query_x,
                                  query_y, alpha, steps)
@@ -132,4 +131,28 @@ def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alph
     if not kernel.all_finite(*arrays):     # one compiled pass found a NaN or Inf: name it
         for name, x in zip(("theta", "support_x", "support_y", "query_x", "query_y"), arrays):
             check_float_array(op, name, x)
-    return kernel.mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff)
+    return kernel.mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff, mode)
+
+
+def mlp_maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
+                      first_order=False):
+    """Second-order (or, with first_order=True, first-order) MAML meta-gradient, fused
+    (module docstring).
+
+    model: Linear-ReLU-...-Linear metacore Model with loss 'mse'; theta: (P,) float32 or
+    float64; support_x (T, N, D), support_y (T, N, O): the batch of every inner step;
+    query_x (T, M, D), query_y (T, M, O); alpha: a scalar >= 0; steps: int >= 1.
+    -> query_loss (T,), grad (P,) in theta's dtype (fresh arrays).
+    """
+    mode = 1 if first_order else 0             # mlp_maml_numba.FIRST_ORDER / SECOND_ORDER
+    return _run("mlp_maml_gradient", model, theta, support_x, support_y, query_x, query_y,
+                alpha, steps, mode)
+
+
+def mlp_reptile_direction(model, theta, support_x, support_y, alpha, steps=1):
+    """Reptile's direction d = mean_t (theta - theta_k^t), fused (module docstring). Same
+    arguments as mlp_maml_gradient without the query. -> loss_0 (T,) (the pre-update
+    support losses), d (P,) in theta's dtype (fresh arrays)."""
+    # the query arguments are only shape-checked (the support stands in), never read
+    return _run("mlp_reptile_direction", model, theta, support_x, support_y, support_x,
+                support_y, alpha, steps, 2)    # mlp_maml_numba.REPTILE

@@ -39,10 +39,12 @@ dtype.
 import numpy as np
 from numba import njit
 
-from metacore.kernels.simd import as_flat, view2d, vtranspose
+from metacore.kernels.simd import (as_flat, brow, vadd, view1d, view2d, vload2, vstore,
+                                   vtranspose, vzero)
 from metacore.kernels.small_gemm import gemm, gemv
 
 FASTMATH = {"contract"}
+SECOND_ORDER, FIRST_ORDER, REPTILE = 0, 1, 2       # mlp_maml_gradient's modes
 
 
 @njit(cache=True)
@@ -73,7 +75,7 @@ def _wt(wt, woff, dims, l):
 
 @njit(cache=True)
 def _b(th, boff, dims, l):
-    return th[boff[l]:boff[l] + dims[l + 1]]
+    return view1d(th, boff[l], dims[l + 1])
 
 
 @njit(cache=True)
@@ -143,14 +145,23 @@ def _rrelu_into(z, rz, ra):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _row_sums(dz, gb):
-    """gb (H,) <- sum_n dz (N, H)."""
+    """gb (H,) <- sum_n dz (N, H), in increasing n: whole vectors of H in registers, the
+    H mod L tail by scalars."""
+    N, H = dz.shape
+    L = 32 // dz.itemsize
+    h = 0
+    while h + L <= H:
+        acc = vzero(gb)
+        for n in range(N):
+            acc = vadd(acc, vload2(dz, n, h))
+        vstore(gb, h, acc)
+        h += L
     zero = gb.dtype.type(0)
-    for h in range(gb.shape[0]):
-        gb[h] = zero
-    for n in range(dz.shape[0]):
-        dr = dz[n]
-        for h in range(gb.shape[0]):
-            gb[h] += dr[h]
+    for j in range(h, H):
+        acc = zero
+        for n in range(N):
+            acc += dz[n, j]
+        gb[j] = acc
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -320,14 +331,18 @@ def all_finite(theta, support_x, support_y, query_x, query_y):
 
 @njit(cache=True, fastmath=FASTMATH)
 def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, steps,
-                      dims, woff, boff):
-    """Second-order MAML meta-gradient for every task, unchecked (see kernels/mlp_maml.py).
+                      dims, woff, boff, mode):
+    """MAML-family meta-gradient for every task, unchecked (see kernels/mlp_maml.py).
 
     theta (P,); support_x (T, N, D_0), support_y (T, N, O), query_x (T, M, D_0),
     query_y (T, M, O), all theta's dtype, C-contiguous; alpha a scalar of theta's dtype;
     steps >= 1 inner SGD steps on the support batch; dims (L+1,) int64 layer widths,
-    woff / boff (L,) int64 offsets of each layer's w and b in theta.
-    -> query_loss (T,) = L_query_t(theta_k^t), grad (P,) = mean_t v_0^t (fresh arrays).
+    woff / boff (L,) int64 offsets of each layer's w and b in theta; mode SECOND_ORDER,
+    FIRST_ORDER or REPTILE. -> (fresh arrays)
+        SECOND_ORDER  query_loss (T,) = L_query_t(theta_k^t), grad (P,) = mean_t v_0^t
+        FIRST_ORDER   query_loss (T,), grad (P,) = mean_t v_k^t (first-order MAML)
+        REPTILE       loss_0 (T,) = L_support_t(theta), d (P,) = mean_t (theta - theta_k^t),
+                      summed as alpha sum_i g_i^t (no cancellation); the query is not read
     """
     T, N = support_x.shape[0], support_x.shape[1]
     M = query_x.shape[1]
@@ -366,39 +381,50 @@ def mlp_maml_gradient(theta, support_x, support_y, query_x, query_y, alpha, step
     ut = np.empty(P, dt)
     hv = np.empty(P, dt)
     qloss = np.empty(T, dt)
+    loss0 = np.empty(T, dt)
     gsum = np.zeros(P, dt)
     for t in range(T):
-        sx, sy, qx, qy = support_x[t], support_y[t], query_x[t], query_y[t]
+        sx, sy = brow(support_x, t), brow(support_y, t)      # borrowed views: no
+        qx, qy = brow(query_x, t), brow(query_y, t)          # reference counting per task
         # ---- inner loop: theta_{i+1} = theta_i - alpha g_i, keeping each step's pass;
         # theta_0 = theta and its w^T are shared by all tasks (no copy)
         for i in range(steps):
-            th_i = theta if i == 0 else iterates[i]
-            wt_i = wt0 if i == 0 else wts[i]
+            th_i = theta if i == 0 else brow(iterates, i)
+            wt_i = wt0 if i == 0 else brow(wts, i)
             if i > 0:
                 _transpose_weights(th_i, dims, woff, wt_i)
-            A, Z, G = sA[i], sZ[i], sG[i]
+            A, Z, G = brow(sA, i), brow(sZ, i), brow(sG, i)
             _forward(th_i, sx, dims, woff, boff, A, s_aoff, Z, s_zoff)
-            _loss_dout(Z, zlast_s, sy, s_scale, G)
+            loss = _loss_dout(Z, zlast_s, sy, s_scale, G)
+            if i == 0:
+                loss0[t] = loss
             _backward(N, dims, woff, boff, wt_i, A, s_aoff, Z, s_zoff, G, g)
-            nxt = iterates[i + 1] if i + 1 < steps else th      # theta_{i+1}
+            nxt = brow(iterates, i + 1) if i + 1 < steps else th      # theta_{i+1}
             for j in range(P):
                 nxt[j] = th_i[j] - alpha * g[j]
+            if mode == REPTILE:
+                for j in range(P):
+                    gsum[j] += alpha * g[j]
+        if mode == REPTILE:
+            continue
         # ---- query loss and v_k = grad L_query(theta_k), theta_k in th
         _forward(th, qx, dims, woff, boff, qA, q_aoff, qZ, q_zoff)
         qloss[t] = _loss_dout(qZ, zlast_q, qy, q_scale, qG)
         _transpose_weights(th, dims, woff, wtq)
         _backward(M, dims, woff, boff, wtq, qA, q_aoff, qZ, q_zoff, qG, v)
-        # ---- v_i = v_{i+1} - alpha H_i v_{i+1}, i = k-1 .. 0
-        for i in range(steps - 1, -1, -1):
-            th_i = theta if i == 0 else iterates[i]
-            wt_i = wt0 if i == 0 else wts[i]
+        # ---- v_i = v_{i+1} - alpha H_i v_{i+1}, i = k-1 .. 0 (second order only)
+        for i in range(steps - 1 if mode == SECOND_ORDER else -1, -1, -1):
+            th_i = theta if i == 0 else brow(iterates, i)
+            wt_i = wt0 if i == 0 else brow(wts, i)
             for j in range(P):
                 u[j] = alpha * v[j]
             _transpose_weights(u, dims, woff, ut)
-            _hvp(th_i, u, ut, N, dims, woff, boff, wt_i, sA[i], s_aoff, sZ[i], s_zoff,
-                 sG[i], s_scale, rA, rZ, rG, hv)
+            _hvp(th_i, u, ut, N, dims, woff, boff, wt_i, brow(sA, i), s_aoff, brow(sZ, i),
+                 s_zoff, brow(sG, i), s_scale, rA, rZ, rG, hv)
             for j in range(P):
                 v[j] = v[j] - hv[j]
         for j in range(P):
             gsum[j] += v[j]
+    if mode == REPTILE:
+        return loss0, gsum / dt.type(T)
     return qloss, gsum / dt.type(T)

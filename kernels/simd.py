@@ -25,6 +25,8 @@ Intrinsics (use inside @njit code only; indices are not bounds-checked):
     view2d(buf, o, r, c) buf[o : o + r c] as a (r, c) C-contiguous view, cheaply; borrowed
                         (no reference held: use inside the kernel only, never return it)
     as_flat(a)          a C-contiguous 2-D array as its 1-D view, cheaply; borrowed
+    view1d(buf, o, n)   buf[o : o + n], borrowed;  brow(a, i)  a[i] of a 2-D / 3-D array,
+                        borrowed
     vtranspose(src, so, sl, dst, do, dl)  an L x L block of src (row stride sl) into dst
                         transposed (row stride dl), in vector registers
     vsum(a)             the sum of a's lanes, in a fixed pairwise order (lanes 0+1, 2+3, ...,
@@ -326,4 +328,56 @@ def vstore2(typingctx, a, i, j, v):
                             signature.args[1:3], args[1:3])
         builder.store(args[3], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
         return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def view1d(typingctx, buf, off, n):
+    """buf[off : off + n] of a C-contiguous 1-D float array as a borrowed view (no reference
+    counting; see view2d). Unchecked."""
+    dtype = _float_row("view1d", buf)
+    for name, v in (("off", off), ("n", n)):
+        if not isinstance(v, types.Integer):
+            raise TypeError(f"view1d: {name} must be an integer, got {v}")
+    out = types.Array(dtype, 1, "C")
+    sig = out(buf, off, n)
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        o, k = (context.cast(builder, v, t, types.intp)
+                for v, t in zip(args[1:], signature.args[1:]))
+        item = context.get_constant(types.intp, dtype.bitwidth // 8)
+        view = context.make_array(out)(context, builder)
+        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
+        populate_array(view, data=builder.gep(src.data, [o]), shape=[k], strides=[item],
+                       itemsize=item, meminfo=null, parent=src.parent)
+        return view._getvalue()
+    return sig, codegen
+
+
+@intrinsic
+def brow(typingctx, a, i):
+    """a[i] of a C-contiguous 2-D or 3-D float array as a borrowed (ndim - 1)-D view (no
+    reference counting; see view2d). Unchecked."""
+    if not (isinstance(a, types.Array) and a.ndim in (2, 3) and a.layout == "C"
+            and a.dtype in (types.float32, types.float64)):
+        raise TypeError(f"brow: needs a C-contiguous 2-D or 3-D float array, got {a}")
+    if not isinstance(i, types.Integer):
+        raise TypeError(f"brow: index must be an integer, got {i}")
+    out = types.Array(a.dtype, a.ndim - 1, "C")
+    sig = out(a, i)
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, src.shape, a.ndim)
+        strides = cgutils.unpack_tuple(builder, src.strides, a.ndim)
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        item = context.get_constant(types.intp, a.dtype.bitwidth // 8)
+        per_row = shape[1] if a.ndim == 2 else builder.mul(shape[1], shape[2])
+        view = context.make_array(out)(context, builder)
+        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
+        populate_array(view, data=builder.gep(src.data, [builder.mul(idx, per_row)]),
+                       shape=list(shape[1:]), strides=list(strides[1:]), itemsize=item,
+                       meminfo=null, parent=src.parent)
+        return view._getvalue()
     return sig, codegen

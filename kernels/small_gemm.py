@@ -18,7 +18,9 @@ whole reduction; each step loads 5 vectors of one B row and multiplies them by f
 broadcast scalars of A (20 fused multiply-adds per 5 loads; 5 vectors = the 40-wide rows
 of the sinusoid net in float32). Rows left over go through 2-row by 5-vector blocks,
 leftover vectors of a row through 2-row by 1-vector blocks, leftover columns (H mod L) through a scalar loop over k
-with two partial sums per output (k even, k odd) for both rows at once. An odd last row is computed as a pair with
+with two partial sums per output (k even, k odd) for both rows at once. K = 1 (outer
+products, e.g. a 1-input first layer) skips the tiling: one vector multiply-add per output
+vector. An odd last row is computed as a pair with
 itself: C is only ever stored, never accumulated, so writing it twice is harmless.
 Rounding: each output is a sum over k in increasing k (term 1, then term 2), one fused
 multiply-add per product, starting from the bias; the scalar tail sums even and odd k
@@ -155,10 +157,30 @@ def _rows2(A1, B1, A2, B2, two, bias, use_bias, C, m, m1, h):
 
 
 @njit(cache=True)
+def _outer(A1, B1, A2, B2, two, bias, use_bias, C):
+    """The K = 1 case (outer products): C[m] <- [bias] + A1[m, 0] B1[0] [+ A2[m, 0] B2[0]],
+    one vector at a time; H a multiple of L."""
+    M, H = C.shape
+    L = 32 // C.itemsize
+    for m in range(M):
+        s1 = vsplat(A1[m, 0])
+        s2 = vsplat(A2[m, 0]) if two else s1
+        for h in range(0, H, L):
+            c = vload(bias, h) if use_bias else vzero(bias)
+            c = vfma(s1, vload2(B1, 0, h), c)
+            if two:
+                c = vfma(s2, vload2(B2, 0, h), c)
+            vstore2(C, m, h, c)
+
+
+@njit(cache=True)
 def gemm(A1, B1, A2, B2, two, bias, use_bias, C):
     """C <- [bias] + A1 @ B1 [+ A2 @ B2] (module docstring)."""
     M, H = C.shape
     L = 32 // C.itemsize
+    if H % L == 0 and A1.shape[1] == 1 and (not two or A2.shape[1] == 1):
+        _outer(A1, B1, A2, B2, two, bias, use_bias, C)     # K = 1: no reduction to tile
+        return
     m = 0
     while m + 3 < M:                     # four rows at a time, 5 vectors wide
         h = 0

@@ -11,7 +11,9 @@ import pytest
 pytest.importorskip("numba")
 
 from metacore.algorithms import fomaml_gradient, maml_gradient   # noqa: E402
-from metacore.kernels.mlp_maml import mlp_maml_gradient         # noqa: E402
+from metacore.algorithms.reptile import reptile_direction         # noqa: E402
+from metacore.kernels.mlp_maml import (mlp_maml_gradient,        # noqa: E402
+                                       mlp_reptile_direction)
 from metacore.models import bn_mlp, sinusoid_mlp                 # noqa: E402
 from metacore.network import Linear, Model, ReLU                 # noqa: E402
 
@@ -131,3 +133,23 @@ def test_refuses_non_finite_inputs_naming_them():
         bad[idx].reshape(-1)[-1] = value
         with pytest.raises(ValueError, match=f"{name} contains 1 non-finite"):
             mlp_maml_gradient(model, *bad, 0.1)
+
+
+@pytest.mark.parametrize("make", [sinusoid_mlp, odd_mlp, wide_mlp])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_first_order_and_reptile_equal_their_references(make, k, dtype):
+    model = make()
+    case = _case(model, 5, N=7, M=9, seed=20 + k)
+    c = [a.astype(dtype) for a in case]
+    c64 = [a.astype(np.float64) for a in c]      # the float64 path on the same inputs
+    tol = F64_TOL if dtype == np.float64 else F32_TOL
+    qloss, grad = mlp_maml_gradient(model, *c, 0.05, steps=k, first_order=True)
+    ref = fomaml_gradient(model, *c64, 0.05, steps=k)
+    assert grad.dtype == dtype and qloss.shape == (5,)
+    assert _max_rel(grad, ref.grad) <= tol and _max_rel(qloss, ref.query_loss) <= tol
+    theta, sx, sy = c[:3]
+    loss0, d = mlp_reptile_direction(model, theta, sx, sy, 0.05, steps=k)
+    ref_loss0, ref_d = reptile_direction(model, *c64[:3], 0.05, k)
+    assert d.dtype == dtype and loss0.shape == (5,)
+    assert _max_rel(d, ref_d) <= tol and _max_rel(loss0, ref_loss0) <= tol

@@ -81,6 +81,7 @@ def _shapes(dtype):
             (1, 1, L),                  # one row, K = 1, one vector
             (5, 3, 2),                  # tail columns only
             (40, 10, 1),                # a single column (the sinusoid net's output)
+            (10, 1, 5 * L),             # K = 1 (outer products: a 1-input first layer)
             (2, 13, 2 * L + 1)]
 
 
@@ -90,7 +91,8 @@ def _shapes(dtype):
 def test_gemm_matches_numpy(dtype, two, use_bias):
     rng = np.random.default_rng(1)
     for M, K, H in _shapes(dtype):
-        K2 = K + 2                                  # the second term's K differs
+        K2 = K if K == 1 else K + 2                 # the second term's K differs (but
+                                                    # K = 1 twice takes the outer path)
         A1 = rng.standard_normal((M, K)).astype(dtype)
         B1 = rng.standard_normal((K, H)).astype(dtype)
         A2 = rng.standard_normal((K2, M)).astype(dtype).T      # a transposed view

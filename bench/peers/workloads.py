@@ -97,8 +97,11 @@ def metacore_sinusoid(kind, k, inputs, dtype, variant):
     th, sx, sy, qx, qy = a["theta"], a["sx"], a["sy"], a["qx"], a["qy"]
     alpha = SINUSOID["alpha"]
     if variant == "metacore-fused":
-        from metacore.kernels.mlp_maml import mlp_maml_gradient
-        return lambda: mlp_maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k)
+        from metacore.kernels.mlp_maml import mlp_maml_gradient, mlp_reptile_direction
+        if kind == "reptile":
+            return lambda: mlp_reptile_direction(model, th, sx, sy, alpha, steps=k)
+        return lambda: mlp_maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k,
+                                         first_order=kind == "fomaml")
     if kind == "maml":
         def call():
             r = maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k)
@@ -315,7 +318,7 @@ def _sinusoid(kind, k, quick=True):
     title = {"maml": "second-order MAML", "fomaml": "first-order MAML",
              "reptile": "Reptile"}[kind]
     outputs = ("loss0", "d") if kind == "reptile" else ("query_loss", "grad")
-    metacore = ("metacore-fused", "metacore") if kind == "maml" else ("metacore",)
+    metacore = ("metacore-fused", "metacore")
     return Workload(
         name=f"sinusoid-{kind}-k{k}", kind=kind,
         title=f"Sinusoid {title} meta-gradient, MLP 1-40-40-1, T=25 tasks, K=10 support + "
