@@ -221,12 +221,15 @@ def test_public_entry_points_route_device_arrays(fake, backend):
     step = [fake((B, H, W), np.float32)] + largs[1:]
     with pytest.raises(TypeError, match="lrua_step_forward: backend 'numba' runs on the host"):
         KL.lrua_step_forward(*step, 0.9, backend="numba")
+    with pytest.raises(TypeError, match="lrua_forward_tape: backend 'numba' runs on the host"):
+        KL.lrua_forward_tape(*largs, 0.9, backend="numba")
     if _usable(KD, backend):
         return                            # a GPU here: the fakes must not reach the kernels
     for call, op in ((lambda: KD.pairwise_sqeuclidean(q, s), "pairwise_sqeuclidean"),
                      (lambda: KD.protonet_loss(q, s, y), "protonet_loss"),
                      (lambda: KD.pairwise_l1_backward(g, q, s), "pairwise_l1_backward"),
                      (lambda: KL.lrua_forward(*largs, 0.9), "lrua_forward"),
-                     (lambda: KL.lrua_step_forward(*step, 0.9), "lrua_step_forward")):
+                     (lambda: KL.lrua_step_forward(*step, 0.9), "lrua_step_forward"),
+                     (lambda: KL.lrua_forward_tape(*largs, 0.9), "lrua_forward_tape")):
         with pytest.raises(ImportError, match=rf"^{op}: backend {backend!r} "):
             call()
