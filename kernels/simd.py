@@ -29,8 +29,8 @@ Intrinsics (use inside @njit code only; indices are not bounds-checked):
                         borrowed
     vtranspose(src, so, sl, dst, do, dl)  an L x L block of src (row stride sl) into dst
                         transposed (row stride dl), in vector registers
-    vsum(a)             the sum of a's lanes, in a fixed pairwise order (lanes 0+1, 2+3, ...,
-                        then pairs of those), so the result does not depend on the compiler
+    vsum(a)             the sum of a's lanes in a fixed order: the upper half added onto the
+                        lower half, log2(L) times (for 8 lanes ((0+4)+(2+6))+((1+5)+(3+7)))
 """
 import numpy as np
 from llvmlite import ir
@@ -173,11 +173,14 @@ def vsum(typingctx, a):
     sig = a.dtype(a)
 
     def codegen(context, builder, signature, args):
-        parts = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i))
-                 for i in range(signature.args[0].lanes)]
-        while len(parts) > 1:
-            parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-        return parts[0]
+        lanes = signature.args[0].lanes
+        v, width = args[0], lanes
+        while width > 1:                 # fold the upper half onto the lower half
+            width //= 2
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                               [(j + width) % lanes for j in range(lanes)])
+            v = builder.fadd(v, builder.shuffle_vector(v, v, mask))
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
     return sig, codegen
 
 

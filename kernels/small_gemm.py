@@ -204,28 +204,39 @@ def gemm(A1, B1, A2, B2, two, bias, use_bias, C):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _dot(A, m, b):
-    """A[m, :] . b (K,): whole vectors in one vector accumulator (lanes summed by vsum),
-    the K mod L tail added after in order."""
+def _dot2(A, m, m1, b):
+    """(A[m, :] . b, A[m1, :] . b), b (K,): whole vectors in one vector accumulator per row
+    (lanes summed by vsum), the K mod L tail added after in order. Two rows at once, so
+    that two independent chains share each load of b."""
     K = b.shape[0]
     L = 32 // b.itemsize
-    acc = vzero(b)
+    acc0 = vzero(b)
+    acc1 = acc0
     k = 0
     while k + L <= K:
-        acc = vfma(vload2(A, m, k), vload(b, k), acc)
+        w = vload(b, k)
+        acc0 = vfma(vload2(A, m, k), w, acc0)
+        acc1 = vfma(vload2(A, m1, k), w, acc1)
         k += L
-    s = vsum(acc)
+    s0, s1 = vsum(acc0), vsum(acc1)
     while k < K:
-        s += A[m, k] * b[k]
+        s0 += A[m, k] * b[k]
+        s1 += A[m1, k] * b[k]
         k += 1
-    return s
+    return s0, s1
 
 
 @njit(cache=True)
 def gemv(A1, b1, A2, b2, two, bias, use_bias, c):
     """c <- [bias] + A1 @ b1 [+ A2 @ b2] (module docstring)."""
-    for m in range(c.shape[0]):
-        s = _dot(A1, m, b1)
+    M = c.shape[0]
+    for m in range(0, M, 2):
+        m1 = min(m + 1, M - 1)           # an odd last row pairs with itself
+        s0, s1 = _dot2(A1, m, m1, b1)
         if two:
-            s += _dot(A2, m, b2)
-        c[m] = bias + s if use_bias else s
+            t0, t1 = _dot2(A2, m, m1, b2)
+            s0, s1 = s0 + t0, s1 + t1
+        if use_bias:
+            s0, s1 = bias + s0, bias + s1
+        c[m] = s0
+        c[m1] = s1
