@@ -74,7 +74,8 @@ def test_phase_profile(benchmark):
     """Where the fused kernel's time goes (k = 1, T = 25, float32): each phase of one task
     run T times inside one compiled loop, the minimum over 300 repeats (robust to load).
     FLOPs per task (2 per multiply-add; S = sum_l D_l D_{l+1} = 1680, S' = 1640 without the
-    first layer, N = 10 rows): forward 2NS, loss + backward 2N(S + S'), HVP 2N(2S + 5S')."""
+    first layer, N = 10 rows): forward 2NS, loss + backward 2N(S + S'), HVP with the pass
+    kept 2N(2S + 4S') (bench/peers/workloads.py's mlp_flops)."""
     from numba import njit
 
     import metacore.kernels.mlp_maml_numba as m
@@ -86,11 +87,11 @@ def test_phase_profile(benchmark):
     x, y = batch[0][0], batch[1][0]                       # one task's support (N, 1)
     N, T, P, total = x.shape[0], 25, theta.size, int(dims.sum())
     aoff, zoff = m._offsets(dims, N)
-    A, Z, rA, rZ = (np.empty(N * total, np.float32) for _ in range(4))
-    b0, b1, b2, b3 = (np.empty(N * int(dims.max()), np.float32) for _ in range(4))
+    A, Z, G, rA, rZ, rG = (np.zeros(N * total, np.float32) for _ in range(6))
     wt, ut, g, hv = (np.empty(P, np.float32) for _ in range(4))
     u = (0.01 * rng.standard_normal(P)).astype(np.float32)
     scale = np.float32(2.0 / N)
+    zlast = zoff[zoff.shape[0] - 1]
 
     @njit
     def fwd(reps, th, x, dims, woff, boff, A, aoff, Z, zoff):
@@ -98,10 +99,10 @@ def test_phase_profile(benchmark):
             m._forward(th, x, dims, woff, boff, A, aoff, Z, zoff)
 
     @njit
-    def bwd(reps, Z, zoff, y, scale, b0, b1, dims, woff, boff, wt, A, aoff, g):
+    def bwd(reps, Z, zlast, y, scale, G, dims, woff, boff, wt, A, aoff, zoff, g):
         for _ in range(reps):
-            m._loss_dout(Z, zoff[zoff.shape[0] - 1], y, scale, b0)
-            m._backward(y.shape[0], dims, woff, boff, wt, A, aoff, Z, zoff, b0, b1, g)
+            m._loss_dout(Z, zlast, y, scale, G)
+            m._backward(y.shape[0], dims, woff, boff, wt, A, aoff, Z, zoff, G, g)
 
     @njit
     def trans(reps, th, dims, woff, wt):
@@ -109,22 +110,25 @@ def test_phase_profile(benchmark):
             m._transpose_weights(th, dims, woff, wt)
 
     @njit
-    def hvp(reps, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, y, scale, rA, rZ,
-            b0, b1, b2, b3, hv):
+    def hvp(reps, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, G, scale, rA, rZ, rG,
+            hv, N):
         for _ in range(reps):
-            m._hvp(th, u, ut, y.shape[0], dims, woff, boff, wt, A, aoff, Z, zoff, y, scale,
-                   rA, rZ, b0, b1, b2, b3, hv)
+            m._hvp(th, u, ut, N, dims, woff, boff, wt, A, aoff, Z, zoff, G, scale, rA, rZ,
+                   rG, hv)
 
+    m._transpose_weights(th, dims, woff, wt)
     m._transpose_weights(u, dims, woff, ut)
+    fwd(1, th, x, dims, woff, boff, A, aoff, Z, zoff)       # the pass the HVP reads
+    bwd(1, Z, zlast, y, scale, G, dims, woff, boff, wt, A, aoff, zoff, g)
     phases = [
         ("forward", 2 * N * 1680,
          lambda r: fwd(r, th, x, dims, woff, boff, A, aoff, Z, zoff)),
         ("transpose w", 0, lambda r: trans(r, th, dims, woff, wt)),
         ("loss + backward", 2 * N * (1680 + 1640),
-         lambda r: bwd(r, Z, zoff, y, scale, b0, b1, dims, woff, boff, wt, A, aoff, g)),
-        ("hvp", 2 * N * (2 * 1680 + 5 * 1640),
-         lambda r: hvp(r, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, y, scale, rA, rZ,
-                       b0, b1, b2, b3, hv)),
+         lambda r: bwd(r, Z, zlast, y, scale, G, dims, woff, boff, wt, A, aoff, zoff, g)),
+        ("hvp", 2 * N * (2 * 1680 + 4 * 1640),
+         lambda r: hvp(r, th, u, ut, dims, woff, boff, wt, A, aoff, Z, zoff, G, scale, rA,
+                       rZ, rG, hv, N)),
     ]
     print(f"\nfused kernel phases, {T} tasks, float32, 1 thread (min of 300):")
     for name, fl, call in phases:
