@@ -32,6 +32,8 @@ How the kernels differ from the reference:
     (_fwd_step, _bwd_step) as the episode loops, parallel over episodes, transposing the
     memory in and out; the backward recomputes its step's forward first.
 """
+import weakref
+
 import numpy as np
 from numba import njit, prange
 
@@ -608,10 +610,33 @@ def _gates(alpha, lead, dtype):
 SEGMENT = 10
 
 
-def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
-    """The forward kernel; keep: also what the reverse sweep needs. -> outputs (reads, w_r,
-    w_w, w_u, w_lu, memory) and the kept arrays (keys, g, read0, MTc, cs, kns, mns, wrs,
-    wws, wlus, zs), keys and read0 contiguous (not copied)."""
+# One spare set of tape buffers per episode shape and dtype, refilled when a tape (or the
+# recomputing lrua_backward) is done with its set. A training loop's next forward then
+# reuses memory that is already mapped: fresh arrays of these sizes were handed back to the
+# OS on every free and page-faulted in again on every call (about 2,800 faults, a third of
+# the bench episode's time).
+_SPARE = {}
+
+
+def _tape_buffers(T, B, H, S, W, dt):
+    """-> key, (MTc, cs, kns, mns, wrs, wws, wlus, zs): the spare set for this shape, or a
+    fresh one; every array is overwritten by the forward kernel."""
+    key = (T, B, H, S, W, dt.str)
+    bufs = _SPARE.pop(key, None)
+    if bufs is None:
+        C = (T + SEGMENT - 1) // SEGMENT
+        bufs = (np.empty((B, C, W, S), dt), np.empty((B, T, H, S), dt),
+                np.empty((B, T, H), dt), np.empty((B, T, S), dt), np.empty((B, T, H, S), dt),
+                np.empty((B, T, H, S), dt), np.empty((B, T, S), dt),
+                np.empty((B, T), np.int64))
+    return key, bufs
+
+
+def _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs=None):
+    """The forward kernel; bufs (from _tape_buffers): also keep what the reverse sweep needs
+    in them. -> outputs (reads, w_r, w_w, w_u, w_lu, memory) and the kept arrays (keys, g,
+    read0, MTc, cs, kns, mns, wrs, wws, wlus, zs), keys and read0 contiguous (not
+    copied)."""
     keys, memory0, read0, usage0 = _c(keys), _c(memory0), _c(read0), _c(usage0)
     T, B, H, W = keys.shape
     S = memory0.shape[1]
@@ -623,15 +648,12 @@ def _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep):
     w_u = np.empty((T, B, S), dt)
     w_lu = np.empty((T, B, S), dt)
     MTs = np.empty((B, 2, W, S), dt)
-    C, L, TT = ((T + SEGMENT - 1) // SEGMENT, T, T) if keep else (0, 1, 0)
-    MTc = np.empty((B, C, W, S), dt)
-    cs = np.empty((B, L, H, S), dt)
-    kns = np.empty((B, L, H), dt)
-    mns = np.empty((B, L, S), dt)
-    wrs = np.empty((B, TT, H, S), dt)
-    wws = np.empty((B, TT, H, S), dt)
-    wlus = np.empty((B, T, S), dt)
-    zs = np.empty((B, T), np.int64)
+    if bufs is None:                                    # nothing kept: one-step scratch
+        bufs = (np.empty((B, 0, W, S), dt), np.empty((B, 1, H, S), dt),
+                np.empty((B, 1, H), dt), np.empty((B, 1, S), dt),
+                np.empty((B, 0, H, S), dt), np.empty((B, 0, H, S), dt),
+                np.empty((B, T, S), dt), np.empty((B, T), np.int64))
+    MTc, cs, kns, mns, wrs, wws, wlus, zs = bufs
     _forward(keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
              reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs)
     memory = np.ascontiguousarray(MTs[:, T % 2].transpose(0, 2, 1))     # (B, S, W)
@@ -660,14 +682,32 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
     """Same contract as metacore.reference.lrua.lrua_forward:
     -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W);
     fresh arrays in the input dtype."""
-    return _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=False)[0]
+    return _run_forward(keys, alpha, memory0, read0, usage0, gamma)[0]
+
+
+def _shape(keys, memory0):
+    T, B, H, W = keys.shape
+    return T, B, H, memory0.shape[1], W, np.dtype(keys.dtype)
 
 
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
     """Same contract as metacore.reference.lrua.lrua_backward (reruns the forward, keeping):
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
-    _, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
-    return _sweep(dreads, np.ndim(alpha), kept)
+    key, bufs = _tape_buffers(*_shape(keys, memory0))
+    _, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs)
+    grads = _sweep(dreads, np.ndim(alpha), kept)
+    _SPARE[key] = bufs
+    return grads
+
+
+class _Tape:
+    """This backend's tape (opaque to callers): alpha's ndim and the kept arrays; when it is
+    garbage, its buffers become the spare set for the next forward of the same shape."""
+    __slots__ = ("alpha_ndim", "kept", "__weakref__")
+
+    def __init__(self, alpha_ndim, kept):
+        self.alpha_ndim = alpha_ndim
+        self.kept = kept
 
 
 def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
@@ -676,20 +716,23 @@ def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
     backend's own; opaque) holds private copies of everything lrua_backward_tape reads (the
     kernel writes w_r and w_w twice), so changing the inputs or the returned arrays
     afterwards does not change the gradients."""
-    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, keep=True)
+    key, bufs = _tape_buffers(*_shape(keys, memory0))
+    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs)
     keys_, g, read0_, *rest = kept
     if keys_ is keys:
         keys_ = keys_.copy()
     if read0_ is read0:
         read0_ = read0_.copy()
-    return out + (dict(alpha_ndim=np.ndim(alpha), kept=(keys_, g, read0_, *rest)),)
+    tape = _Tape(np.ndim(alpha), (keys_, g, read0_, *rest))
+    weakref.finalize(tape, _SPARE.__setitem__, key, bufs)
+    return out + (tape,)
 
 
 def lrua_backward_tape(dreads, tape):
     """Same contract as metacore.reference.lrua.lrua_backward_tape: the reverse sweep only.
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
     fresh arrays; the tape is left unchanged (it may be used again)."""
-    return _sweep(dreads, tape["alpha_ndim"], tape["kept"])
+    return _sweep(dreads, tape.alpha_ndim, tape.kept)
 
 
 def _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev):

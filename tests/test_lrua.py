@@ -631,3 +631,19 @@ def test_tape_bad_inputs_name_the_problem(monkeypatch):
     assert F(keys, alpha, memory0, read0, usage0, GAMMA)[-1].backend == "reference"
     _raises(NotImplementedError, ["lrua_forward_tape", "'fake'", "lrua_backward"],
             F, keys, alpha, memory0, read0, usage0, GAMMA, backend="fake")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_tapes_do_not_share_buffers(backend):
+    """The numba backend reuses a dead tape's buffers for the next forward of the same
+    shape: tapes alive at the same time (and one made after another died) each keep their
+    own episode."""
+    eps = [data((4, 2, 2, 6, 3), np.float64, seed=s) for s in (13, 14, 15)]
+    want = [K.lrua_backward(e[5], *e[:5], GAMMA, backend=backend) for e in eps]
+    t0 = K.lrua_forward_tape(*eps[0][:5], GAMMA, backend=backend)[-1]
+    t1 = K.lrua_forward_tape(*eps[1][:5], GAMMA, backend=backend)[-1]
+    del t0                                                 # its buffers are now spare
+    t2 = K.lrua_forward_tape(*eps[2][:5], GAMMA, backend=backend)[-1]
+    for tape, e, w in ((t1, eps[1], want[1]), (t2, eps[2], want[2])):
+        for a, b in zip(K.lrua_backward_tape(e[5], tape), w):
+            np.testing.assert_array_equal(a, b)
