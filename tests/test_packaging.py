@@ -34,9 +34,11 @@ def test_only_metacore_is_installed_at_top_level(monkeypatch):
                 assert name in kw["packages"], name
 
 
-def test_runtime_requirements_are_numpy_and_numba_only(monkeypatch):
+def test_runtime_requirements_are_numpy_numba_and_scipy_only(monkeypatch):
+    # scipy: the BLAS that Numba's np.dot calls (the distance kernels' GEMM route)
     kw = _setup_kwargs(monkeypatch)
-    assert sorted(r.split(">")[0].split("=")[0] for r in kw["install_requires"]) == ["numba", "numpy"]
+    names = sorted(r.split(">")[0].split("=")[0] for r in kw["install_requires"])
+    assert names == ["numba", "numpy", "scipy"]
     assert set(kw["extras_require"]) >= {"test", "cuda", "plot"}
 
 
