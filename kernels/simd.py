@@ -1,4 +1,5 @@
-"""256-bit vector values for Numba kernels: load, store, broadcast, fused multiply-add.
+"""256-bit vector values and borrowed views for Numba kernels: load, store, broadcast,
+fused multiply-add, lane sum, tile transpose; array views without reference counting.
 
 Why: Numba vectorises only innermost loops, re-checks at every loop entry that the arrays
 do not overlap, and runs a scalar tail when the trip count is not a multiple of its chosen

@@ -17,11 +17,13 @@ How: a 4-row by 5-vector block of C (20 vector accumulators) stays in registers 
 whole reduction; each step loads 5 vectors of one B row and multiplies them by four
 broadcast scalars of A (20 fused multiply-adds per 5 loads; 5 vectors = the 40-wide rows
 of the sinusoid net in float32). Rows left over go through 2-row by 5-vector blocks,
-leftover vectors of a row through 2-row by 1-vector blocks, leftover columns (H mod L) through a scalar loop over k
-with two partial sums per output (k even, k odd) for both rows at once. K = 1 (outer
-products, e.g. a 1-input first layer) skips the tiling: one vector multiply-add per output
-vector. An odd last row is computed as a pair with
-itself: C is only ever stored, never accumulated, so writing it twice is harmless.
+leftover vectors of a row through 2-row by 1-vector blocks, leftover columns (H mod L)
+through a scalar loop over k with two partial sums per output (k even, k odd) for both
+rows at once. K = 1 (outer products, e.g. a 1-input first layer) skips the tiling: one
+vector multiply-add per output vector. An odd last row is computed as a pair with itself:
+C is only ever stored, never accumulated, so writing it twice is harmless. Loads and
+stores address the 2-D arrays directly (simd.vload2 / vstore2): a row view would cost two
+reference-count updates.
 Rounding: each output is a sum over k in increasing k (term 1, then term 2), one fused
 multiply-add per product, starting from the bias; the scalar tail sums even and odd k
 apart (and term 1 and term 2 apart), adding the partial sums at the end.
