@@ -60,18 +60,43 @@ class VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
 
 
+def _float_array(op, a, ndims=(1,)):
+    """The typing check: a C-contiguous float32/float64 array of one of the ranks `ndims`.
+    -> its dtype."""
+    if not (isinstance(a, types.Array) and a.ndim in ndims and a.layout == "C"
+            and a.dtype in (types.float32, types.float64)):
+        rank = " or ".join(f"{n}-D" for n in ndims)
+        raise TypeError(f"{op}: needs a C-contiguous {rank} float32 or float64 array, got {a}")
+    return a.dtype
+
+
 def _float_row(op, row):
-    """The typing check: a C-contiguous 1-D float32/float64 array."""
-    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
-            and row.dtype in (types.float32, types.float64)):
-        raise TypeError(f"{op}: needs a C-contiguous 1-D float32 or float64 array, got {row}")
-    return row.dtype
+    return _float_array(op, row, (1,))
 
 
-def _element_pointer(context, builder, aryty, ary_value, index_type, index_value):
+def _integers(op, **named):
+    """The typing check of index and size arguments."""
+    for name, v in named.items():
+        if not isinstance(v, types.Integer):
+            raise TypeError(f"{op}: {name} must be an integer, got {v}")
+
+
+def _item_pointer(context, builder, aryty, ary_value, index_types, index_values):
+    """Pointer to ary[indices] (no bounds check)."""
     ary = context.make_array(aryty)(context, builder, ary_value)
-    i = context.cast(builder, index_value, index_type, types.intp)
-    return cgutils.get_item_pointer(context, builder, aryty, ary, [i])
+    idx = [context.cast(builder, v, t, types.intp) for v, t in zip(index_values, index_types)]
+    return cgutils.get_item_pointer(context, builder, aryty, ary, idx)
+
+
+def _borrowed_view(context, builder, out, data, shape, strides, parent):
+    """An array value of type `out` over `data` with no meminfo: no reference is taken,
+    so nothing is counted (the views of view2d, as_flat, view1d and brow)."""
+    view = context.make_array(out)(context, builder)
+    item = context.get_constant(types.intp, out.dtype.bitwidth // 8)
+    null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
+    populate_array(view, data=data, shape=shape, strides=strides, itemsize=item,
+                   meminfo=null, parent=parent)
+    return view._getvalue()
 
 
 def _vector_pointer(builder, pointer, vecty):
@@ -81,14 +106,13 @@ def _vector_pointer(builder, pointer, vecty):
 @intrinsic
 def vload(typingctx, row, i):
     dtype = _float_row("vload", row)
-    if not isinstance(i, types.Integer):
-        raise TypeError(f"vload: index must be an integer, got {i}")
+    _integers("vload", index=i)
     sig = Vec(dtype)(row, i)
 
     def codegen(context, builder, signature, args):
         vecty = context.get_value_type(signature.return_type)
-        p = _element_pointer(context, builder, signature.args[0], args[0],
-                             signature.args[1], args[1])
+        p = _item_pointer(context, builder, signature.args[0], args[0],
+                          signature.args[1:2], args[1:2])
         return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
                             align=dtype.bitwidth // 8)
     return sig, codegen
@@ -97,16 +121,15 @@ def vload(typingctx, row, i):
 @intrinsic
 def vstore(typingctx, row, i, v):
     dtype = _float_row("vstore", row)
-    if not isinstance(i, types.Integer):
-        raise TypeError(f"vstore: index must be an integer, got {i}")
+    _integers("vstore", index=i)
     if not (isinstance(v, Vec) and v.dtype == dtype):
         raise TypeError(f"vstore: value must be a Vec of {dtype}, got {v}")
     sig = types.none(row, i, v)
 
     def codegen(context, builder, signature, args):
         vecty = context.get_value_type(signature.args[2])
-        p = _element_pointer(context, builder, signature.args[0], args[0],
-                             signature.args[1], args[1])
+        p = _item_pointer(context, builder, signature.args[0], args[0],
+                          signature.args[1:2], args[1:2])
         builder.store(args[2], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
         return context.get_dummy_value()
     return sig, codegen
@@ -194,9 +217,7 @@ def view2d(typingctx, buf, off, rows, cols):
     to buf's memory, so it is valid only while buf is, and must never be returned to
     Python (copy it). Unchecked: the caller guarantees off + rows * cols <= buf.size."""
     dtype = _float_row("view2d", buf)
-    for name, v in (("off", off), ("rows", rows), ("cols", cols)):
-        if not isinstance(v, types.Integer):
-            raise TypeError(f"view2d: {name} must be an integer, got {v}")
+    _integers("view2d", off=off, rows=rows, cols=cols)
     out = types.Array(dtype, 2, "C")
     sig = out(buf, off, rows, cols)
 
@@ -205,12 +226,8 @@ def view2d(typingctx, buf, off, rows, cols):
         o, r, c = (context.cast(builder, v, t, types.intp)
                    for v, t in zip(args[1:], signature.args[1:]))
         item = context.get_constant(types.intp, dtype.bitwidth // 8)
-        data = builder.gep(src.data, [o])
-        view = context.make_array(out)(context, builder)
-        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
-        populate_array(view, data=data, shape=[r, c], strides=[builder.mul(c, item), item],
-                       itemsize=item, meminfo=null, parent=src.parent)
-        return view._getvalue()
+        return _borrowed_view(context, builder, out, builder.gep(src.data, [o]), [r, c],
+                              [builder.mul(c, item), item], src.parent)
     return sig, codegen
 
 
@@ -219,21 +236,15 @@ def as_flat(typingctx, a):
     """A C-contiguous 2-D float array as the 1-D C-contiguous view of all its elements (what
     a.reshape(a.size) gives, without reshape's general stride search). Borrowed, like
     view2d's views: valid while a's memory is, never to be returned to Python."""
-    if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
-            and a.dtype in (types.float32, types.float64)):
-        raise TypeError(f"as_flat: needs a C-contiguous 2-D float32 or float64 array, got {a}")
-    out = types.Array(a.dtype, 1, "C")
+    out = types.Array(_float_array("as_flat", a, (2,)), 1, "C")
     sig = out(a)
 
     def codegen(context, builder, signature, args):
         src = context.make_array(signature.args[0])(context, builder, args[0])
         shape = cgutils.unpack_tuple(builder, src.shape, 2)
         item = context.get_constant(types.intp, a.dtype.bitwidth // 8)
-        view = context.make_array(out)(context, builder)
-        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
-        populate_array(view, data=src.data, shape=[builder.mul(shape[0], shape[1])],
-                       strides=[item], itemsize=item, meminfo=null, parent=src.parent)
-        return view._getvalue()
+        return _borrowed_view(context, builder, out, src.data,
+                              [builder.mul(shape[0], shape[1])], [item], src.parent)
     return sig, codegen
 
 
@@ -247,9 +258,7 @@ def vtranspose(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     dtype = _float_row("vtranspose", src)
     if _float_row("vtranspose", dst) != dtype:
         raise TypeError(f"vtranspose: src and dst dtypes differ ({src}, {dst})")
-    for name, v in (("s_off", s_off), ("s_ld", s_ld), ("d_off", d_off), ("d_ld", d_ld)):
-        if not isinstance(v, types.Integer):
-            raise TypeError(f"vtranspose: {name} must be an integer, got {v}")
+    _integers("vtranspose", s_off=s_off, s_ld=s_ld, d_off=d_off, d_ld=d_ld)
     sig = types.none(src, s_off, s_ld, dst, d_off, d_ld)
     lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
 
@@ -289,29 +298,16 @@ def vtranspose(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     return sig, codegen
 
 
-def _float_matrix(op, a):
-    if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
-            and a.dtype in (types.float32, types.float64)):
-        raise TypeError(f"{op}: needs a C-contiguous 2-D float32 or float64 array, got {a}")
-    return a.dtype
-
-
-def _matrix_pointer(context, builder, aryty, ary_value, index_types, index_values):
-    ary = context.make_array(aryty)(context, builder, ary_value)
-    idx = [context.cast(builder, v, t, types.intp) for v, t in zip(index_values, index_types)]
-    return cgutils.get_item_pointer(context, builder, aryty, ary, idx)
-
-
 @intrinsic
 def vload2(typingctx, a, i, j):
     """a[i, j : j + L] of a C-contiguous 2-D array -> Vec, without making a row view (a
     view is a new reference: two reference-count updates per row)."""
-    dtype = _float_matrix("vload2", a)
+    dtype = _float_array("vload2", a, (2,))
     sig = Vec(dtype)(a, i, j)
 
     def codegen(context, builder, signature, args):
         vecty = context.get_value_type(signature.return_type)
-        p = _matrix_pointer(context, builder, signature.args[0], args[0],
+        p = _item_pointer(context, builder, signature.args[0], args[0],
                             signature.args[1:], args[1:])
         return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
                             align=dtype.bitwidth // 8)
@@ -321,14 +317,14 @@ def vload2(typingctx, a, i, j):
 @intrinsic
 def vstore2(typingctx, a, i, j, v):
     """a[i, j : j + L] <- v for a C-contiguous 2-D array (no row view)."""
-    dtype = _float_matrix("vstore2", a)
+    dtype = _float_array("vstore2", a, (2,))
     if not (isinstance(v, Vec) and v.dtype == dtype):
         raise TypeError(f"vstore2: value must be a Vec of {dtype}, got {v}")
     sig = types.none(a, i, j, v)
 
     def codegen(context, builder, signature, args):
         vecty = context.get_value_type(signature.args[3])
-        p = _matrix_pointer(context, builder, signature.args[0], args[0],
+        p = _item_pointer(context, builder, signature.args[0], args[0],
                             signature.args[1:3], args[1:3])
         builder.store(args[3], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
         return context.get_dummy_value()
@@ -340,9 +336,7 @@ def view1d(typingctx, buf, off, n):
     """buf[off : off + n] of a C-contiguous 1-D float array as a borrowed view (no reference
     counting; see view2d). Unchecked."""
     dtype = _float_row("view1d", buf)
-    for name, v in (("off", off), ("n", n)):
-        if not isinstance(v, types.Integer):
-            raise TypeError(f"view1d: {name} must be an integer, got {v}")
+    _integers("view1d", off=off, n=n)
     out = types.Array(dtype, 1, "C")
     sig = out(buf, off, n)
 
@@ -351,11 +345,8 @@ def view1d(typingctx, buf, off, n):
         o, k = (context.cast(builder, v, t, types.intp)
                 for v, t in zip(args[1:], signature.args[1:]))
         item = context.get_constant(types.intp, dtype.bitwidth // 8)
-        view = context.make_array(out)(context, builder)
-        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
-        populate_array(view, data=builder.gep(src.data, [o]), shape=[k], strides=[item],
-                       itemsize=item, meminfo=null, parent=src.parent)
-        return view._getvalue()
+        return _borrowed_view(context, builder, out, builder.gep(src.data, [o]), [k], [item],
+                              src.parent)
     return sig, codegen
 
 
@@ -363,12 +354,9 @@ def view1d(typingctx, buf, off, n):
 def brow(typingctx, a, i):
     """a[i] of a C-contiguous 2-D or 3-D float array as a borrowed (ndim - 1)-D view (no
     reference counting; see view2d). Unchecked."""
-    if not (isinstance(a, types.Array) and a.ndim in (2, 3) and a.layout == "C"
-            and a.dtype in (types.float32, types.float64)):
-        raise TypeError(f"brow: needs a C-contiguous 2-D or 3-D float array, got {a}")
-    if not isinstance(i, types.Integer):
-        raise TypeError(f"brow: index must be an integer, got {i}")
-    out = types.Array(a.dtype, a.ndim - 1, "C")
+    dtype = _float_array("brow", a, (2, 3))
+    _integers("brow", index=i)
+    out = types.Array(dtype, a.ndim - 1, "C")
     sig = out(a, i)
 
     def codegen(context, builder, signature, args):
@@ -376,12 +364,8 @@ def brow(typingctx, a, i):
         shape = cgutils.unpack_tuple(builder, src.shape, a.ndim)
         strides = cgutils.unpack_tuple(builder, src.strides, a.ndim)
         idx = context.cast(builder, args[1], signature.args[1], types.intp)
-        item = context.get_constant(types.intp, a.dtype.bitwidth // 8)
         per_row = shape[1] if a.ndim == 2 else builder.mul(shape[1], shape[2])
-        view = context.make_array(out)(context, builder)
-        null = context.get_constant_null(types.MemInfoPointer(types.voidptr))
-        populate_array(view, data=builder.gep(src.data, [builder.mul(idx, per_row)]),
-                       shape=list(shape[1:]), strides=list(strides[1:]), itemsize=item,
-                       meminfo=null, parent=src.parent)
-        return view._getvalue()
+        return _borrowed_view(context, builder, out,
+                              builder.gep(src.data, [builder.mul(idx, per_row)]),
+                              list(shape[1:]), list(strides[1:]), src.parent)
     return sig, codegen
