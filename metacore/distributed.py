@@ -91,10 +91,16 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+# The exit status mpirun returns when one rank's error ended the job through MPI_Abort. It is
+# not 1 (what a Python traceback gives) so that callers and tests can tell the two apart.
+ABORT_EXIT_CODE = 70                                 # EX_SOFTWARE in BSD's sysexits.h
+
+
 @contextlib.contextmanager
 def abort_on_error(comm):
     """Run the block; if it raises on one rank of several, print the traceback and end the
-    whole job (MPI_Abort) instead of leaving the other ranks in a collective."""
+    whole job (MPI_Abort, exit status ABORT_EXIT_CODE) instead of leaving the other ranks in a
+    collective."""
     try:
         yield
     except BaseException:
@@ -103,7 +109,7 @@ def abort_on_error(comm):
                              f"aborting the job\n")
             traceback.print_exc()
             sys.stderr.flush()
-            comm.abort(1)
+            comm.abort(ABORT_EXIT_CODE)
         raise
 
 

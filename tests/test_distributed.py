@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from metacore.checkpoint import load_checkpoint
-from metacore.distributed import check_same_start, mpi_unavailable, task_blocks
+from metacore.distributed import ABORT_EXIT_CODE, check_same_start, mpi_unavailable, task_blocks
 from metacore.gradcheck import rel_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,9 +261,10 @@ def test_killed_rank_ends_the_job_with_an_error_and_a_valid_checkpoint(tmp_path)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the job hung for 60 s after a rank was killed")
-    assert proc.returncode != 0
+    # mpirun exits with 128 + the signal that ended a rank. (Its "mpirun noticed that process
+    # rank 1 ... exited on signal 9" text comes from show_help, which Open MPI 4.1 can drop.)
+    assert proc.returncode == 128 + signal.SIGKILL, (proc.returncode, text[-3000:])
     assert time.time() - t0 < 60
-    assert "signal 9" in text or "Killed" in text or "exited" in text, text[-3000:]
     arrays, meta = load_checkpoint(ckpt)                     # atomic: still valid
     assert meta["step"] % 5 == 0 and np.isfinite(arrays["params"]).all()
 
@@ -300,8 +301,11 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
         proc.terminate()                                         # mpirun ends its ranks
         proc.communicate()
         pytest.fail("the job hung after rank 1 raised")
-    assert proc.returncode != 0
+    # mpirun exits with the code given to MPI_Abort: proof the abort path ended the job.
+    # (Open MPI's own "MPI_ABORT was invoked" banner is not checked: 4.1's show_help
+    # sometimes drops it with "ORTE_ERROR_LOG: Data unpack would read past end of buffer".)
+    assert proc.returncode == ABORT_EXIT_CODE, (proc.returncode, text[-3000:])
     assert "rank 1 of 2 failed; aborting the job" in text, text[-3000:]
-    assert "injected failure on rank 1" in text and "MPI_ABORT" in text, text[-3000:]
+    assert "injected failure on rank 1" in text, text[-3000:]
     arrays, meta = load_checkpoint(tmp_path / "raised" / "checkpoint.npz")
     assert meta["step"] == 5 and np.isfinite(arrays["params"]).all()
