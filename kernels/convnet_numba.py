@@ -26,7 +26,8 @@ How they differ from the NumPy code (results equal up to float rounding):
 import numpy as np
 from numba import njit
 
-_JIT = dict(cache=True, error_model="numpy", fastmath=False)
+# nogil: metacore.taskpool runs tasks of one meta-batch in threads side by side
+_JIT = dict(cache=True, error_model="numpy", fastmath=False, nogil=True)
 
 
 # ---------------------------------------------------------------- batch norm (batch statistics)

@@ -37,6 +37,8 @@ import traceback
 
 import numpy as np
 
+from metacore.taskpool import block_bounds
+
 
 class SingleProcess:
     """The communicator of a run without MPI: rank 0 of 1, every collective the identity."""
@@ -137,5 +139,4 @@ def task_blocks(T, R):
     if R > T:
         raise ValueError(f"--distributed: {R} ranks for a meta-batch of {T} tasks; every rank "
                          f"needs at least one task (use at most {T} ranks or a larger meta-batch)")
-    sizes = [T // R + (1 if r < T % R else 0) for r in range(R)]
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return block_bounds(T, R)

@@ -329,10 +329,16 @@ class Model:
             raise ValueError(f"{op}: theta has {theta.shape[1]} parameters per task, the model "
                              f"has {self.num_params} (theta shape {theta.shape}, expected "
                              f"(T, {self.num_params}))")
-        T = theta.shape[0]
-        check_float_array(op, "x", x, shape=(T, None) + self.in_shape, dtype=theta.dtype)
         if v is not None:
             check_float_array(op, "v", v, shape=theta.shape, dtype=theta.dtype)
+        self._check_data(theta.shape[0], theta.dtype, x, target)
+        return np.ascontiguousarray(theta), x
+
+    def _check_data(self, T, dtype, x, target=None):
+        """x (T, N, *in_shape) of `dtype` and, if given, its targets, checked as _check does
+        (without a theta: the algorithms check their shared (P,) theta once themselves)."""
+        op = f"Model {self.name}"
+        check_float_array(op, "x", x, shape=(T, None) + self.in_shape, dtype=dtype)
         if target is not None:
             N = x.shape[1]
             if self.loss_name is None:
@@ -342,11 +348,10 @@ class Model:
                                 high=self.out_shape[-1])
             else:
                 check_float_array(op, "targets", target, shape=(T, N) + self.out_shape,
-                                  dtype=theta.dtype)
+                                  dtype=dtype)
                 if self.loss_name == "bce_logits" and (target.min() < 0 or target.max() > 1):
                     raise ValueError(f"{op}: bce_logits targets must lie in [0, 1], got range "
                                      f"[{target.min()}, {target.max()}]")
-        return np.ascontiguousarray(theta), x
 
     # ------------------------------------------------------------------ passes
     def forward(self, theta, x, _checked=False):

@@ -81,6 +81,29 @@ def test_config_errors():
         make_config("maml", "sinusoid", "x", shots=0)
     with pytest.raises(ValueError, match="unknown settings"):
         make_config("maml", "sinusoid", "x", alpha=0.1)
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        make_config("maml", "sinusoid", "x", workers=0)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd"])
+def test_task_threads_train_the_same_parameters(tmp_path, monkeypatch, algo):
+    # workers=3 splits each 5-task meta-batch into blocks of 2, 2, 1 (metacore.taskpool)
+    import metacore.algorithms.maml as maml
+    splits, real = [], maml.map_task_blocks
+    monkeypatch.setattr(maml, "map_task_blocks",
+                        lambda fn, T, w: splits.append((T, w)) or real(fn, T, w))
+    runs = {}
+    for w in (1, 3):
+        cfg = make_config(algo, "sinusoid", tmp_path / f"w{w}", seed=5, dtype="float64",
+                          meta_batch=5, iterations=15, eval_every=100, log_every=5,
+                          ckpt_every=15, workers=w)
+        trainer = Trainer(cfg, progress=False)
+        start = trainer.params.copy()
+        trainer.train()
+        runs[w] = trainer.params
+        assert splits == ([(5, 3)] * 15 if w == 3 else []), (w, splits[:3])
+    assert not np.array_equal(runs[1], start)                     # it did train
+    assert np.max(np.abs(runs[3] - runs[1])) <= 1e-12 * np.max(np.abs(runs[1]))
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "pretrain"])

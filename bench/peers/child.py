@@ -36,7 +36,7 @@ def measure(framework, wname, data, threads, budget):
     if impl is None:
         import numba
         numba.set_num_threads(threads)
-        call = W.metacore_call(w, framework, inputs)
+        call = W.metacore_call(w, framework, inputs, threads=threads)
         to_numpy = lambda out: tuple(np.asarray(o) for o in out)  # noqa: E731
     else:
         impl.setup_threads(threads)

@@ -200,8 +200,9 @@ def make_conv4(cfg, seed=0):
             "qy": qy.astype(np.int64)}
 
 
-def metacore_conv4(inputs, dtype, k, alpha, n_way):
-    """-> call returning (query_loss (T,), grad (P,)), second-order MAML."""
+def metacore_conv4(inputs, dtype, k, alpha, n_way, workers=1):
+    """-> call returning (query_loss (T,), grad (P,)), second-order MAML; `workers` threads
+    over blocks of the tasks (metacore.taskpool)."""
     from metacore.algorithms.maml import maml_gradient
     from metacore.models import conv4_maml
     model = conv4_maml(n_way=n_way)
@@ -210,7 +211,7 @@ def metacore_conv4(inputs, dtype, k, alpha, n_way):
 
     def call():
         r = maml_gradient(model, a["theta"], a["sx"], a["sy"], a["qx"], a["qy"], alpha,
-                          steps=k)
+                          steps=k, workers=workers)
         return r.query_loss, r.grad
     return call
 
@@ -354,7 +355,8 @@ def _conv4(T, k, quick=True):
         note="conv4_maml (4 x [3x3 conv 64 stride 2 'same', batch norm with the task's batch "
              "statistics, ReLU], spatial mean, linear 5-way head; P = 112,261), softmax "
              "cross-entropy, alpha = 0.4, real Omniglot episodes. Timed: the meta-gradient "
-             "(query losses and the (P,) gradient). Tolerance 1e-3: batch norm over 5 support "
+             "(query losses and the (P,) gradient). On 2 threads metacore runs 2 task "
+             "threads (`maml_gradient(..., workers=2)`, BLAS at 1 thread each). Tolerance 1e-3: batch norm over 5 support "
              "images amplifies float32 rounding.")
 
 
@@ -428,13 +430,16 @@ def make_inputs(w, seed=0):
     raise KeyError(w.kind)
 
 
-def metacore_call(w, variant, inputs, dtype=np.float32):
+def metacore_call(w, variant, inputs, dtype=np.float32, threads=1):
+    """-> a call of metacore's computation of w; `threads`: the thread count of the run (the
+    Conv-4 MAML step uses that many task threads)."""
     if w.kind in ("maml", "fomaml", "reptile"):
         return metacore_sinusoid(w.kind, w.cfg["k"], inputs, dtype, variant)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return metacore_distance(w.kind, inputs, dtype, variant)
     if w.kind == "conv4_maml":
-        return metacore_conv4(inputs, dtype, w.cfg["k"], w.cfg["alpha"], w.cfg["n_way"])
+        return metacore_conv4(inputs, dtype, w.cfg["k"], w.cfg["alpha"], w.cfg["n_way"],
+                              workers=threads)
     if w.kind == "protonet":
         return metacore_protonet(inputs, dtype)
     if w.kind == "lrua":

@@ -40,6 +40,7 @@ import numpy as np
 
 from metacore.network import LOSSES, Model
 from metacore.params import tile_tasks
+from metacore.taskpool import check_workers, map_task_blocks
 from metacore.validate import check_float_array
 
 
@@ -123,7 +124,7 @@ def _check_alpha(op, alpha, P, dtype):
 
 def _check_xy(op, model, name, x, y, T, dtype):
     """One (x, y) batch for T tasks, checked through the model's own rules."""
-    model._check(np.zeros((T, model.num_params), dtype), x, y)
+    model._check_data(T, dtype, x, y)
     if x.shape[1] == 0:
         raise ValueError(f"{op}: {name} has no points (x shape {x.shape})")
 
@@ -212,7 +213,7 @@ def _check_all(op, model, theta, support_x, support_y, query_x, query_y, alpha, 
 
 
 def maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
-                  first_order=False):
+                  first_order=False, workers=1):
     """Meta-gradient of F(theta, alpha) = mean_t L_query_t(theta_k^t) (module docstring).
 
     model: a metacore.network.Model with a loss; theta: (P,) shared initialisation.
@@ -220,17 +221,23 @@ def maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, s
         such batches (step i uses batch i); query_x/query_y: (T, M, ...).
     alpha: scalar inner rate (MAML) or (P,) per-parameter rates (Meta-SGD).
     first_order: True gives first-order MAML (no Hessian-vector products).
+    workers: threads, each taking a contiguous block of the tasks (metacore.taskpool); the
+        result equals the one-thread result up to the order of the final mean.
     Returns a MetaGradient (fresh arrays). Extra memory: `steps` (T, P) iterates, no graph.
     """
     op = "maml_gradient"
+    workers = check_workers(op, workers)
     theta, alpha, xs, ys, T = _check_all(op, model, theta, support_x, support_y, query_x,
                                          query_y, alpha, steps)
-    return _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order)
+    return _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, workers)
 
 
-def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order):
+def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, workers=1):
     """Unchecked core of maml_gradient; xs, ys lists of the k step batches."""
     T = query_x.shape[0]
+    if workers > 1 and T > 1:
+        return _maml_gradient_by_blocks(model, theta, xs, ys, query_x, query_y, alpha,
+                                        first_order, workers)
     scalar_alpha = not isinstance(alpha, np.ndarray)
     theta_k, iterates, loss0, gsum = _inner_loop(model, tile_tasks(theta, T), xs, ys, alpha,
                                                  keep=not first_order)
@@ -249,7 +256,28 @@ def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order):
     return MetaGradient(qloss, loss0, grad, alpha_grad)
 
 
-def fomaml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1):
+def _maml_gradient_by_blocks(model, theta, xs, ys, query_x, query_y, alpha, first_order,
+                             workers):
+    """_maml_gradient over contiguous task blocks, one thread each. Block b's means weigh
+    n_b / T in the meta-batch mean; the losses are concatenated in task order."""
+    T = query_x.shape[0]
+
+    def block(lo, hi):
+        return _maml_gradient(model, theta, [x[lo:hi] for x in xs], [y[lo:hi] for y in ys],
+                              query_x[lo:hi], query_y[lo:hi], alpha, first_order)
+
+    parts = map_task_blocks(block, T, workers)
+    grad = sum(((hi - lo) / T) * r.grad for lo, hi, r in parts)
+    alpha_grad = sum(((hi - lo) / T) * r.alpha_grad for lo, hi, r in parts)
+    if not isinstance(alpha, np.ndarray):
+        alpha_grad = float(alpha_grad)
+    return MetaGradient(np.concatenate([r.query_loss for _, _, r in parts]),
+                        np.concatenate([r.support_loss for _, _, r in parts]),
+                        grad.astype(theta.dtype, copy=False), alpha_grad)
+
+
+def fomaml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
+                    workers=1):
     """First-order MAML: mean_t grad L_query_t(theta_k^t). Same arguments as maml_gradient."""
     return maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps,
-                         first_order=True)
+                         first_order=True, workers=workers)

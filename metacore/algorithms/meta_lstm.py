@@ -139,10 +139,9 @@ class MetaLSTM:
             raise ValueError(f"{op}: support_x must be a (T, N, ...) array, got "
                              f"{getattr(sx, 'shape', type(sx).__name__)}")
         T = sx.shape[0]
-        zero = np.zeros((T, self.model.num_params), phi.dtype)
-        self.model._check(zero, sx, sy)
+        self.model._check_data(T, phi.dtype, sx, sy)
         if qx is not None:
-            self.model._check(zero, qx, qy)
+            self.model._check_data(T, phi.dtype, qx, qy)
         return T
 
     # ------------------------------------------------------------------ forward
