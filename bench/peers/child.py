@@ -24,7 +24,9 @@ def _framework(name):
     return impl
 
 
-def measure(framework, wname, data, threads, budget):
+def measure(framework, wname, data, threads, budget, max_calls):
+    """One round: check the result, then time calls until `budget` seconds have passed
+    (at least 5, at most max_calls). -> a dict with every call's time in `times`."""
     from bench.peers import workloads as W
     from metacore.gradcheck import rel_error
     w = W.WORKLOADS[wname]
@@ -58,19 +60,19 @@ def measure(framework, wname, data, threads, budget):
         return result
     call()                                       # second warm-up call
     times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 2000):
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < max_calls):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
     result.update(ok=True, median_s=float(np.median(times)), min_s=float(np.min(times)),
-                  repeats=len(times))
+                  repeats=len(times), times=times)
     return result
 
 
 def main(argv):
-    framework, wname, data, threads, budget = argv
+    framework, wname, data, threads, budget, max_calls = argv
     try:
-        res = measure(framework, wname, data, int(threads), float(budget))
+        res = measure(framework, wname, data, int(threads), float(budget), int(max_calls))
     except ImportError as err:
         res = dict(framework=framework, workload=wname, threads=int(threads), ok=False,
                    error=f"not installed ({err})")

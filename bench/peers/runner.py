@@ -46,9 +46,9 @@ def cpus_for(threads):
     return ",".join(str(i) for i in range(min(threads, n)))
 
 
-def run_child(python, framework, wname, data, threads, budget, timeout):
+def run_child(python, framework, wname, data, threads, budget, timeout, max_calls=2000):
     cmd = ["taskset", "-c", cpus_for(threads), python, "-m", "bench.peers.child", framework,
-           wname, data, str(threads), str(budget)]
+           wname, data, str(threads), str(budget), str(max_calls)]
     if shutil.which("taskset") is None:
         cmd = cmd[3:]
     try:
@@ -63,6 +63,41 @@ def run_child(python, framework, wname, data, threads, budget, timeout):
     tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
     return dict(framework=framework, workload=wname, threads=threads, ok=False,
                 error="crashed: " + " | ".join(tail))
+
+
+def merge_rounds(parts):
+    """One row from a framework's rounds: the median and minimum over every round's calls.
+    A failed round fails the row."""
+    bad = [r for r in parts if not r.get("ok")]
+    if bad:
+        return bad[0]
+    times = [t for r in parts for t in r["times"]]
+    row = {k: v for k, v in parts[0].items() if k != "times"}
+    row.update(median_s=float(np.median(times)), min_s=float(np.min(times)),
+               repeats=len(times), rounds=len(parts),
+               check_rel_error=max(r["check_rel_error"] for r in parts))
+    return row
+
+
+def measure_interleaved(frameworks, run, budget, rounds):
+    """Time each framework in up to `rounds` rounds of budget / rounds seconds each, every
+    round a fresh process, round 1 of every framework, then round 2, and so on: a framework
+    takes another round while its timed calls so far add up to less than `budget` seconds
+    (a slow one, whose 5-call minimum fills the budget, has one round). On this VM a core
+    runs in phases of a few hundred milliseconds to seconds (one and the same process takes
+    about 210 or about 320 us per sinusoid MAML call), so measuring each framework in one
+    stretch of time can put them in different phases; interleaving spreads every framework
+    over the same stretch. run(framework, budget, max_calls) -> a child's result dict.
+    -> {framework: merged row}."""
+    parts = {f: [] for f in frameworks}
+    for rnd in range(rounds):
+        for f in frameworks:
+            done = parts[f]
+            if rnd > 0 and (not done or not all(r.get("ok") for r in done)
+                            or sum(sum(r["times"]) for r in done) >= budget):
+                continue
+            done.append(run(f, budget / rounds, max(5, 2000 // rounds)))
+    return {f: merge_rounds(p) for f, p in parts.items()}
 
 
 def installed(python, module):
@@ -230,7 +265,14 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "test suite): rel_error = max|a - b| / (max|a| + max|b|) must be within the "
          "workload's float32 tolerance (printed in each table as `check`). Then one more "
          "warm-up call, then at least 5 timed calls (as many as fit in "
-         f"{args.budget} s), median reported; `n` is the number of timed calls. Threads: "
+         f"{args.budget} s), median reported; `n` is the number of timed calls. The calls are "
+         f"taken in up to {args.rounds} rounds of {args.budget / args.rounds:.2f} s, each a "
+         "fresh process, interleaved across the frameworks (round 1 of every framework, "
+         "then round 2, ...), while a framework's timed calls add up to less than "
+         f"{args.budget} s; median and minimum are over all its rounds. Why: a core of this "
+         "VM runs in phases of a few hundred ms to seconds in which the same process is about "
+         "1.5x slower, and one stretch per framework can put two frameworks in different "
+         "phases. Threads: "
          "OMP/OpenBLAS/MKL/Numba thread variables set to the count, "
          "`torch.set_num_threads`, XLA's Eigen pool off for 1 thread. Speed-up = the "
          "framework's median / the fastest metacore variant's median (> 1: metacore is "
@@ -271,6 +313,9 @@ def parse(argv):
     p.add_argument("--list", action="store_true")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per measurement (default 2, quick 0.5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds per measurement (default 3; see "
+                        "measure_interleaved)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the peer frameworks (one with torch and jax)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
@@ -296,6 +341,8 @@ def parse(argv):
         args.threads = [1] if args.quick else [1, 2]
     if args.budget is None:
         args.budget = 0.5 if args.quick else 2.0
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
@@ -343,15 +390,21 @@ def main(argv=None):
                      **{f"out{i}": o for i, o in enumerate(W.truth(w, inputs))})
             rows = {}
             for t in args.threads:
+                present = []
                 for f in list(w.metacore) + list(w.baselines) + list(w.peers):
                     if f in PEERS and not have["torch" if f.startswith("torch") else "jax"]:
                         rows[(f, t)] = dict(ok=False, error="not installed")
-                        continue
+                    else:
+                        present.append(f)
+
+                def run(f, budget, max_calls, t=t, name=name, data=data):
                     py = sys.executable if f not in PEERS else args.python
-                    r = run_child(py, f, name, data, t, args.budget, args.timeout)
+                    return run_child(py, f, name, data, t, budget, args.timeout, max_calls)
+
+                for f, r in measure_interleaved(present, run, args.budget, args.rounds).items():
                     rows[(f, t)] = r
-                    msg = (f"{fmt_t(r['median_s'])} (check {r['check_rel_error']:.1e})"
-                           if r.get("ok") else r.get("error"))
+                    msg = (f"{fmt_t(r['median_s'])} (check {r['check_rel_error']:.1e}, "
+                           f"{r['rounds']} rounds)" if r.get("ok") else r.get("error"))
                     print(f"{name:30s} {t}t {f:15s} {msg}", flush=True)
             results[name] = (w, rows)
             # a partial page after every workload, so that an interrupted run leaves one
