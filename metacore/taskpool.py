@@ -3,8 +3,9 @@ until the final mean (MAML and its first-order variant).
 
 Why threads and not BLAS threads: a Conv-4 meta-batch is a sequence of small per-task GEMMs
 and memory-bound elementwise kernels. A multithreaded OpenBLAS splits each small GEMM and
-leaves the elementwise passes on one core; measured in BENCHMARKS.md (Conv-4, T = 4), two
-BLAS threads made the step slower than one (259 against 154 ms). Splitting the tasks instead
+leaves the elementwise passes on one core: in the peer benchmark run before this module
+(Conv-4 second-order MAML, T = 4), two BLAS threads made the step slower than one (259
+against 154 ms); two task threads make it faster (BENCHMARKS.md). Splitting the tasks instead
 gives each thread whole tasks: its GEMMs, and its elementwise kernels, which are compiled
 with nogil=True (metacore.kernels.convnet_numba) and so run beside each other.
 
