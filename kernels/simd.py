@@ -103,19 +103,34 @@ def _vector_pointer(builder, pointer, vecty):
     return builder.bitcast(pointer, vecty.as_pointer())
 
 
+def _load_codegen(n_index):
+    """Codegen of a Vec load from a[i_0, .., i_{n-1} : + L]: signature (a, i_0, ..)."""
+    def codegen(context, builder, signature, args):
+        vecty = context.get_value_type(signature.return_type)
+        p = _item_pointer(context, builder, signature.args[0], args[0],
+                          signature.args[1:1 + n_index], args[1:1 + n_index])
+        return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
+                            align=signature.return_type.dtype.bitwidth // 8)
+    return codegen
+
+
+def _store_codegen(n_index):
+    """Codegen of a[i_0, .., i_{n-1} : + L] <- v: signature (a, i_0, .., v)."""
+    def codegen(context, builder, signature, args):
+        vecty = context.get_value_type(signature.args[-1])
+        p = _item_pointer(context, builder, signature.args[0], args[0],
+                          signature.args[1:1 + n_index], args[1:1 + n_index])
+        builder.store(args[-1], _vector_pointer(builder, p, vecty),
+                      align=signature.args[-1].dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return codegen
+
+
 @intrinsic
 def vload(typingctx, row, i):
     dtype = _float_row("vload", row)
     _integers("vload", index=i)
-    sig = Vec(dtype)(row, i)
-
-    def codegen(context, builder, signature, args):
-        vecty = context.get_value_type(signature.return_type)
-        p = _item_pointer(context, builder, signature.args[0], args[0],
-                          signature.args[1:2], args[1:2])
-        return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
-                            align=dtype.bitwidth // 8)
-    return sig, codegen
+    return Vec(dtype)(row, i), _load_codegen(1)
 
 
 @intrinsic
@@ -124,15 +139,7 @@ def vstore(typingctx, row, i, v):
     _integers("vstore", index=i)
     if not (isinstance(v, Vec) and v.dtype == dtype):
         raise TypeError(f"vstore: value must be a Vec of {dtype}, got {v}")
-    sig = types.none(row, i, v)
-
-    def codegen(context, builder, signature, args):
-        vecty = context.get_value_type(signature.args[2])
-        p = _item_pointer(context, builder, signature.args[0], args[0],
-                          signature.args[1:2], args[1:2])
-        builder.store(args[2], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
-        return context.get_dummy_value()
-    return sig, codegen
+    return types.none(row, i, v), _store_codegen(1)
 
 
 @intrinsic
@@ -303,15 +310,7 @@ def vload2(typingctx, a, i, j):
     """a[i, j : j + L] of a C-contiguous 2-D array -> Vec, without making a row view (a
     view is a new reference: two reference-count updates per row)."""
     dtype = _float_array("vload2", a, (2,))
-    sig = Vec(dtype)(a, i, j)
-
-    def codegen(context, builder, signature, args):
-        vecty = context.get_value_type(signature.return_type)
-        p = _item_pointer(context, builder, signature.args[0], args[0],
-                            signature.args[1:], args[1:])
-        return builder.load(_vector_pointer(builder, p, vecty), typ=vecty,
-                            align=dtype.bitwidth // 8)
-    return sig, codegen
+    return Vec(dtype)(a, i, j), _load_codegen(2)
 
 
 @intrinsic
@@ -320,15 +319,7 @@ def vstore2(typingctx, a, i, j, v):
     dtype = _float_array("vstore2", a, (2,))
     if not (isinstance(v, Vec) and v.dtype == dtype):
         raise TypeError(f"vstore2: value must be a Vec of {dtype}, got {v}")
-    sig = types.none(a, i, j, v)
-
-    def codegen(context, builder, signature, args):
-        vecty = context.get_value_type(signature.args[3])
-        p = _item_pointer(context, builder, signature.args[0], args[0],
-                            signature.args[1:3], args[1:3])
-        builder.store(args[3], _vector_pointer(builder, p, vecty), align=dtype.bitwidth // 8)
-        return context.get_dummy_value()
-    return sig, codegen
+    return types.none(a, i, j, v), _store_codegen(2)
 
 
 @intrinsic
