@@ -134,7 +134,8 @@ def _eval(args):
     _set_blas(args)
     cfg = read_config(args.run)
     from metacore.methods import maml_family
-    if cfg["algorithm"] not in maml_family.NAMES:
+    if cfg["algorithm"] not in maml_family.NAMES or maml_family._nichol(cfg["algorithm"],
+                                                                         cfg["task"]):
         return _eval_method(args, cfg)
     if args.tasks is None:
         args.tasks = 600

@@ -15,8 +15,9 @@ running log accumulators. Resuming truncates metrics.jsonl to the checkpoint's s
 killed at any moment (SIGKILL included) and resumed produces the same parameters, bit for bit,
 and the same metrics as one never stopped.
 
-Outer learning rate: outer_lr, halved every lr_halve_every steps when that is > 0 (a function of
-the step alone, so it needs no state of its own).
+Outer learning rate: outer_lr, halved every lr_halve_every steps when that is > 0, or annealed
+linearly to outer_lr_final over the run when that is set (a function of the step alone, so it
+needs no state of its own).
 """
 import json
 import math
@@ -41,8 +42,7 @@ def make_config(algorithm, task, out, **overrides):
         raise ValueError(f"make_config: task must be one of {mod.TASKS} for {algorithm}, "
                          f"got {task!r}")
     cfg = dict(algorithm=algorithm, task=task, out=os.fspath(out))
-    cfg.update(methods.COMMON)
-    cfg.update(mod.DEFAULTS[task])
+    cfg.update(methods.paper_defaults(algorithm, task))
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"make_config: unknown settings {sorted(unknown)} for {algorithm} "
@@ -57,6 +57,15 @@ def make_config(algorithm, task, out, **overrides):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise ValueError(f"make_config: outer_lr must be a finite number >= 0, got {v!r}")
     cfg["outer_lr"] = float(v)
+    v = cfg["outer_lr_final"]
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise ValueError(f"make_config: outer_lr_final must be None or a finite number "
+                             f">= 0, got {v!r}")
+        if cfg["lr_halve_every"]:
+            raise ValueError("make_config: set lr_halve_every or outer_lr_final, not both")
+        cfg["outer_lr_final"] = float(v)
     if cfg["outer_opt"] not in OPTIMIZERS:
         raise ValueError(f"make_config: outer_opt must be one of {OPTIMIZERS}, "
                          f"got {cfg['outer_opt']!r}")
@@ -70,7 +79,7 @@ def make_config(algorithm, task, out, **overrides):
 
 
 def build_method(cfg):
-    return methods.get(cfg["algorithm"]).Method(cfg)
+    return methods.build(cfg)
 
 
 class Trainer:
@@ -138,7 +147,7 @@ class Trainer:
         old.pop("iterations"), mine.pop("iterations")          # a run may be extended
         # a setting added to the method after this checkpoint was written, at its default
         # (which must reproduce the old behaviour), is no difference
-        defaults = methods.get(self.cfg["algorithm"]).DEFAULTS[self.cfg["task"]]
+        defaults = methods.paper_defaults(self.cfg["algorithm"], self.cfg["task"])
         for k in set(mine) - set(old):
             if k in defaults and mine[k] == defaults[k]:
                 old[k] = mine[k]
@@ -216,8 +225,15 @@ class Trainer:
         return grad, dict(zip(keys, vals[:len(keys)].tolist()))
 
     def _learning_rate(self):
+        """The outer rate of the step about to be taken (self.step of them done): halved every
+        lr_halve_every steps, or linear from outer_lr to outer_lr_final over the run as
+        Reptile's code anneals it (frac = step / iterations)."""
+        lr, final = self.cfg["outer_lr"], self.cfg["outer_lr_final"]
+        if final is not None:
+            frac = self.step / self.cfg["iterations"]
+            return frac * final + (1.0 - frac) * lr
         h = self.cfg["lr_halve_every"]
-        return self.cfg["outer_lr"] * (0.5 ** (self.step // h) if h else 1.0)
+        return lr * (0.5 ** (self.step // h) if h else 1.0)
 
     # ------------------------------------------------------------------ the loop
     def train(self):

@@ -46,8 +46,11 @@ import numpy as np
 from metacore.checkpoint import rng_state, set_rng_state
 
 # Settings every run has; a method's DEFAULTS may override the values, not remove the keys.
+# outer_lr_final: None keeps outer_lr; a number anneals it linearly from outer_lr at the first
+# step to outer_lr_final at the last (Reptile's meta step size, Nichol et al. 2018).
 COMMON = dict(seed=0, dtype="float32", iterations=1000, log_every=100, ckpt_every=1000,
-              eval_every=500, outer_opt="adam", outer_lr=1e-3, lr_halve_every=0)
+              eval_every=500, outer_opt="adam", outer_lr=1e-3, lr_halve_every=0,
+              outer_lr_final=None)
 
 
 class MethodBase:
@@ -111,6 +114,30 @@ def registry():
                                    f"{found[name].__name__} and {mod.__name__}")
             found[name] = mod
     return found
+
+
+def paper_defaults(name, task):
+    """The settings a run of method `name` on `task` gets when the user sets nothing: COMMON,
+    then the method's defaults (a module may define defaults(name, task) when its methods
+    differ, else DEFAULTS[task])."""
+    mod = get(name)
+    cfg = dict(COMMON)
+    cfg.update(mod.defaults(name, task) if hasattr(mod, "defaults") else mod.DEFAULTS[task])
+    return cfg
+
+
+def default_sources(name, task):
+    """{setting: source of its default} where the method module states one."""
+    mod = get(name)
+    if hasattr(mod, "sources"):
+        return mod.sources(name, task)
+    return dict(getattr(mod, "SOURCES", {}).get(task, {}))
+
+
+def build(cfg):
+    """The Method object for a full run config (a module may define build(cfg))."""
+    mod = get(cfg["algorithm"])
+    return mod.build(cfg) if hasattr(mod, "build") else mod.Method(cfg)
 
 
 def get(name):

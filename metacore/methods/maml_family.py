@@ -38,7 +38,57 @@ DEFAULTS = {
 }
 
 
+# Where each Omniglot default comes from (`metacore train ... --show-config` prints these).
+_FINN = "Finn et al. 2017, Section 5.2 and cbfinn/maml's Omniglot command"
+SOURCES = {
+    "omniglot": dict(shots=_FINN + ": --update_batch_size=1", meta_batch=_FINN +
+                     ": --meta_batch_size=32", inner_lr=_FINN + ": --update_lr=0.4",
+                     inner_steps=_FINN + ": --num_updates=1", test_steps="Finn et al. 2017, "
+                     "Section 5.2: three gradient steps at test", outer_opt=_FINN + " (Adam)",
+                     outer_lr=_FINN + " (meta_lr 0.001)", iterations=_FINN +
+                     ": --metatrain_iterations=60000", n_way=_FINN + ": 5-way",
+                     queries="cbfinn/maml data_generator: K query images per class"),
+    "sinusoid": dict(shots="Finn et al. 2017, Section 5.1: K = 10", meta_batch="Finn et al. "
+                     "2017, Section 5.1: 25 tasks", inner_lr="Finn et al. 2017, Section 5.1: "
+                     "alpha = 0.01", inner_steps="Finn et al. 2017, Section 5.1: one step",
+                     outer_opt="Finn et al. 2017, Section 5.1: Adam", iterations="Finn et al. "
+                     "2017, Section 5.1: 70,000 iterations"),
+}
+
+
+def _nichol(algorithm, task):
+    """Reptile on Omniglot follows Nichol et al. 2018 (methods/reptile_omniglot.py)."""
+    return algorithm == "reptile" and task == "omniglot"
+
+
+def defaults(algorithm, task):
+    """The paper defaults of one method on one task."""
+    if _nichol(algorithm, task):
+        from metacore.methods import reptile_omniglot
+        return dict(reptile_omniglot.DEFAULTS)
+    return dict(DEFAULTS[task])
+
+
+def sources(algorithm, task):
+    """{setting: where its default comes from} for `--show-config`."""
+    if _nichol(algorithm, task):
+        from metacore.methods import reptile_omniglot
+        return dict(reptile_omniglot.SOURCES)
+    return dict(SOURCES.get(task, {}))
+
+
+def build(cfg):
+    """The Method object for a run config."""
+    if _nichol(cfg["algorithm"], cfg["task"]):
+        from metacore.methods import reptile_omniglot
+        return reptile_omniglot.Method(cfg)
+    return Method(cfg)
+
+
 def check_config(cfg):
+    if _nichol(cfg["algorithm"], cfg["task"]):
+        from metacore.methods import reptile_omniglot
+        return reptile_omniglot.check_config(cfg)
     if cfg["queries"] is None:
         cfg["queries"] = cfg["shots"]            # K query points (per class) as in MAML's code
     for key in ("shots", "meta_batch", "inner_steps", "test_steps", "eval_tasks", "n_way",

@@ -6,6 +6,7 @@
                    each hidden layer linear + batch norm + ReLU; softmax cross-entropy.
   conv4_maml       Finn et al. 2017, Omniglot: 4 x [3x3 conv 64, stride 2, 'same', BN, ReLU],
                    spatial mean, linear N-way head; softmax cross-entropy. 28 -> 14 -> 7 -> 4 -> 2.
+                   head="flatten": the 2x2x64 map flattened instead (Nichol et al. 2018).
   conv4_protonet   Snell et al. 2017 / Vinyals et al. 2016: 4 x [3x3 conv 64, padding 1, BN,
                    ReLU, 2x2 max-pool], flattened to a 64-d embedding (28 -> 14 -> 7 -> 3 -> 1);
                    no loss of its own (the metric-learning loss sits on the embedding).
@@ -39,13 +40,23 @@ def bn_mlp(n_way=5, in_features=784, hidden=(256, 128, 64, 64), bn_mode="batch")
     return Model("bn_mlp", layers, in_shape=in_shape, loss="softmax_ce")
 
 
-def conv4_maml(n_way=5, image_shape=(28, 28, 1), channels=64, depth=4, bn_mode="batch"):
+def conv4_maml(n_way=5, image_shape=(28, 28, 1), channels=64, depth=4, bn_mode="batch",
+               head="mean", bn_eps=1e-5):
+    """head "mean": spatial mean before the linear layer (Finn et al.'s code); "flatten":
+    the (h, w, channels) map flattened (Nichol et al.'s OmniglotModel). bn_eps: batch norm's
+    epsilon (1e-5 here; TensorFlow's default 1e-3 for Reptile's protocol)."""
+    if head not in ("mean", "flatten"):
+        raise ValueError(f"conv4_maml: head must be 'mean' or 'flatten', got {head!r}")
     layers, c = [], image_shape[2]
+    h, w = image_shape[:2]
     for _ in range(depth):
         layers += [Conv2d(c, channels, stride=2, padding="same"),
-                   BatchNorm(channels, mode=bn_mode), ReLU()]
-        c = channels
-    layers += [MeanPool(), Linear(channels, n_way)]
+                   BatchNorm(channels, mode=bn_mode, eps=bn_eps), ReLU()]
+        c, h, w = channels, -(-h // 2), -(-w // 2)               # 'same', stride 2: ceil
+    if head == "mean":
+        layers += [MeanPool(), Linear(channels, n_way)]
+    else:
+        layers += [Flatten(), Linear(h * w * channels, n_way)]
     return Model("conv4_maml", layers, in_shape=image_shape, loss="softmax_ce")
 
 
