@@ -49,6 +49,7 @@ setup(
     package_data={
         "metacore.data": ["*.npz", "*.txt", "*.json"],
         "metacore.kernels": ["*.cu"],
+        "metacore.zoo": ["*.npz", "*.json"],
     },
     # scipy: Numba's np.dot / np.matmul call BLAS through scipy.linalg.cython_blas (the
     # distance kernels' GEMM route); without it those calls fail to compile

@@ -1,5 +1,6 @@
 """Command line: `metacore check` (the derivations against finite differences),
-`metacore train` (meta-training with exact resume) and `metacore eval` (600-task test)."""
+`metacore train` (meta-training with exact resume), `metacore eval` (600-task test of a run
+directory or a zoo entry) and `metacore zoo` (the shipped trained models)."""
 import argparse
 import json
 import os
@@ -33,6 +34,9 @@ def _add_train(sub):
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--show-config", action="store_true",
+                   help="print every effective setting with its source (the paper, your "
+                        "flag, the resumed run) and exit without training")
     p.add_argument("--distributed", action="store_true",
                    help="split each meta-batch across MPI ranks (launch with mpirun -n R; "
                         "needs mpi4py: see metacore/distributed.py)")
@@ -70,13 +74,16 @@ def _parse_sets(items):
 def _add_eval(sub):
     p = sub.add_parser("eval", help="post-update loss/accuracy over test tasks, 0..S steps, "
                                     "with 95%% confidence intervals")
-    p.add_argument("run", help="run directory (its checkpoint.npz is evaluated)")
+    p.add_argument("run", help="run directory (its checkpoint.npz is evaluated), or "
+                               "zoo:NAME for a model-zoo entry (metacore zoo lists them)")
     p.add_argument("--tasks", type=int, default=None,
                    help="test tasks / episodes (default: 600 for the MAML family, the "
                         "method's protocol otherwise)")
     p.add_argument("--way", type=int, default=None,
                    help="classes per episode (default: the method's protocol)")
-    p.add_argument("--steps", type=int, default=10, help="largest number of adaptation steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="largest number of adaptation steps (default: 10 for the MAML "
+                        "family, the method's protocol otherwise)")
     p.add_argument("--shots", type=int, default=None, help="default: the training K")
     p.add_argument("--seed", type=int, default=2017)
     p.add_argument("--query-points", type=int, default=100, help="sinusoid query points")
@@ -100,6 +107,8 @@ def _train(args):
     _set_blas(args)
     over = {k: getattr(args, k) for k in MAML_FLAGS + COMMON_FLAGS}
     over.update(_parse_sets(args.set))
+    flagged = {k for k, v in over.items() if v is not None}
+    resumed = set()
     if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
         saved = read_config(args.out)           # settings not given again come from the run
         for k, v in over.items():
@@ -108,11 +117,15 @@ def _train(args):
         for k, v in saved.items():
             if k not in over and k not in ("algorithm", "task", "out"):
                 over[k] = v
+        resumed = {k for k in saved if k not in flagged}
     given = {k: v for k, v in over.items() if v is not None}
     try:
         cfg = make_config(args.algorithm, args.task, args.out, **given)
     except ValueError as e:
         raise SystemExit(f"metacore train: {e}")
+    if args.show_config:
+        print(_show_config(cfg, flagged, resumed))
+        return 0
     from metacore.distributed import SingleProcess, abort_on_error
     comm = SingleProcess()
     if args.distributed:
@@ -128,6 +141,42 @@ def _train(args):
     return 0
 
 
+def _show_config(cfg, flagged, resumed):
+    """One line per effective setting: name, value, and where it came from."""
+    from metacore import methods
+    paper = methods.paper_defaults(cfg["algorithm"], cfg["task"])
+    sources = methods.default_sources(cfg["algorithm"], cfg["task"])
+    common = methods.COMMON
+    lines = [f"# metacore train {cfg['algorithm']} --task {cfg['task']}: effective settings"]
+    for k in sorted(cfg):
+        if k in ("algorithm", "task", "out"):
+            src = "the command line"
+        elif k in flagged:
+            src = "your flag"
+        elif k in resumed:
+            src = "the resumed run"
+        elif k in sources:
+            src = "paper: " + sources[k]
+        elif k in common and paper.get(k) == common[k]:
+            src = "metacore default (not a paper setting)"
+        else:
+            src = "metacore default for this method (not a paper setting)"
+        lines.append(f"{k:<16} {json.dumps(cfg[k]):<14} {src}")
+    return "\n".join(lines)
+
+
+def _zoo(args):
+    from metacore import zoo
+    items = zoo.entries()
+    if args.json:
+        keys = ("name", "method", "task", "way", "shot", "paper", "budget", "command",
+                "measured", "file", "sha256")
+        print(json.dumps([{k: e[k] for k in keys if k in e} for e in items], indent=1))
+    else:
+        print(zoo.format_table(items))
+    return 0
+
+
 def _eval(args):
     from metacore import evaluation as ev
     from metacore.training import read_config
@@ -139,6 +188,8 @@ def _eval(args):
         return _eval_method(args, cfg)
     if args.tasks is None:
         args.tasks = 600
+    if args.steps is None:
+        args.steps = 10
     if args.bn is None:
         args.bn = "both"
     if args.bn not in ("transductive", "non-transductive", "both"):
@@ -200,6 +251,9 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="list the derivations and exit")
     _add_train(sub)
     _add_eval(sub)
+    p = sub.add_parser("zoo", help="list the trained models shipped in the package "
+                                   "(evaluate one with metacore eval zoo:NAME)")
+    p.add_argument("--json", action="store_true", help="print the entries as a JSON list")
     args = parser.parse_args(argv)
     if args.command == "check":
         from metacore import check
@@ -213,6 +267,8 @@ def main(argv=None):
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "zoo":
+        return _zoo(args)
     return 2
 
 

@@ -122,6 +122,14 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
             stats = [mean_ci(np.concatenate(v)) for v in per_step]
             result[f"{key}_mean"] = [m for m, _ in stats]
             result[f"{key}_ci95"] = [c for _, c in stats]
+    # the headline number: at the paper protocol's test-time steps (or the most evaluated)
+    s = min(cfg["test_steps"], max_steps)
+    result.update(tasks=n_tasks, protocol_steps=s)
+    if "accuracy_mean" in result:
+        result.update(way=cfg["n_way"], accuracy=100 * result["accuracy_mean"][s],
+                      ci95=100 * result["accuracy_ci95"][s])
+    else:
+        result.update(mse=result["loss_mean"][s], mse_ci95=result["loss_ci95"][s])
     return result
 
 

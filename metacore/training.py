@@ -303,14 +303,22 @@ class _Progress:
 
 
 def read_config(run_dir):
+    """A run directory's config.json, or a zoo entry's config (run_dir = "zoo:NAME")."""
+    from metacore import zoo
+    if zoo.is_ref(run_dir):
+        return zoo.read(run_dir)[1]["config"]
     with open(os.path.join(run_dir, "config.json")) as f:
         return json.load(f)
 
 
 def load_run(run_dir):
-    """-> (config, method, params, meta) from a run directory's latest checkpoint, with the
-    method's buffers restored."""
-    arrays, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.npz"))
+    """-> (config, method, params, meta) from a run directory's latest checkpoint (or a zoo
+    entry, run_dir = "zoo:NAME"), with the method's buffers restored."""
+    from metacore import zoo
+    if zoo.is_ref(run_dir):
+        arrays, meta = zoo.read(run_dir)
+    else:
+        arrays, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.npz"))
     cfg = meta["config"]
     method = build_method(cfg)
     method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})

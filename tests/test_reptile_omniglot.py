@@ -202,3 +202,28 @@ def test_resume_after_an_interruption_is_exact(tmp_path):
     def lines(p):
         return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in open(p)]
     assert lines(tmp_path / "a" / "metrics.jsonl") == lines(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_show_config_names_each_settings_source(tmp_path, capsys):
+    from metacore.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "reptile", "--task", "omniglot", "--out", str(out),
+                 "--inner-steps", "3", "--show-config"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert not out.exists()                                  # nothing written, nothing run
+    assert "your flag" in lines["inner_steps"] and " 3 " in lines["inner_steps"]
+    assert "paper: " in lines["inner_batch"] and "--inner-batch 10" in lines["inner_batch"]
+    assert "paper: " in lines["outer_lr_final"]
+    assert "not a paper setting" in lines["eval_every"]
+    assert main(["train", "maml", "--task", "omniglot", "--out", str(out),
+                 "--show-config"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert "Finn et al. 2017" in lines["inner_lr"] and "0.4" in lines["inner_lr"]
+    # a resumed run's settings come from the run
+    cfg = make_config("fomaml", "sinusoid", out, iterations=2, eval_every=2, eval_tasks=4,
+                      log_every=1, ckpt_every=2, meta_batch=3)
+    Trainer(cfg, progress=False).train()
+    assert main(["train", "fomaml", "--task", "sinusoid", "--out", str(out), "--resume",
+                 "--show-config"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert "the resumed run" in lines["meta_batch"] and " 3 " in lines["meta_batch"]
