@@ -44,6 +44,7 @@ import pkgutil
 import numpy as np
 
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 
 # Settings every run has; a method's DEFAULTS may override the values, not remove the keys.
 COMMON = dict(seed=0, dtype="float32", iterations=1000, log_every=100, ckpt_every=1000,
@@ -85,11 +86,11 @@ class MethodBase:
         set_rng_state(self.rng, s["rng"])
 
     def batch_size(self, batch):
-        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed (its method "
-                         f"defines no batch_size/shard)")
+        raise UserError(f"{self.cfg['algorithm']} does not support --distributed (its method "
+                        f"defines no batch_size/shard)")
 
     def shard(self, batch, lo, hi):
-        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed")
+        raise UserError(f"{self.cfg['algorithm']} does not support --distributed")
 
     def evaluate(self, params, opts):
         raise NotImplementedError(f"{type(self).__name__} has no `metacore eval` yet")
@@ -117,5 +118,5 @@ def get(name):
     """The method module for `name`, with a clear error listing the known names."""
     reg = registry()
     if name not in reg:
-        raise ValueError(f"algorithm must be one of {tuple(sorted(reg))}, got {name!r}")
+        raise UserError(f"algorithm must be one of {tuple(sorted(reg))}, got {name!r}")
     return reg[name]
