@@ -99,8 +99,8 @@ class Trainer:
         self.out = cfg["out"]
         self.ckpt_path = os.path.join(self.out, "checkpoint.npz")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
-        if resume is True and not os.path.isdir(self.out):
-            self._check_run_state(resume)                # no run: say so, create nothing
+        if resume is True and not (os.path.isdir(self.out) and run_files(self.out)):
+            self._check_run_state(resume)          # nothing to resume: say so, create nothing
         self.lock = open_run_dir(self.out) if self.lead else None
         try:
             self._open(resume)
