@@ -13,8 +13,9 @@ import math
 import os
 import sys
 import traceback
+import warnings
 
-from metacore.errors import UserError
+from metacore.errors import IgnoredSettingWarning, UserError
 
 # OSErrors that describe the user's files or machine, not a bug: any with a file name, and
 # these without one
@@ -188,7 +189,14 @@ def _train(args):
             if k not in over and k not in ("algorithm", "task", "out"):
                 over[k] = v
     given = {k: v for k, v in over.items() if v is not None}
-    cfg = make_config(args.algorithm, args.task, args.out, **given)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredSettingWarning)
+        cfg = make_config(args.algorithm, args.task, args.out, **given)
+    for w in caught:
+        if issubclass(w.category, IgnoredSettingWarning):
+            sys.stderr.write(f"metacore train: warning: {w.message}\n")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     from metacore.distributed import SingleProcess, abort_on_error
     comm = SingleProcess()
     if args.distributed:

@@ -12,6 +12,9 @@ ValueError for bad input keeps working.
                        FileExistsError)
     RunLockedError     another process holds the run directory's lock (names its PID)
     CheckpointError    (metacore.checkpoint) a checkpoint that is corrupt or not one
+
+and one warning, for harmless input: IgnoredSettingWarning, a setting the chosen method does
+not read (make_config warns; the CLI prints `metacore train: warning: ...`).
 """
 
 
@@ -29,3 +32,7 @@ class RunExistsError(RunDirError, FileExistsError):
 
 class RunLockedError(RunDirError):
     """Another process holds the run directory's lock (fcntl.flock on its lock file)."""
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A setting given to a method that does not read it (harmless, so not an error)."""

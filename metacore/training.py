@@ -30,12 +30,13 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from metacore import methods
 from metacore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metacore.errors import RunDirError, RunExistsError, UserError
+from metacore.errors import IgnoredSettingWarning, RunDirError, RunExistsError, UserError
 from metacore.optim import make_optimizer
 from metacore.rundir import open_run_dir, run_files
 
@@ -75,6 +76,8 @@ def make_config(algorithm, task, out, **overrides):
         raise UserError(f"make_config: seed must be an int >= 0, got {cfg['seed']!r}")
     if hasattr(mod, "check_config"):
         mod.check_config(cfg)
+    for message in getattr(mod, "ignored_settings", lambda c: [])(cfg):
+        warnings.warn(f"make_config: {message}", IgnoredSettingWarning, stacklevel=2)
     return cfg
 
 

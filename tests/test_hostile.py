@@ -555,6 +555,9 @@ CLI = [
     ("eval protonet --tasks 0", "eval {proto} --tasks 0", "--tasks must be >= 2"),
     ("eval protonet 5-way 6-shot", "eval {proto} --tasks 2 --way 5 --shots 6",
      "5-way 6-shot episodes with 15 queries per class do not fit"),
+    # check
+    ("check an unknown derivation", "check nosuchlayer",
+     "unknown derivation(s) ['nosuchlayer']; choose from"),
 ]
 
 
@@ -623,6 +626,25 @@ def test_cli_argparse_refusals(case, runs, capsys):
     assert rc == 2 and "Traceback" not in err
     assert err.splitlines()[0].startswith("usage: metacore"), err
     assert err.splitlines()[-1].startswith(line), err
+
+
+def test_ignored_settings_warn_in_one_line(runs, capsys):
+    """Harmless input (a setting the method does not read) is a one-line warning, not an
+    error; here the run directory refuses next, so nothing trains."""
+    from metacore.errors import IgnoredSettingWarning
+    with pytest.warns(IgnoredSettingWarning, match="inner_steps does not apply to pretrain"):
+        make_config("pretrain", "sinusoid", "x", inner_steps=5)
+    with pytest.warns(IgnoredSettingWarning, match="pairs does not apply to protonet"):
+        make_config("protonet", "omniglot", "x", pairs=4)
+    rc, _, err = run_main(["train", "pretrain", "--task", "sinusoid", "--out", runs["afile"],
+                           "--inner-steps", "5", "--set", "workers=2"], capsys)
+    assert rc == 2 and err.splitlines() == [
+        "metacore train: warning: make_config: workers does not apply to pretrain and is "
+        "ignored",
+        "metacore train: warning: make_config: inner_steps does not apply to pretrain and is "
+        "ignored",
+        f"metacore train: error: {runs['afile']} exists and is not a directory; --out must "
+        f"be a directory"], err
 
 
 def test_debug_shows_the_traceback_and_the_same_line(runs, capsys, monkeypatch):

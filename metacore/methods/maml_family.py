@@ -39,6 +39,17 @@ DEFAULTS = {
 }
 
 
+# Settings of the family that an algorithm does not read (a warning when not at the default)
+IGNORED = {"reptile": ("workers",), "pretrain": ("workers", "inner_steps")}
+
+
+def ignored_settings(cfg):
+    """Messages for the settings given to cfg's algorithm that it does not read."""
+    algo = cfg["algorithm"]
+    return [f"{key} does not apply to {algo} and is ignored"
+            for key in IGNORED.get(algo, ()) if cfg[key] != DEFAULTS[cfg["task"]][key]]
+
+
 def check_config(cfg):
     if cfg["queries"] is None:
         cfg["queries"] = cfg["shots"]            # K query points (per class) as in MAML's code

@@ -97,6 +97,21 @@ def _pos_int(cfg, key, lo=1):
         raise UserError(f"make_config: {key} must be an int >= {lo}, got {v!r}")
 
 
+# The episode settings each algorithm reads; a value given for another one is ignored, with
+# a warning (ignored_settings)
+USES = {"protonet": ("n_way", "queries"), "matching": ("n_way", "queries", "fce", "read_steps"),
+        "relation": ("n_way", "queries"), "siamese": ("pairs",)}
+
+
+def ignored_settings(cfg):
+    """Messages for the settings given to cfg's algorithm that it does not read."""
+    algo = cfg["algorithm"]
+    return [f"{key} does not apply to {algo} and is ignored (of n_way, queries, pairs, fce, "
+            f"read_steps it uses {', '.join(USES[algo])})"
+            for key in ("n_way", "queries", "pairs", "fce", "read_steps")
+            if cfg[key] is not None and key not in USES[algo]]
+
+
 def check_config(cfg):
     """Resolve the paper defaults (None) for cfg['algorithm'] and check every setting."""
     algo, paper = cfg["algorithm"], PAPER[cfg["algorithm"]]
