@@ -2,7 +2,8 @@
 `metacore train` (meta-training with exact resume) and `metacore eval` (600-task test).
 
 Errors: a user error (metacore.errors.UserError, a corrupt checkpoint, a missing or
-unwritable file, a non-finite result the library refused) prints one line,
+unwritable file, a non-finite result the library refused as FloatingPointError, usually a
+learning rate or an input scale out of range) prints one line,
 `metacore <command>: error: <message>`, on stderr and exits with status 2; the traceback
 only with --debug or METACORE_DEBUG=1. Any other exception is a bug: its traceback is
 printed, with a line saying so, and the exit status is 1."""
@@ -201,7 +202,10 @@ def _train(args):
     comm = SingleProcess()
     if args.distributed:
         from metacore.distributed import MPIComm
-        comm = MPIComm()
+        try:
+            comm = MPIComm()
+        except ImportError as e:                  # what to install: the user's to fix
+            raise UserError(str(e)) from e
     with abort_on_error(comm):           # one rank failing alone must not leave the rest waiting
         with Trainer(cfg, resume=resume, progress=not args.no_progress, comm=comm) as trainer:
             trainer.train()

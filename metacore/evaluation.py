@@ -55,8 +55,9 @@ def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
         raise ValueError(f"{op}: max_steps must be an int >= 0, got {max_steps!r}")
     sx, sy, qx, qy = batch
     T = sx.shape[0] if isinstance(sx, np.ndarray) and sx.ndim >= 2 else None
-    if T is None:
-        raise ValueError(f"{op}: support_x must be a (T, N, ...) array")
+    if not T:
+        raise ValueError(f"{op}: support_x must be a (T, N, ...) array with T >= 1 tasks, "
+                         f"got {getattr(sx, 'shape', type(sx).__name__)}")
     _check_xy(op, model, "support", sx, sy, T, theta.dtype)
     _check_xy(op, model, "query", qx, qy, T, theta.dtype)
     th = np.repeat(theta[None, :], T, axis=0)                          # (T, P)

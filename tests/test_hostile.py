@@ -22,6 +22,7 @@ import pytest
 
 from metacore import checkpoint as C
 from metacore.algorithms.maml import adapt, maml_gradient, meta_objective
+from metacore.algorithms.reptile import reptile_direction
 from metacore.errors import RunDirError, RunExistsError, UserError
 from metacore.evaluation import adapt_and_score, evaluate
 from metacore.kernels import distance as K
@@ -128,6 +129,7 @@ P = MODEL.num_params
 THETA = MODEL.init_params(rng, np.float64)
 X = rng.standard_normal((2, 4, 1))          # (T, N, 1)
 Y = rng.standard_normal((2, 4, 1))
+X0 = np.zeros((0, 4, 1))                    # no tasks
 
 
 def _pair(T=2, Q=3, N=4, D=5, dtype=np.float64):
@@ -311,7 +313,7 @@ API = [
      "batch must be (support_x, support_y, query_x, query_y)"),
     # metric methods' evaluate (opts as the CLI passes them)
     ("protonet evaluate tasks 0", lambda r: _proto_eval(r, tasks=0), UserError,
-     "tasks must be an int >= 2"),
+     "tasks must be >= 2 (an int) for a confidence interval, got 0"),
     ("protonet evaluate way 0", lambda r: _proto_eval(r, way=0), UserError,
      "way must be an int >= 2"),
     ("protonet evaluate way 1", lambda r: _proto_eval(r, way=1), UserError,
@@ -422,6 +424,16 @@ API = [
     ("maml_gradient steps 0",
      lambda r: maml_gradient(MODEL, THETA, X, Y, X, Y, 0.1, steps=0), ValueError,
      "steps must be an int >= 1"),
+    ("maml_gradient 0 tasks", lambda r: maml_gradient(MODEL, THETA, X0, X0, X0, X0, 0.1),
+     ValueError, "maml_gradient: x has no tasks"),
+    ("adapt 0 tasks", lambda r: adapt(MODEL, THETA, X0, X0, 0.1, 1), ValueError,
+     "adapt: x has no tasks"),
+    ("reptile_direction 0 tasks", lambda r: reptile_direction(MODEL, THETA, X0, X0, 0.1, 1),
+     ValueError, "reptile_direction: x has no tasks"),
+    ("adapt_and_score 0 tasks", lambda r: adapt_and_score(MODEL, THETA, 0.1, (X0,) * 4, 1),
+     ValueError, "with T >= 1 tasks, got (0, 4, 1)"),
+    ("Model.loss 0 tasks", lambda r: MODEL.loss(np.zeros((0, P)), X0, X0), ValueError,
+     "mse: y must be (T, N, ...) with T >= 1 tasks"),
     ("maml_gradient theta wrong shape",
      lambda r: maml_gradient(MODEL, THETA[:-1], X, Y, X, Y, 0.1), ValueError,
      f"theta must have shape ({P})"),

@@ -155,6 +155,8 @@ def _tasks_of(op, x):
     if not isinstance(x, np.ndarray) or x.ndim < 2:
         raise ValueError(f"{op}: x arrays must be (T, N, ...) ndarrays, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{op}: x has no tasks (shape {x.shape}); T must be >= 1")
     return x.shape[0]
 
 

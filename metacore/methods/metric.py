@@ -344,7 +344,7 @@ class Method(MethodBase):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in vals):
                 raise UserError(f"eval: {name} must be an int >= {low}, got {vals}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise UserError(f"eval: tasks must be an int >= 2 for a confidence interval, "
+            raise UserError(f"eval: tasks must be >= 2 (an int) for a confidence interval, "
                             f"got {n!r}")
         for way in ways:
             for k in shots:
