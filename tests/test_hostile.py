@@ -695,6 +695,17 @@ def test_internal_errors_are_bugs_with_a_traceback(exc, runs, capsys, monkeypatc
                                     f"traceback above")
 
 
+def test_interrupt_is_one_line_exit_130(runs, capsys, monkeypatch):
+    import metacore.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_eval", interrupted)
+    monkeypatch.delenv("METACORE_DEBUG", raising=False)
+    rc, _, err = run_main(["eval", runs["sin"]], capsys)
+    assert (rc, err) == (130, "metacore eval: interrupted\n")
+
+
 def test_refused_commands_left_the_runs_untouched(runs):
     assert _digest_tree(runs["sin"]) == runs["digest"]
     assert sorted(os.listdir(runs["empty"])) == []
