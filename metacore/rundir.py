@@ -5,8 +5,8 @@
     run_files(path) -> [names]  which of RUN_FILES are present
 
 The lock is an OS advisory lock, fcntl.flock(LOCK_EX | LOCK_NB) on DIR/run.lock, held by the
-training process from before it looks at the directory until it ends (Trainer.close, or the
-process's exit). A second process on the same directory is refused at once with
+training process from before it looks at the directory until its training ends (the end of
+Trainer.train, Trainer.close, or the process's exit). A second process on the same directory is refused at once with
 RunLockedError naming the holder's PID (written into the lock file by the holder). The OS
 drops a flock when its holder dies, SIGKILL included, so a killed run never blocks
 `--resume`; the lock file itself is left in place (deleting it would let two processes lock

@@ -92,7 +92,7 @@ class Trainer:
         """resume: False (a new run; refused if the directory holds one), True (continue the
         run in cfg["out"]; refused if there is none) or "auto" (continue it if there is one,
         else start one). The lead process locks the run directory (metacore.rundir) until
-        close(), or the end of a `with Trainer(...)` block, or its exit."""
+        train() returns, close(), the end of a `with Trainer(...)` block, or its exit."""
         from metacore.distributed import SingleProcess
         if resume not in (False, True, "auto"):
             raise ValueError(f"train: resume must be False, True or 'auto', got {resume!r}")
@@ -127,8 +127,10 @@ class Trainer:
                                   lr=cfg["outer_lr"])
         self.step, self.elapsed = 0, 0.0
         self.acc = {"n": 0}
+        self._ckpt_sig = None
         if exists:
             self._load()
+            self._ckpt_sig = _file_sig(self.ckpt_path)
         elif self.lead:
             self._write_config()
             open(self.metrics_path, "w").close()
@@ -162,6 +164,19 @@ class Trainer:
         if getattr(self, "lock", None) is not None:
             self.lock.release()
 
+    def _hold(self):
+        """Take the lock again after close() (a Trainer that trains more than once), refusing
+        if another process changed the checkpoint meanwhile: this Trainer's state is then
+        stale, and saving it would overwrite the other's steps."""
+        if not self.lead or self.lock.held:
+            return
+        self.lock = open_run_dir(self.out)
+        if _file_sig(self.ckpt_path) != self._ckpt_sig:
+            self.close()
+            raise RunDirError(f"train: {self.ckpt_path} changed since this Trainer last saved "
+                              f"or loaded it (another process trained the run); build a new "
+                              f"Trainer with resume=True")
+
     def __enter__(self):
         return self
 
@@ -189,7 +204,9 @@ class Trainer:
         meta = {"config": self.cfg, "step": self.step, "elapsed_s": self.elapsed,
                 "method_state": self.method.state(), "log_acc": self.acc,
                 "opt": {k: v for k, v in opt_state.items() if not isinstance(v, np.ndarray)}}
+        self._hold()
         save_checkpoint(self.ckpt_path, arrays, meta)
+        self._ckpt_sig = _file_sig(self.ckpt_path)
 
     def _load(self):
         arrays, meta = load_checkpoint(self.ckpt_path)
@@ -302,12 +319,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
+        """Train to cfg["iterations"] under the run directory's lock, released at the end (a
+        later train() or save() takes it again)."""
+        self._hold()
         bar = _Progress(self.cfg["iterations"], self.step) if self.progress else None
         try:
             self._loop(bar)
         finally:
             if bar:
                 bar.close()                 # an error's message starts on a line of its own
+            self.close()
         return self.params
 
     def _loop(self, bar):
@@ -346,6 +367,15 @@ class Trainer:
             if bar:
                 shown = metrics.get("loss", next(iter(metrics.values()), float("nan")))
                 bar.update(self.step, float(shown))
+
+
+def _file_sig(path):
+    """(inode, size, mtime) of a file, or None: tells whether another process replaced it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _Progress:

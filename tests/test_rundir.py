@@ -64,9 +64,22 @@ def test_one_trainer_per_directory_in_one_process(tmp_path):
     with Trainer(_cfg(tmp_path), progress=False) as t:
         with pytest.raises(RunLockedError, match=f"PID {os.getpid()}"):
             Trainer(_cfg(tmp_path), resume=True, progress=False)
-        t.train()
-    with Trainer(_cfg(tmp_path, iterations=7), resume=True, progress=False) as t:
-        assert t.step == 6          # the lock went with the first Trainer's close
+        t.train()                   # releases the lock when its training ends
+        t2 = Trainer(_cfg(tmp_path, iterations=8), resume=True, progress=False)
+        assert t2.step == 6
+        t.cfg["iterations"] = 7
+        with pytest.raises(RunLockedError, match=f"PID {os.getpid()}"):
+            t.train()               # t2 holds it now
+        t2.train()
+        with pytest.raises(RunDirError, match="changed since this Trainer last saved or "
+                                              "loaded it"):
+            t.train()               # t2 moved the run on: t's state is stale
+    with Trainer(_cfg(tmp_path, iterations=9), resume=True, progress=False) as t3:
+        assert t3.step == 8
+        t3.train()
+        t3.cfg["iterations"] = 10
+        t3.train()                  # the same Trainer may train again: it takes the lock back
+        assert t3.step == 10
     # a refused construction releases the lock at once (no Trainer object to close)
     with pytest.raises(RunExistsError, match="pass --resume"):
         Trainer(_cfg(tmp_path), progress=False)
