@@ -195,8 +195,9 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend=
     T, Q, _ = q.shape
     N = s.shape[1]
     if T < 1 or Q < 1 or N < 1:
-        raise ValueError(f"{op}: needs at least one task, one query and one prototype per "
-                         f"task, got q of shape {q.shape} and s of shape {s.shape}")
+        raise ValueError(f"{op}: needs at least one query and one prototype per task, and "
+                         f"at least one task, got q of shape {q.shape} and s of shape "
+                         f"{s.shape}")
     check_int_array(op, "y", y, shape=(T, Q), low=0, high=N)
     if metric not in METRICS:
         raise ValueError(f"{op}: unknown metric {metric!r}; choose one of {METRICS}")
