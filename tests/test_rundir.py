@@ -210,3 +210,16 @@ def test_cli_resumes_a_moved_run(tmp_path, capsys):
 def test_user_error_type_is_a_value_error():
     # API callers that catch ValueError for bad input keep working
     assert issubclass(UserError, ValueError) and issubclass(RunExistsError, FileExistsError)
+
+
+def test_cli_resume_or_start(tmp_path, capsys):
+    from metacore.cli import main
+    base = ["train", "fomaml", "--task", "sinusoid", "--out", str(tmp_path / "r"),
+            "--eval-every", "2", "--eval-tasks", "4", "--log-every", "1", "--ckpt-every", "2",
+            "--no-progress", "--resume-or-start"]
+    assert main(base + ["--iterations", "2"]) == 0             # no run: starts one
+    assert "step 2" in capsys.readouterr().out
+    assert main(base + ["--iterations", "4"]) == 0             # a run: continues it
+    assert "step 4" in capsys.readouterr().out
+    assert main(base[:-1] + ["--iterations", "6"]) == 2       # without a resume flag: refused
+    assert "pass --resume to continue it" in capsys.readouterr().err
