@@ -76,6 +76,14 @@ def _check_pair(op, q, s):
     _finite(op, "s", s)
 
 
+def _check_cosine_d(op, q):
+    """A cosine of vectors with no features is 0 / 0, which the EPS clamp would silently turn
+    into 0 (and its gradient into 0): refused."""
+    if q.shape[2] == 0:
+        raise ValueError(f"{op}: cosine similarity needs D >= 1 features, got q of shape "
+                         f"{q.shape}")
+
+
 def _check_grad(op, g, q, s):
     _check_pair(op, q, s)
     check_float_array(op, "g", g, shape=(q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
@@ -158,12 +166,14 @@ def pairwise_l1_backward(g, q, s, backend="auto"):
 def pairwise_cosine(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> c: (T, Q, N) = q.s / (max(|q|,EPS) max(|s|,EPS))."""
     _check_pair("pairwise_cosine", q, s)
+    _check_cosine_d("pairwise_cosine", q)
     return _backend("pairwise_cosine", backend, q, s).pairwise_cosine(q, s)
 
 
 def pairwise_cosine_backward(g, q, s, backend="auto"):
     """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D)."""
     _check_grad("pairwise_cosine_backward", g, q, s)
+    _check_cosine_d("pairwise_cosine_backward", q)
     mod = _backend("pairwise_cosine_backward", backend, g, q, s)
     return mod.pairwise_cosine_backward(g, q, s)
 
@@ -184,14 +194,20 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend=
         _check_pair(op, q, s)
     T, Q, _ = q.shape
     N = s.shape[1]
-    if Q < 1 or N < 1:
-        raise ValueError(f"{op}: needs at least one query and one prototype per task, got "
-                         f"q of shape {q.shape} and s of shape {s.shape}")
+    if T < 1 or Q < 1 or N < 1:
+        raise ValueError(f"{op}: needs at least one query and one prototype per task, and "
+                         f"at least one task, got q of shape {q.shape} and s of shape "
+                         f"{s.shape}")
     check_int_array(op, "y", y, shape=(T, Q), low=0, high=N)
     if metric not in METRICS:
         raise ValueError(f"{op}: unknown metric {metric!r}; choose one of {METRICS}")
-    if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale)):
-        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if isinstance(scale, (bool, np.bool_)) or not (
+            isinstance(scale, (int, float, np.integer, np.floating)) and np.isfinite(scale)
+            and scale > 0):
+        # scale <= 0 turns the nearest prototype into the least likely class
+        raise ValueError(f"{op}: scale must be a finite number > 0, got {scale!r}")
+    if metric == "cosine":
+        _check_cosine_d(op, q)
     if gloss is not None:
         check_float_array(op, "gloss", gloss, shape=(T,), dtype=q.dtype)
     mod = _auto_host(op) if fast and type(y) is np.ndarray and (

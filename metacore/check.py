@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from metacore import models
+from metacore.errors import UserError
 from metacore.gradcheck import numerical_gradient_at, rel_error
 from metacore.layers import batchnorm as bn
 from metacore.layers import conv2d as cv
@@ -345,8 +346,7 @@ def select(cases, only):
     unknown = set(only) - {c.name for c in chosen} - {c.name.split("[")[0] for c in chosen}
     if unknown:
         names = sorted({c.name.split("[")[0] for c in cases})
-        raise SystemExit(f"metacore check: unknown derivation(s) {sorted(unknown)}; "
-                         f"choose from {names}")
+        raise UserError(f"unknown derivation(s) {sorted(unknown)}; choose from {names}")
     return chosen
 
 

@@ -34,6 +34,8 @@ import zipfile
 
 import numpy as np
 
+from metacore.errors import UserError
+
 FORMAT = "metacore-checkpoint"
 VERSION = 1
 _HEADER = "__header__"
@@ -44,8 +46,9 @@ _ALLOWED_KINDS = "biufcSU"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class CheckpointError(ValueError):
-    """A file that is not a valid metacore checkpoint (corrupt, truncated, or something else)."""
+class CheckpointError(UserError):
+    """A file that is not a valid metacore checkpoint (corrupt, truncated, or something else).
+    A ValueError (through metacore.errors.UserError): the CLI prints it as one line."""
 
 
 # --- input checks ------------------------------------------------------------------------------

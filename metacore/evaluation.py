@@ -11,11 +11,13 @@ Batch norm at test time (Omniglot, conv4_maml in batch mode):
                       pixels only), so no query sees another
 """
 import json
+import math
 import os
 
 import numpy as np
 
 from metacore.algorithms.maml import _loss_grad
+from metacore.errors import UserError
 from metacore.network import LOSSES
 from metacore.stats import mean_ci  # noqa: F401  (re-exported)
 
@@ -39,21 +41,23 @@ def _query_scores(model, theta, qx, qy, transductive):
 
 
 def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
-    """theta (P,), alpha scalar or (P,), batch = (sx, sy, qx, qy) of T tasks.
+    """theta (P,), alpha scalar or (P,) (a Meta-SGD run's learned rates, negative entries
+    allowed), batch = (sx, sy, qx, qy) of T tasks.
     -> {"loss": [(T,)] * (max_steps + 1), "accuracy": likewise, for classifiers}."""
     from metacore.algorithms.maml import _check_alpha, _check_model, _check_theta, _check_xy
     op = "adapt_and_score"
     _check_model(op, model)
     _check_theta(op, model, theta)
-    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype)
+    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype, learned=True)
     if not isinstance(batch, (tuple, list)) or len(batch) != 4:
         raise TypeError(f"{op}: batch must be (support_x, support_y, query_x, query_y)")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"{op}: max_steps must be an int >= 0, got {max_steps!r}")
     sx, sy, qx, qy = batch
     T = sx.shape[0] if isinstance(sx, np.ndarray) and sx.ndim >= 2 else None
-    if T is None:
-        raise ValueError(f"{op}: support_x must be a (T, N, ...) array")
+    if not T:
+        raise ValueError(f"{op}: support_x must be a (T, N, ...) array with T >= 1 tasks, "
+                         f"got {getattr(sx, 'shape', type(sx).__name__)}")
     _check_xy(op, model, "support", sx, sy, T, theta.dtype)
     _check_xy(op, model, "query", qx, qy, T, theta.dtype)
     th = np.repeat(theta[None, :], T, axis=0)                          # (T, P)
@@ -82,16 +86,22 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
     "loss_ci95" (and "accuracy_mean", "accuracy_ci95"), plus the run's settings."""
     from metacore.methods.maml_family import OmniglotSource, SinusoidSource, split_params
     from metacore.training import load_run
-    if not isinstance(n_tasks, int) or n_tasks < 2:
-        raise ValueError(f"evaluate: n_tasks must be an int >= 2, got {n_tasks!r}")
-    if not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"evaluate: max_steps must be an int >= 0, got {max_steps!r}")
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 2:
+        raise UserError(f"evaluate: n_tasks must be an int >= 2, got {n_tasks!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise UserError(f"evaluate: max_steps must be an int >= 0, got {max_steps!r}")
+    for name, v, low in (("shots", shots, 1), ("query_points", query_points, 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise UserError(f"evaluate: {name} must be an int >= {low}, got {v!r}")
+    if inner_lr is not None and (isinstance(inner_lr, bool) or not isinstance(
+            inner_lr, (int, float)) or not math.isfinite(inner_lr) or inner_lr < 0):
+        raise UserError(f"evaluate: inner_lr must be a finite number >= 0, got {inner_lr!r}")
     cfg, method, params, meta = load_run(run_dir)
     model = method.model
     theta, alpha = split_params(cfg, model, params)
     if inner_lr is not None and cfg["algorithm"] != "metasgd":
         alpha = float(inner_lr)
-    ecfg = dict(cfg, shots=shots or cfg["shots"])
+    ecfg = dict(cfg, shots=cfg["shots"] if shots is None else shots)
     if cfg["task"] == "sinusoid":
         ecfg["queries"] = query_points
         source = SinusoidSource(ecfg, np.random.default_rng(seed))
@@ -119,6 +129,14 @@ def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_po
         result["bn"] = "transductive" if transductive else "non-transductive"
     for key, per_step in scores.items():
         if per_step[0]:
+            for i, v in enumerate(per_step):
+                v = np.concatenate(v)
+                bad = v.size - int(np.count_nonzero(np.isfinite(v)))
+                if bad:
+                    raise FloatingPointError(
+                        f"evaluate: the query {key} after {i} step(s) is non-finite on {bad} "
+                        f"of {v.size} tasks (test-time alpha {result['inner_lr']}): the "
+                        f"adapted parameters diverged")
             stats = [mean_ci(np.concatenate(v)) for v in per_step]
             result[f"{key}_mean"] = [m for m, _ in stats]
             result[f"{key}_ci95"] = [c for _, c in stats]

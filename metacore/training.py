@@ -8,6 +8,12 @@ Run directory (config["out"]):
                       log_every steps (means over the interval) and {"kind": "eval", ...} every
                       eval_every steps; "elapsed_s" is the training wall time summed over resumes
     checkpoint.npz    the latest checkpoint (metacore.checkpoint: atomic, SHA-256 checked)
+    run.lock          flock'ed by the training process (metacore.rundir): one process per run
+
+A new run refuses a directory that holds any of config.json, metrics.jsonl, checkpoint.npz;
+--resume refuses one without checkpoint.npz (with config.json or metrics.jsonl left by a run
+that cannot be resumed, it touches neither). The directory's path is not a setting: a run
+may be moved or copied and resumed from its new place.
 
 Exact resume: the checkpoint holds the parameter vector, the optimizer's state, the method's
 buffers (e.g. batch-norm running statistics) and JSON state (its RNG states), the step and the
@@ -19,17 +25,21 @@ Outer learning rate: outer_lr, halved every lr_halve_every steps when that is > 
 linearly to outer_lr_final over the run when that is set (a function of the step alone, so it
 needs no state of its own).
 """
+import errno
 import json
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from metacore import methods
-from metacore.checkpoint import load_checkpoint, save_checkpoint
+from metacore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metacore.errors import IgnoredSettingWarning, RunDirError, RunExistsError, UserError
 from metacore.optim import make_optimizer
+from metacore.rundir import open_run_dir, run_files
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
 
@@ -39,23 +49,23 @@ def make_config(algorithm, task, out, **overrides):
     the non-None overrides; every value checked."""
     mod = methods.get(algorithm)
     if task not in mod.TASKS:
-        raise ValueError(f"make_config: task must be one of {mod.TASKS} for {algorithm}, "
-                         f"got {task!r}")
+        raise UserError(f"make_config: task must be one of {mod.TASKS} for {algorithm}, "
+                        f"got {task!r}")
     cfg = dict(algorithm=algorithm, task=task, out=os.fspath(out))
     cfg.update(methods.paper_defaults(algorithm, task))
     unknown = set(overrides) - set(cfg)
     if unknown:
-        raise ValueError(f"make_config: unknown settings {sorted(unknown)} for {algorithm} "
-                         f"(known: {sorted(set(cfg) - {'algorithm', 'task', 'out'})})")
+        raise UserError(f"make_config: unknown settings {sorted(unknown)} for {algorithm} "
+                        f"(known: {sorted(set(cfg) - {'algorithm', 'task', 'out'})})")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("iterations", "log_every", "ckpt_every", "eval_every", "lr_halve_every"):
         v = cfg[key]
         lo = 0 if key in ("iterations", "lr_halve_every") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+            raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
     v = cfg["outer_lr"]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"make_config: outer_lr must be a finite number >= 0, got {v!r}")
+        raise UserError(f"make_config: outer_lr must be a finite number >= 0, got {v!r}")
     cfg["outer_lr"] = float(v)
     v = cfg["outer_lr_final"]
     if v is not None:
@@ -67,14 +77,16 @@ def make_config(algorithm, task, out, **overrides):
             raise ValueError("make_config: set lr_halve_every or outer_lr_final, not both")
         cfg["outer_lr_final"] = float(v)
     if cfg["outer_opt"] not in OPTIMIZERS:
-        raise ValueError(f"make_config: outer_opt must be one of {OPTIMIZERS}, "
-                         f"got {cfg['outer_opt']!r}")
+        raise UserError(f"make_config: outer_opt must be one of {OPTIMIZERS}, "
+                        f"got {cfg['outer_opt']!r}")
     if cfg["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"make_config: dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
+        raise UserError(f"make_config: dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ValueError(f"make_config: seed must be an int >= 0, got {cfg['seed']!r}")
+        raise UserError(f"make_config: seed must be an int >= 0, got {cfg['seed']!r}")
     if hasattr(mod, "check_config"):
         mod.check_config(cfg)
+    for message in getattr(mod, "ignored_settings", lambda c: [])(cfg):
+        warnings.warn(f"make_config: {message}", IgnoredSettingWarning, stacklevel=2)
     return cfg
 
 
@@ -86,13 +98,34 @@ class Trainer:
     """Builds (or resumes) a run from a config and trains it; see the module docstring."""
 
     def __init__(self, cfg, resume=False, progress=True, comm=None):
-        from metacore.distributed import SingleProcess, check_same_start
+        """resume: False (a new run; refused if the directory holds one), True (continue the
+        run in cfg["out"]; refused if there is none) or "auto" (continue it if there is one,
+        else start one). The lead process locks the run directory (metacore.rundir) until
+        train() returns, close(), the end of a `with Trainer(...)` block, or its exit."""
+        from metacore.distributed import SingleProcess
+        if resume not in (False, True, "auto"):
+            raise ValueError(f"train: resume must be False, True or 'auto', got {resume!r}")
         self.comm = comm or SingleProcess()
         self.lead = self.comm.rank == 0                  # writes metrics and checkpoints
         self.cfg, self.progress = cfg, progress and self.lead
         self.out = cfg["out"]
         self.ckpt_path = os.path.join(self.out, "checkpoint.npz")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        if resume is True and not (os.path.isdir(self.out) and run_files(self.out)):
+            self._check_run_state(resume)          # nothing to resume: say so, create nothing
+        self.lock = open_run_dir(self.out) if self.lead else None
+        try:
+            self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, resume):
+        from metacore.distributed import check_same_start
+        cfg = self.cfg
+        exists = os.path.exists(self.ckpt_path)
+        if self.lead:
+            self._check_run_state(resume)
         self.dtype = np.dtype(cfg["dtype"])
         self.method = build_method(cfg)
         self.params = self.method.init_params(self.method.rng)
@@ -103,19 +136,61 @@ class Trainer:
                                   lr=cfg["outer_lr"])
         self.step, self.elapsed = 0, 0.0
         self.acc = {"n": 0}
-        exists = os.path.exists(self.ckpt_path)
-        if exists and not resume:
-            raise FileExistsError(f"train: {self.ckpt_path} exists; pass --resume to continue "
-                                  f"it or choose another --out")
-        if self.lead:
-            os.makedirs(self.out, exist_ok=True)
+        self._ckpt_sig = None
         if exists:
             self._load()
+            self._ckpt_sig = _file_sig(self.ckpt_path)
         elif self.lead:
             self._write_config()
             open(self.metrics_path, "w").close()
         self.comm.barrier()
         check_same_start(self.comm, self.step, self.params)
+
+    def _check_run_state(self, resume):
+        """Refuse, before anything is written, a start that would overwrite a run and a
+        resume that has nothing to continue (under the lock: nothing changes meanwhile)."""
+        present = run_files(self.out) if os.path.isdir(self.out) else []
+        if "checkpoint.npz" in present:
+            if not resume:
+                raise RunExistsError(f"train: {self.ckpt_path} exists; pass --resume to "
+                                     f"continue it or choose another --out")
+            return
+        if present:
+            # config.json / metrics.jsonl without a checkpoint: a run killed before its first
+            # checkpoint, or one whose checkpoint was removed. Starting over would overwrite
+            # its history, so neither a new run nor --resume may touch it.
+            raise RunDirError(
+                f"train{' --resume' if resume else ''}: {self.out} holds {' and '.join(present)} "
+                f"of a run but no checkpoint.npz to continue from; move them away (starting "
+                f"over would overwrite them) or choose another --out")
+        if resume is True:
+            raise RunDirError(f"train --resume: no run to resume in {self.out} (no "
+                              f"checkpoint.npz); leave out --resume to start one, or pass "
+                              f"--resume-or-start")
+
+    def close(self):
+        """Release the run directory's lock (the lead process); idempotent."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+    def _hold(self):
+        """Take the lock again after close() (a Trainer that trains more than once), refusing
+        if another process changed the checkpoint meanwhile: this Trainer's state is then
+        stale, and saving it would overwrite the other's steps."""
+        if not self.lead or self.lock.held:
+            return
+        self.lock = open_run_dir(self.out)
+        if _file_sig(self.ckpt_path) != self._ckpt_sig:
+            self.close()
+            raise RunDirError(f"train: {self.ckpt_path} changed since this Trainer last saved "
+                              f"or loaded it (another process trained the run); build a new "
+                              f"Trainer with resume=True")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def model(self):
@@ -138,13 +213,21 @@ class Trainer:
         meta = {"config": self.cfg, "step": self.step, "elapsed_s": self.elapsed,
                 "method_state": self.method.state(), "log_acc": self.acc,
                 "opt": {k: v for k, v in opt_state.items() if not isinstance(v, np.ndarray)}}
+        self._hold()
         save_checkpoint(self.ckpt_path, arrays, meta)
+        self._ckpt_sig = _file_sig(self.ckpt_path)
 
     def _load(self):
         arrays, meta = load_checkpoint(self.ckpt_path)
-        old = dict(meta["config"])
+        try:
+            old = dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"train --resume: {self.ckpt_path} has no run configuration "
+                                  f"({type(e).__name__}: {e})") from e
         mine = dict(self.cfg)
-        old.pop("iterations"), mine.pop("iterations")          # a run may be extended
+        # a run may be extended; and moved or copied: its directory is not one of its settings
+        for k in ("iterations", "out"):
+            old.pop(k, None), mine.pop(k, None)
         # a setting added to the method after this checkpoint was written, at its default
         # (which must reproduce the old behaviour), is no difference
         defaults = methods.paper_defaults(self.cfg["algorithm"], self.cfg["task"])
@@ -153,12 +236,29 @@ class Trainer:
                 old[k] = mine[k]
         if old != mine:
             diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
-            raise ValueError(f"train --resume: the settings {diff} differ from the checkpoint's "
-                             f"({self.ckpt_path})")
+            what = ", ".join(f"{k} {mine.get(k)!r} (checkpoint: {old.get(k)!r})" for k in diff)
+            raise UserError(f"train --resume: the settings {diff} differ from the checkpoint's "
+                            f"({self.ckpt_path}): {what}; resume with the run's settings or "
+                            f"start a new run in another --out")
+        try:
+            self._restore(arrays, meta)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"train --resume: {self.ckpt_path} does not fit this run "
+                                  f"({type(e).__name__}: {e})") from e
+        if self.lead:
+            self._truncate_metrics()
+            try:
+                saved_out = read_config(self.out).get("out")
+            except UserError:                    # config.json lost: the checkpoint has it
+                saved_out = None
+            if saved_out != self.cfg["out"]:
+                self._write_config()             # the run was moved or copied here
+
+    def _restore(self, arrays, meta):
         p = arrays["params"]
-        if p.shape != self.params.shape or p.dtype != self.params.dtype:
-            raise ValueError(f"train --resume: checkpoint params {p.shape} {p.dtype}, expected "
-                             f"{self.params.shape} {self.params.dtype}")
+        check_params(self.ckpt_path, p, self.params)
         self.params = p
         state = dict(meta["opt"])
         state.update({k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
@@ -166,8 +266,6 @@ class Trainer:
         self.method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
         self.method.load_state(meta["method_state"])
         self.step, self.elapsed, self.acc = meta["step"], meta["elapsed_s"], meta["log_acc"]
-        if self.lead:
-            self._truncate_metrics()
 
     def _truncate_metrics(self):
         """Drop metric lines written after the checkpoint (a run killed between the two)."""
@@ -237,8 +335,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
+        """Train to cfg["iterations"] under the run directory's lock, released at the end (a
+        later train() or save() takes it again)."""
+        self._hold()
+        bar = _Progress(self.cfg["iterations"], self.step) if self.progress else None
+        try:
+            self._loop(bar)
+        finally:
+            if bar:
+                bar.close()                 # an error's message starts on a line of its own
+            self.close()
+        return self.params
+
+    def _loop(self, bar):
         cfg, total = self.cfg, self.cfg["iterations"]
-        bar = _Progress(total, self.step) if self.progress else None
         t_last = time.perf_counter()
         while self.step < total:
             batch = self.method.sample()
@@ -273,9 +383,15 @@ class Trainer:
             if bar:
                 shown = metrics.get("loss", next(iter(metrics.values()), float("nan")))
                 bar.update(self.step, float(shown))
-        if bar:
-            bar.close()
-        return self.params
+
+
+def _file_sig(path):
+    """(inode, size, mtime) of a file, or None: tells whether another process replaced it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _Progress:
@@ -302,24 +418,70 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _check_run_dir(run_dir):
+    """A run directory to read: refuse a missing one or a file, naming it."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.exists(run_dir):
+        raise FileNotFoundError(errno.ENOENT, "no such run directory", run_dir)
+    if not os.path.isdir(run_dir):
+        raise RunDirError(f"{run_dir} is not a run directory (it is a file)")
+    return run_dir
+
+
 def read_config(run_dir):
-    """A run directory's config.json, or a zoo entry's config (run_dir = "zoo:NAME")."""
+    """The run's config.json as a dict (or a zoo entry's config, run_dir = "zoo:NAME"); a
+    missing, unreadable or invalid file is refused with an error naming it."""
     from metacore import zoo
     if zoo.is_ref(run_dir):
         return zoo.read(run_dir)[1]["config"]
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)
+    path = os.path.join(_check_run_dir(run_dir), "config.json")
+    if not os.path.exists(path):
+        raise RunDirError(f"no run in {run_dir}: {path} does not exist")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("algorithm"), str) \
+            or not isinstance(cfg.get("task"), str):
+        raise RunDirError(f"{path} is not a run configuration (a JSON object with "
+                          f"'algorithm' and 'task')")
+    return cfg
+
+
+def check_params(path, p, like):
+    """A checkpoint's parameter vector must have the shape and dtype of a fresh one (`like`)
+    and be finite; refused as a CheckpointError naming the file."""
+    if not isinstance(p, np.ndarray) or p.shape != like.shape or p.dtype != like.dtype:
+        raise CheckpointError(f"{path}: params {getattr(p, 'shape', None)} "
+                              f"{getattr(p, 'dtype', type(p).__name__)}, expected {like.shape} "
+                              f"{like.dtype} for this run's settings")
+    bad = p.size - int(np.count_nonzero(np.isfinite(p)))
+    if bad:
+        raise CheckpointError(f"{path}: params hold {bad} non-finite value(s) (NaN or Inf)")
 
 
 def load_run(run_dir):
     """-> (config, method, params, meta) from a run directory's latest checkpoint (or a zoo
-    entry, run_dir = "zoo:NAME"), with the method's buffers restored."""
+    entry, run_dir = "zoo:NAME"), with the method's buffers restored. config["out"] is run_dir
+    (the run may have been moved). A checkpoint that does not fit the run's method is refused
+    naming the file."""
     from metacore import zoo
     if zoo.is_ref(run_dir):
-        arrays, meta = zoo.read(run_dir)
+        path = zoo.verified_path(zoo.name_of(run_dir))
     else:
-        arrays, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.npz"))
-    cfg = meta["config"]
-    method = build_method(cfg)
-    method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
+        path = os.path.join(_check_run_dir(run_dir), "checkpoint.npz")
+        if not os.path.exists(path):
+            raise RunDirError(f"no checkpoint in {run_dir}: {path} does not exist (a run not "
+                              f"yet at its first checkpoint, or not a run directory)")
+    arrays, meta = load_checkpoint(path)
+    try:
+        cfg = dict(meta["config"], out=os.fspath(run_dir))
+        method = build_method(cfg)
+        check_params(path, arrays["params"], method.init_params(np.random.default_rng(0)))
+        method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise CheckpointError(f"{path} does not fit its run ({type(e).__name__}: {e})") from e
     return cfg, method, arrays["params"], meta

@@ -104,3 +104,9 @@ def test_zoo_lists_outside_the_checkout(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert [e["name"] for e in json.loads(out.stdout)] == [e["name"] for e in zoo.entries()]
+
+
+def test_cli_reports_a_missing_entry_in_one_line(capsys):
+    assert main(["eval", "zoo:no_such_entry"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("metacore eval: error: zoo: no entry")

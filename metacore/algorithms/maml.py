@@ -108,10 +108,17 @@ def _check_theta(op, model, theta):
     return theta
 
 
-def _check_alpha(op, alpha, P, dtype):
-    """A finite scalar >= 0 (returned as float) or a (P,) finite array of theta's dtype."""
+def _check_alpha(op, alpha, P, dtype, learned=False):
+    """A finite scalar >= 0 (returned as float) or a (P,) finite array of theta's dtype,
+    >= 0 too unless `learned`: Meta-SGD learns direction and rate together (Li et al. 2017),
+    so the rates of a trained run may be negative, and evaluation accepts them; as an input
+    to the meta-gradient or adaptation a negative rate ascends the support loss."""
     if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
         check_float_array(op, "alpha", alpha, shape=(P,), dtype=dtype)
+        neg = int(np.count_nonzero(alpha < 0))
+        if neg and not learned:
+            raise ValueError(f"{op}: alpha has {neg} negative rate(s) (min {alpha.min():g}); "
+                             f"the per-parameter rates must be >= 0")
         return alpha
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (numbers.Real, np.ndarray)):
         raise TypeError(f"{op}: alpha must be a real scalar or a ({P},) array, got "
@@ -148,6 +155,8 @@ def _tasks_of(op, x):
     if not isinstance(x, np.ndarray) or x.ndim < 2:
         raise ValueError(f"{op}: x arrays must be (T, N, ...) ndarrays, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{op}: x has no tasks (shape {x.shape}); T must be >= 1")
     return x.shape[0]
 
 

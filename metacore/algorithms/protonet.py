@@ -39,6 +39,9 @@ def check_episode(op, params, num_params, support_x, support_y, query_x=None, qu
     shape = (None, None) + (tuple(in_shape) if in_shape is not None else (None,) * 3)
     check_float_array(op, "support_x", support_x, shape=shape, dtype=params.dtype)
     T, S = support_x.shape[:2]
+    if T < 1:
+        raise ValueError(f"{op}: support_x has no tasks (shape {support_x.shape}); a batch "
+                         f"needs T >= 1 episodes")
     if S < 1:
         raise ValueError(f"{op}: support_x has no images (shape {support_x.shape})")
     check_int_array(op, "support_y", support_y, shape=(T, S), low=0)

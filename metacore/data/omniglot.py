@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from metacore.errors import UserError
 from metacore.validate import FLOAT_DTYPES, check_float_array
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +61,10 @@ N_CHARS, N_DRAWINGS, N_ALPHABETS, IMG = 1623, 20, 50, 28
 N_RUNS, RUN_WAY = 20, 20
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SCHEMES = ("vinyals", "maml")
+# characters in the train / val / test parts of each split scheme, and drawings per character
+SPLIT_SIZES = {"vinyals": {"train": 1028, "val": 172, "test": 423},
+               "maml": {"train": 1100, "val": 100, "test": 423}}
+N_DRAWINGS = 20
 VERSIONS = {"ink28": "omniglot_ink28.npz", "maml": "omniglot_ink28_maml.npz"}
 META_FILE = "omniglot_meta.npz"
 
@@ -283,7 +288,7 @@ def _check_count(op, name, value, minimum):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+        raise UserError(f"{op}: {name} must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -331,8 +336,8 @@ class EpisodeSampler:
         self.k_shot = _check_count(op, "k_shot", k_shot, 1)
         self.q_query = _check_count(op, "q_query", q_query, 0)
         if self.k_shot + self.q_query > n_drawings:
-            raise ValueError(f"{op}: k_shot + q_query = {self.k_shot + self.q_query} exceeds "
-                             f"the {n_drawings} drawings per character")
+            raise UserError(f"{op}: k_shot + q_query = {self.k_shot + self.q_query} exceeds "
+                            f"the {n_drawings} drawings per character")
         if not isinstance(rotate, (bool, np.bool_)):
             raise TypeError(f"{op}: rotate must be a bool, got {type(rotate).__name__}")
         self.n_rot = 4 if rotate else 1
@@ -340,9 +345,9 @@ class EpisodeSampler:
             raise ValueError(f"{op}: rotate=True needs square images, got {images.shape[2:]}")
         self.n_classes = chars.size * self.n_rot
         if self.n_way > self.n_classes:
-            raise ValueError(f"{op}: n_way = {self.n_way} exceeds the class pool of "
-                             f"{self.n_classes} ({chars.size} characters x {self.n_rot} "
-                             f"rotation(s))")
+            raise UserError(f"{op}: n_way = {self.n_way} exceeds the class pool of "
+                            f"{self.n_classes} ({chars.size} characters x {self.n_rot} "
+                            f"rotation(s))")
         self.seed = _check_count(op, "seed", seed, 0)
         self.dtype = _check_dtype(op, dtype)
         self.images = images

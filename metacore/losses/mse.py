@@ -10,6 +10,9 @@ def mse_forward(y, target):
     """-> loss (T,), cache = (diff, scale) with diff = y - target, scale = 2 / (N O)."""
     check_float_array("mse", "y", y, finite=False)
     check_float_array("mse", "target", target, shape=y.shape, dtype=y.dtype)
+    if y.ndim < 2 or y.shape[0] < 1 or y[0].size < 1:
+        raise ValueError(f"mse: y must be (T, N, ...) with T >= 1 tasks and N >= 1 points, "
+                         f"got shape {y.shape}")
     diff = y - target                                      # (T, N, O)
     count = diff[0].size
     loss = (diff * diff).reshape(diff.shape[0], -1).mean(axis=1)   # (T,)

@@ -21,7 +21,15 @@ def softmax_ce_forward(z, labels):
     # log softmax at the label, without forming log(p) of tiny probabilities
     z_label = np.take_along_axis(z, labels[..., None], axis=-1)[..., 0]      # (T, N)
     logp_label = z_label - zmax[..., 0] - np.log(s[..., 0])
-    return -logp_label.mean(axis=1), (p, labels)
+    loss = -logp_label.mean(axis=1)
+    if not np.isfinite(loss).all():
+        # logits are allowed to be -inf (masked classes), so the input check lets non-finite
+        # values through; a loss that came out NaN or Inf is refused here instead
+        bad = int(np.count_nonzero(~np.isfinite(loss)))
+        raise FloatingPointError(f"softmax_ce: the loss of {bad} of {loss.size} task(s) is "
+                                 f"non-finite (logits NaN, +inf, or out of the {z.dtype} "
+                                 f"range)")
+    return loss, (p, labels)
 
 
 def softmax_ce_backward(cache):

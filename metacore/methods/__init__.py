@@ -7,7 +7,12 @@ A method module is `metacore/methods/<module>.py`. It defines
     DEFAULTS  {task: {config key: paper default}}; these keys, plus COMMON below, are the only
               settings a run of this method accepts (`metacore train NAME --set KEY=VALUE`)
     Method    a subclass of MethodBase, built as Method(cfg) from the full run config
-    check_config(cfg)   optional: raise ValueError naming a bad setting
+    check_config(cfg)   optional: raise metacore.errors.UserError naming a bad setting
+    ignored_settings(cfg)   optional: messages for given settings the method does not read
+                        (make_config warns with each; harmless, so not errors)
+    eval_options(cfg)   optional: the `metacore eval` options a run takes ("tasks", "way",
+                        "steps", "shots", ...; metacore/cli.py's EVAL_OPTIONS); the CLI
+                        refuses the others. Without it every option is passed on
 
 and nothing else is needed: `registry()` finds every module in this folder that has NAMES.
 
@@ -24,7 +29,8 @@ owns the model, the task source and everything the trainer must not know about:
     m.state() / m.load_state(s)                # JSON-able state (RNG states; the default
                                                # saves m.rng)
     m.evaluate(params, opts) -> dict           # `metacore eval RUN`; opts are the CLI's
-    m.format_result(result) -> str             #   (tasks, seed, shots, way, bn, ...)
+    m.format_result(result) -> str             #   (tasks, seed, shots, way, bn, ...; None:
+                                               #   not given; bad values raise UserError)
     m.shard(batch, lo, hi) -> sub-batch        # --distributed: tasks [lo, hi) of the batch;
     m.batch_size(batch) -> T                   #   gradient() must be a mean over tasks, and
                                                #   its change to buffers() affine in the
@@ -44,6 +50,7 @@ import pkgutil
 import numpy as np
 
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 
 # Settings every run has; a method's DEFAULTS may override the values, not remove the keys.
 # outer_lr_final: None keeps outer_lr; a number anneals it linearly from outer_lr at the first
@@ -88,11 +95,11 @@ class MethodBase:
         set_rng_state(self.rng, s["rng"])
 
     def batch_size(self, batch):
-        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed (its method "
-                         f"defines no batch_size/shard)")
+        raise UserError(f"{self.cfg['algorithm']} does not support --distributed (its method "
+                        f"defines no batch_size/shard)")
 
     def shard(self, batch, lo, hi):
-        raise ValueError(f"{self.cfg['algorithm']} does not support --distributed")
+        raise UserError(f"{self.cfg['algorithm']} does not support --distributed")
 
     def evaluate(self, params, opts):
         raise NotImplementedError(f"{type(self).__name__} has no `metacore eval` yet")
@@ -144,5 +151,5 @@ def get(name):
     """The method module for `name`, with a clear error listing the known names."""
     reg = registry()
     if name not in reg:
-        raise ValueError(f"algorithm must be one of {tuple(sorted(reg))}, got {name!r}")
+        raise UserError(f"algorithm must be one of {tuple(sorted(reg))}, got {name!r}")
     return reg[name]

@@ -35,6 +35,7 @@ import numpy as np
 
 from metacore.algorithms import lstm_optimizer as A
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 
 NAMES = ("lstm_optimizer",)
@@ -62,7 +63,7 @@ TUNE_TASKS = {"quadratic": 32, "omniglot_mlp": 8}
 def _posint(cfg, key):
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+        raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
 
 
 def check_config(cfg):
@@ -72,21 +73,26 @@ def check_config(cfg):
     for key in keys:
         _posint(cfg, key)
     if cfg["opt_steps"] % cfg["unroll"]:
-        raise ValueError(f"make_config: opt_steps ({cfg['opt_steps']}) must be a multiple of "
-                         f"unroll ({cfg['unroll']})")
+        raise UserError(f"make_config: opt_steps ({cfg['opt_steps']}) must be a multiple of "
+                        f"unroll ({cfg['unroll']})")
     for key in ("preproc_p", "out_scale"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or v <= 0:
-            raise ValueError(f"make_config: {key} must be a finite number > 0, got {v!r}")
+            raise UserError(f"make_config: {key} must be a finite number > 0, got {v!r}")
         cfg[key] = float(v)
     if cfg["task"] == "omniglot_mlp":
         if cfg["train_per_class"] >= 20:
-            raise ValueError(f"make_config: train_per_class must be < 20 (Omniglot has 20 "
-                             f"drawings per character), got {cfg['train_per_class']}")
+            raise UserError(f"make_config: train_per_class must be < 20 (Omniglot has 20 "
+                            f"drawings per character), got {cfg['train_per_class']}")
         if 28 % cfg["pool"]:
-            raise ValueError(f"make_config: pool must divide the image size 28, "
-                             f"got {cfg['pool']}")
+            raise UserError(f"make_config: pool must divide the image size 28, "
+                            f"got {cfg['pool']}")
+
+
+def eval_options(cfg):
+    """`metacore eval` options of the LSTM optimizer (held-out optimizees, steps)."""
+    return ("tasks", "steps")
 
 
 # ------------------------------------------------------------------------------ optimizees
@@ -281,11 +287,13 @@ class Method(MethodBase):
         from metacore.stats import mean_ci
         cfg = self.cfg
         task = cfg["task"]
-        n = opts.get("tasks") or EVAL_TASKS[task]
-        steps = opts.get("steps") or cfg["opt_steps"]
+        n = EVAL_TASKS[task] if opts.get("tasks") is None else opts["tasks"]
+        steps = cfg["opt_steps"] if opts.get("steps") is None else opts["steps"]
         seed = 2017 if opts.get("seed") is None else opts["seed"]
-        if n < 2:
-            raise ValueError(f"lstm_optimizer.evaluate: tasks must be >= 2, got {n}")
+        for key, v in (("tasks", n), ("steps", steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if key == "tasks" else 1):
+                raise UserError(f"lstm_optimizer.evaluate: {key} must be an int >= "
+                                f"{2 if key == 'tasks' else 1}, got {v!r}")
         test_prob, test0 = self.source.draw(np.random.default_rng([seed, 2]), n, "test")
         tune_prob, tune0 = self.source.draw(np.random.default_rng([seed, 3]),
                                             TUNE_TASKS[task], "val")

@@ -18,6 +18,7 @@ import numpy as np
 from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient
 from metacore.algorithms.reptile import _reptile
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 from metacore.params import tile_tasks
 
@@ -85,6 +86,17 @@ def build(cfg):
     return Method(cfg)
 
 
+# Settings of the family that an algorithm does not read (a warning when not at the default)
+IGNORED = {"reptile": ("workers",), "pretrain": ("workers", "inner_steps")}
+
+
+def ignored_settings(cfg):
+    """Messages for the settings given to cfg's algorithm that it does not read."""
+    algo = cfg["algorithm"]
+    return [f"{key} does not apply to {algo} and is ignored"
+            for key in IGNORED.get(algo, ()) if cfg[key] != DEFAULTS[cfg["task"]][key]]
+
+
 def check_config(cfg):
     if _nichol(cfg["algorithm"], cfg["task"]):
         from metacore.methods import reptile_omniglot
@@ -95,11 +107,37 @@ def check_config(cfg):
                 "queries", "workers"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+            raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
     v = cfg["inner_lr"]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"make_config: inner_lr must be a finite number >= 0, got {v!r}")
+        raise UserError(f"make_config: inner_lr must be a finite number >= 0, got {v!r}")
     cfg["inner_lr"] = float(v)
+    if cfg["task"] == "sinusoid" and cfg["n_way"] != 1:
+        raise UserError(f"make_config: n_way does not apply to sinusoid regression (one "
+                        f"output, no classes), got {cfg['n_way']}")
+    if cfg["task"] == "omniglot":
+        from metacore.data.omniglot import N_DRAWINGS, SPLIT_SIZES
+        # training episodes come from the train characters, the validation tasks from val
+        pool = 4 * SPLIT_SIZES["maml"]["val"]
+        if cfg["n_way"] > pool:
+            raise UserError(f"make_config: n_way = {cfg['n_way']} exceeds the {pool} classes "
+                            f"of MAML's Omniglot validation characters "
+                            f"({pool // 4} x 4 rotations)")
+        if cfg["shots"] + cfg["queries"] > N_DRAWINGS:
+            raise UserError(f"make_config: shots + queries = {cfg['shots'] + cfg['queries']} "
+                            f"exceeds Omniglot's {N_DRAWINGS} drawings per character")
+
+
+def eval_options(cfg):
+    """The `metacore eval` options a run of this family takes (metacore/cli.py)."""
+    if _nichol(cfg["algorithm"], cfg["task"]):    # Adam at test time: no SGD rate
+        return ("tasks", "steps", "shots", "way", "bn")
+    opts = ["tasks", "steps", "shots"]
+    if cfg["algorithm"] != "metasgd":            # Meta-SGD's rates are learned
+        opts.append("inner_lr")
+    if cfg["task"] == "sinusoid":
+        return tuple(opts + ["query_points", "plot_dir", "compare"])
+    return tuple(opts + ["way", "bn"])           # way: only the run's n_way
 
 
 def build_model(cfg):

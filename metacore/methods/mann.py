@@ -29,6 +29,7 @@ Shape letters: T steps, B episodes, D = 400 features, N classes, P parameters.
 import numpy as np
 
 from metacore.algorithms.mann import MANN, accuracy_by_instance
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 from metacore.stats import mean_ci
 
@@ -53,18 +54,18 @@ def check_config(cfg):
     for key in _INT_KEYS:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+            raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
     if cfg["instances"] > 20:
-        raise ValueError(f"make_config: instances must be <= 20 (Omniglot has 20 drawings "
-                         f"per character), got {cfg['instances']}")
+        raise UserError(f"make_config: instances must be <= 20 (Omniglot has 20 drawings "
+                        f"per character), got {cfg['instances']}")
     g = cfg["gamma"]
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1:
-        raise ValueError(f"make_config: gamma must be a number in [0, 1], got {g!r}")
+        raise UserError(f"make_config: gamma must be a number in [0, 1], got {g!r}")
     cfg["gamma"] = float(g)
     from metacore.kernels.lrua import BACKENDS
     if cfg["backend"] != "auto" and cfg["backend"] not in BACKENDS:
-        raise ValueError(f"make_config: backend must be 'auto' or one of {sorted(BACKENDS)}, "
-                         f"got {cfg['backend']!r}")
+        raise UserError(f"make_config: backend must be 'auto' or one of {sorted(BACKENDS)}, "
+                        f"got {cfg['backend']!r}")
 
 
 def area_matrix(n_in, n_out):
@@ -93,6 +94,11 @@ def omniglot20(dtype):
         img.flags.writeable = False
         _IMAGES[dtype] = (data, img)
     return _IMAGES[dtype]
+
+
+def eval_options(cfg):
+    """`metacore eval` options of MANN: its episodes are fixed by training."""
+    return ("tasks",)
 
 
 class EpisodeSource:
@@ -185,14 +191,17 @@ class Method(MethodBase):
     def evaluate(self, params, opts):
         """`metacore eval RUN [--tasks E] [--seed S]`: accuracy by instance on E test
         episodes (default 1000) of the test characters, mean and 95% CI over episodes.
-        MANN has no adaptation steps: opts["steps"] (always set by the CLI) is ignored."""
+        MANN has no adaptation steps: opts["steps"] is ignored (the CLI refuses --steps)."""
         for key in ("shots", "way", "bn", "inner_lr"):
             if opts.get(key) is not None:
-                raise ValueError(f"metacore eval: --{key.replace('_', '-')} does not apply to "
-                                 f"MANN (its episodes are {self.cfg['n_way']}-way x "
-                                 f"{self.cfg['instances']} instances, fixed by training)")
-        n = 1000 if opts.get("tasks") is None else int(opts["tasks"])
+                raise UserError(f"metacore eval: --{key.replace('_', '-')} does not apply to "
+                                f"MANN (its episodes are {self.cfg['n_way']}-way x "
+                                f"{self.cfg['instances']} instances, fixed by training)")
+        n = 1000 if opts.get("tasks") is None else opts["tasks"]
         seed = 12345 if opts.get("seed") is None else int(opts["seed"])
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise UserError(f"mann eval: tasks must be an int >= 2 for a confidence "
+                            f"interval, got {n!r}")
         src = EpisodeSource(self.cfg, "test", seed)
         losses, acc = score(self.model, params, src, n, self.cfg["batch"],
                             self.cfg["backend"])

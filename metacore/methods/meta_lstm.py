@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from metacore.algorithms.meta_lstm import MetaLSTM, _accuracy
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 from metacore.methods.maml_family import OmniglotSource
 from metacore.network import LOSSES
@@ -44,7 +45,7 @@ EVAL_CHUNK = 10          # test episodes adapted at once (memory: ~ chunk * P * 
 def _positive_int(cfg, key):
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+        raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
 
 
 def check_config(cfg):
@@ -57,16 +58,16 @@ def check_config(cfg):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or v < low or (key == "preproc_p" and v == 0):
-            raise ValueError(f"make_config: {key} must be a finite number "
-                             f"{'> 0' if key == 'preproc_p' else '>= 0 (0: no clipping)'}, "
-                             f"got {v!r}")
+            raise UserError(f"make_config: {key} must be a finite number "
+                            f"{'> 0' if key == 'preproc_p' else '>= 0 (0: no clipping)'}, "
+                            f"got {v!r}")
         cfg[key] = float(v)
     if not isinstance(cfg["second_order"], bool):
-        raise ValueError(f"make_config: second_order must be true or false, got "
-                         f"{cfg['second_order']!r}")
+        raise UserError(f"make_config: second_order must be true or false, got "
+                        f"{cfg['second_order']!r}")
     if cfg["shots"] + cfg["queries"] > 20:
-        raise ValueError(f"make_config: shots + queries must be <= 20 (Omniglot's drawings "
-                         f"per character), got {cfg['shots']} + {cfg['queries']}")
+        raise UserError(f"make_config: shots + queries must be <= 20 (Omniglot's drawings "
+                        f"per character), got {cfg['shots']} + {cfg['queries']}")
 
 
 def build(cfg):
@@ -87,6 +88,11 @@ def query_scores(model, theta, qx, qy, transductive=True):
     out, _ = model.forward(theta, qx, _checked=True)                   # (., ., O)
     loss = LOSSES[model.loss_name][0](out, qy)[0].reshape(T, -1).mean(axis=1)
     return loss, _accuracy(out, qy).reshape(T, -1).mean(axis=1)
+
+
+def eval_options(cfg):
+    """`metacore eval` options of the LSTM meta-learner."""
+    return ("tasks", "way", "shots", "steps", "bn", "inner_lr")
 
 
 class Method(MethodBase):
@@ -162,25 +168,25 @@ class Method(MethodBase):
         steps = cfg["inner_steps"] if opts.get("steps") is None else opts["steps"]
         seed = 2017 if opts.get("seed") is None else opts["seed"]
         bn = opts.get("bn") or "transductive"
-        for key, v, low in (("tasks", n, 1), ("shots", shots, 1), ("steps", steps, 0),
+        for key, v, low in (("tasks", n, 2), ("shots", shots, 1), ("steps", steps, 0),
                             ("seed", seed, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{op}: {key} must be an int >= {low}, got {v!r}")
+                raise UserError(f"{op}: {key} must be an int >= {low}, got {v!r}")
         if way != cfg["n_way"]:
-            raise ValueError(f"{op}: way must be the run's n_way = {cfg['n_way']} (the "
-                             f"learner's head is {cfg['n_way']}-way), got {way}")
+            raise UserError(f"{op}: way must be the run's n_way = {cfg['n_way']} (the "
+                            f"learner's head is {cfg['n_way']}-way), got {way}")
         if bn not in ("transductive", "batch", "non-transductive"):
-            raise ValueError(f"{op}: bn must be 'transductive' (= 'batch') or "
-                             f"'non-transductive'; the meta-learner keeps no running "
-                             f"statistics, got {bn!r}")
+            raise UserError(f"{op}: bn must be 'transductive' (= 'batch') or "
+                            f"'non-transductive'; the meta-learner keeps no running "
+                            f"statistics, got {bn!r}")
         if shots + cfg["queries"] > 20:
-            raise ValueError(f"{op}: shots + queries = {shots} + {cfg['queries']} exceeds "
-                             f"Omniglot's 20 drawings per character")
+            raise UserError(f"{op}: shots + queries = {shots} + {cfg['queries']} exceeds "
+                            f"Omniglot's 20 drawings per character")
         gates, rule = None, "meta-lstm"
         lr = opts.get("inner_lr")
         if lr is not None:
             if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-                raise ValueError(f"{op}: inner_lr must be a finite number >= 0, got {lr!r}")
+                raise UserError(f"{op}: inner_lr must be a finite number >= 0, got {lr!r}")
             gates, rule = (1.0, float(lr)), f"sgd lr={lr}"
         test = OmniglotSource(dict(cfg, shots=shots), "test", seed=seed)
         batch = test.sample(n)

@@ -15,6 +15,7 @@ import numpy as np
 
 from metacore.algorithms.metanet import MetaNet
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 from metacore.stats import mean_ci
 
@@ -42,25 +43,25 @@ def check_config(cfg):
     for key in _INT_KEYS:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"make_config: {key} must be a positive int, got {v!r}")
+            raise UserError(f"make_config: {key} must be a positive int, got {v!r}")
     s = cfg["steps"]
     if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1
                           or (cfg["n_way"] * cfg["shots"]) % s):
-        raise ValueError(f"make_config: steps must be None or a positive divisor of "
-                         f"n_way * shots = {cfg['n_way'] * cfg['shots']}, got {s!r}")
+        raise UserError(f"make_config: steps must be None or a positive divisor of "
+                        f"n_way * shots = {cfg['n_way'] * cfg['shots']}, got {s!r}")
     if not isinstance(cfg["second_order"], bool):
-        raise ValueError(f"make_config: second_order must be true or false, "
-                         f"got {cfg['second_order']!r}")
+        raise UserError(f"make_config: second_order must be true or false, "
+                        f"got {cfg['second_order']!r}")
     for key in ("preproc_k", "clip_norm"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or v < 0 or (key == "preproc_k" and v == 0):
-            raise ValueError(f"make_config: {key} must be a finite number > 0 (clip_norm: "
-                             f">= 0, 0 = no clipping), got {v!r}")
+            raise UserError(f"make_config: {key} must be a finite number > 0 (clip_norm: "
+                            f">= 0, 0 = no clipping), got {v!r}")
         cfg[key] = float(v)
     if cfg["backend"] not in ("auto", "reference", "numba"):
-        raise ValueError(f"make_config: backend must be 'auto', 'reference' or 'numba', "
-                         f"got {cfg['backend']!r}")
+        raise UserError(f"make_config: backend must be 'auto', 'reference' or 'numba', "
+                        f"got {cfg['backend']!r}")
 
 
 def build_net(cfg):
@@ -82,6 +83,11 @@ def omniglot_sampler(cfg, part, seed, way=None, shots=None, queries=None):
     return EpisodeSampler(data.images, split_characters(data, "vinyals", part),
                           way or cfg["n_way"], shots or cfg["shots"], queries or cfg["queries"],
                           rotate=True, seed=seed, dtype=dtype)
+
+
+def eval_options(cfg):
+    """`metacore eval` options of Meta Networks (no inner gradient steps, no batch norm)."""
+    return ("tasks", "way", "shots")
 
 
 class Method(MethodBase):
@@ -140,22 +146,26 @@ class Method(MethodBase):
         """Test episodes from the 423 Vinyals test characters (with rotations): opts tasks
         (default 1000), way (default n_way), shots (default shots), seed (default 0); queries
         per class as in training. -> accuracy, its 95% interval, per-episode accuracies."""
-        # opts["steps"] is ignored: the CLI always passes one (default 10), and Meta
-        # Networks has no inner gradient steps to count
+        # opts["steps"] is ignored (the CLI refuses --steps): Meta Networks has no inner
+        # gradient steps to count
         if opts.get("inner_lr") is not None:
-            raise ValueError("metanet eval: --inner-lr does not apply (Meta Networks has no "
-                             "inner gradient steps)")
+            raise UserError("metanet eval: --inner-lr does not apply (Meta Networks has no "
+                            "inner gradient steps)")
         if opts.get("bn") is not None:
-            raise ValueError(f"metanet eval: --bn does not apply (the model has no batch "
-                             f"normalisation), got {opts['bn']!r}")
-        n = 1000 if opts.get("tasks") is None else int(opts["tasks"])
-        if n < 2:
-            raise ValueError(f"metanet eval: tasks must be >= 2, got {n}")
-        way = opts.get("way") or self.cfg["n_way"]
+            raise UserError(f"metanet eval: --bn does not apply (the model has no batch "
+                            f"normalisation), got {opts['bn']!r}")
+        n = 1000 if opts.get("tasks") is None else opts["tasks"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise UserError(f"metanet eval: tasks must be >= 2, got {n}")
+        way = self.cfg["n_way"] if opts.get("way") is None else opts["way"]
         if way != self.cfg["n_way"]:
-            raise ValueError(f"metanet eval: the model's output layer has {self.cfg['n_way']} "
-                             f"classes; way {way} needs a model trained for it")
-        shots = opts.get("shots") or self.cfg["shots"]
+            raise UserError(f"metanet eval: the model's output layer has {self.cfg['n_way']} "
+                            f"classes; way {way} needs a model trained for it")
+        shots = self.cfg["shots"] if opts.get("shots") is None else opts["shots"]
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1 \
+                or shots + self.cfg["queries"] > 20:
+            raise UserError(f"metanet eval: shots must be an int >= 1 with shots + "
+                            f"{self.cfg['queries']} queries <= 20 drawings, got {shots!r}")
         seed = 0 if opts.get("seed") is None else int(opts["seed"])
         sampler = omniglot_sampler(self.cfg, "test", seed, way, shots)
         accs = []

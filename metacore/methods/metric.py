@@ -31,6 +31,7 @@ P parameters.
 import numpy as np
 
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 
 NAMES = ("protonet", "matching", "relation", "siamese")
@@ -93,7 +94,22 @@ BN_TEXT = {"running": "non-transductive (BN running statistics; each image embed
 def _pos_int(cfg, key, lo=1):
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"make_config: {key} must be an int >= {lo}, got {v!r}")
+        raise UserError(f"make_config: {key} must be an int >= {lo}, got {v!r}")
+
+
+# The episode settings each algorithm reads; a value given for another one is ignored, with
+# a warning (ignored_settings)
+USES = {"protonet": ("n_way", "queries"), "matching": ("n_way", "queries", "fce", "read_steps"),
+        "relation": ("n_way", "queries"), "siamese": ("pairs",)}
+
+
+def ignored_settings(cfg):
+    """Messages for the settings given to cfg's algorithm that it does not read."""
+    algo = cfg["algorithm"]
+    return [f"{key} does not apply to {algo} and is ignored (of n_way, queries, pairs, fce, "
+            f"read_steps it uses {', '.join(USES[algo])})"
+            for key in ("n_way", "queries", "pairs", "fce", "read_steps")
+            if cfg[key] is not None and key not in USES[algo]]
 
 
 def check_config(cfg):
@@ -102,8 +118,8 @@ def check_config(cfg):
     _pos_int(cfg, "shots")
     _pos_int(cfg, "meta_batch")
     if cfg["meta_batch"] != 1 and algo != "protonet":
-        raise ValueError(f"make_config: meta_batch {cfg['meta_batch']}: episodes per step > 1 "
-                         f"are implemented for protonet only, not {algo}")
+        raise UserError(f"make_config: meta_batch {cfg['meta_batch']}: episodes per step > 1 "
+                        f"are implemented for protonet only, not {algo}")
     for key in ("n_way", "queries", "pairs", "fce", "read_steps"):
         if cfg[key] is None and key in paper:
             v = paper[key]
@@ -114,8 +130,8 @@ def check_config(cfg):
     if cfg["halve_every"] is None:
         cfg["halve_every"] = cfg["lr_halve_every"] or paper["halve_every"]
     elif cfg["lr_halve_every"] not in (0, cfg["halve_every"]):
-        raise ValueError(f"make_config: lr_halve_every {cfg['lr_halve_every']} and "
-                         f"halve_every {cfg['halve_every']} disagree; give one of them")
+        raise UserError(f"make_config: lr_halve_every {cfg['lr_halve_every']} and "
+                        f"halve_every {cfg['halve_every']} disagree; give one of them")
     _pos_int(cfg, "halve_every", 0)
     cfg["lr_halve_every"] = cfg["halve_every"]
     for key in ("channels", "val_way", "val_episodes"):
@@ -125,14 +141,35 @@ def check_config(cfg):
     else:
         _pos_int(cfg, "n_way", 2)
         _pos_int(cfg, "queries")
+        _fits_omniglot(cfg, "n_way", cfg["n_way"], "train", cfg["shots"] + cfg["queries"],
+                       "shots + queries")
+    _fits_omniglot(cfg, "val_way", cfg["val_way"], "val", cfg["shots"] + 15,
+                   "shots + the 15 validation queries")
     if algo == "matching":
         if not isinstance(cfg["fce"], bool):
-            raise ValueError(f"make_config: fce must be true or false, got {cfg['fce']!r}")
+            raise UserError(f"make_config: fce must be true or false, got {cfg['fce']!r}")
         _pos_int(cfg, "read_steps")
     m = cfg["bn_momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
-        raise ValueError(f"make_config: bn_momentum must be a number in (0, 1], got {m!r}")
+        raise UserError(f"make_config: bn_momentum must be a number in (0, 1], got {m!r}")
     cfg["bn_momentum"] = float(m)
+
+
+def _fits_omniglot(cfg, key, way, part, drawings, what):
+    """way classes of the Vinyals `part` (x 4 rotations) and `drawings` per character."""
+    from metacore.data.omniglot import N_DRAWINGS, SPLIT_SIZES
+    pool = 4 * SPLIT_SIZES["vinyals"][part]
+    if way > pool:
+        raise UserError(f"make_config: {key} = {way} exceeds the {pool} classes of the "
+                        f"Omniglot {part} characters ({pool // 4} x 4 rotations)")
+    if drawings > N_DRAWINGS:
+        raise UserError(f"make_config: {what} = {drawings} exceeds Omniglot's {N_DRAWINGS} "
+                        f"drawings per character")
+
+
+def eval_options(cfg):
+    """The `metacore eval` options of these methods (no adaptation steps or inner rate)."""
+    return ("tasks", "way", "shots", "bn")
 
 
 _OMNIGLOT = {}
@@ -204,9 +241,9 @@ class Method(MethodBase):
 
     def _check_distributed(self):
         if self.cfg["algorithm"] != "protonet":
-            raise ValueError(f"{self.cfg['algorithm']} does not support --distributed (one "
-                             f"episode or pair batch per step, coupled by batch norm; only "
-                             f"protonet takes a meta-batch of episodes)")
+            raise UserError(f"{self.cfg['algorithm']} does not support --distributed (one "
+                            f"episode or pair batch per step, coupled by batch norm; only "
+                            f"protonet takes a meta-batch of episodes)")
 
     def batch_size(self, batch):
         self._check_distributed()
@@ -294,19 +331,28 @@ class Method(MethodBase):
         opts = dict(opts or {})
         bn = opts.get("bn")
         if bn not in BN_OPTS:
-            raise ValueError(f"{self.cfg['algorithm']} eval: bn must be one of "
-                             f"{sorted(k for k in BN_OPTS if k)}, got {bn!r}")
+            raise UserError(f"{self.cfg['algorithm']} eval: bn must be one of "
+                            f"{sorted(k for k in BN_OPTS if k)}, got {bn!r}")
         bn = BN_OPTS[bn]
-        n = opts.get("tasks") or EVAL_EPISODES
-        ways = (opts["way"],) if opts.get("way") else EVAL_WAYS
-        shots = (opts["shots"],) if opts.get("shots") else EVAL_SHOTS
+        # None means "not given"; 0 is refused below, never read as "the default"
+        n = EVAL_EPISODES if opts.get("tasks") is None else opts["tasks"]
+        ways = EVAL_WAYS if opts.get("way") is None else (opts["way"],)
+        shots = EVAL_SHOTS if opts.get("shots") is None else (opts["shots"],)
         seed = opts.get("seed")
         seed = 2017 if seed is None else seed
-        for name, vals in (("way", ways), ("shots", shots)):
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
-                raise ValueError(f"eval: {name} must be a positive int, got {vals}")
-        if n < 2:
-            raise ValueError(f"eval: tasks must be >= 2 for a confidence interval, got {n}")
+        for name, vals, low in (("way", ways, 2), ("shots", shots, 1)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in vals):
+                raise UserError(f"eval: {name} must be an int >= {low}, got {vals}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise UserError(f"eval: tasks must be >= 2 (an int) for a confidence interval, "
+                            f"got {n!r}")
+        for way in ways:
+            for k in shots:
+                q = EVAL_QUERIES.get(way, 5)
+                if way > 4 * 423 or k + q > 20:
+                    raise UserError(f"eval: {way}-way {k}-shot episodes with {q} queries per "
+                                    f"class do not fit the 423 test characters x 4 rotations "
+                                    f"and 20 drawings per character")
         result = {"algorithm": self.cfg["algorithm"], "bn": bn, "bn_text": BN_TEXT[bn],
                   "split": "vinyals test (423 characters x 4 rotations)", "settings": {}}
         for way in ways:

@@ -44,6 +44,7 @@ import numpy as np
 
 from metacore.algorithms.maml import _loss_grad
 from metacore.checkpoint import rng_state, set_rng_state
+from metacore.errors import UserError
 from metacore.methods import MethodBase
 from metacore.network import LOSSES
 
@@ -105,31 +106,31 @@ def check_config(cfg):
         v = cfg[key]
         low = 0 if key == "test_steps" else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"make_config: {key} must be an int >= {low}, got {v!r}")
+            raise UserError(f"make_config: {key} must be an int >= {low}, got {v!r}")
     for key, low, high in (("inner_lr", 0.0, math.inf), ("inner_beta1", 0.0, 1.0),
                            ("inner_beta2", 0.0, 1.0), ("inner_eps", 0.0, math.inf),
                            ("bn_eps", 0.0, math.inf)):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or not low <= v < high or (key in ("inner_eps", "bn_eps") and v <= 0):
-            raise ValueError(f"make_config: {key} must be a finite number in "
+            raise UserError(f"make_config: {key} must be a finite number in "
                              f"[{low}, {high}){' and > 0' if key.endswith('eps') else ''}, "
                              f"got {v!r}")
         cfg[key] = float(v)
     if cfg["inner_beta1"] != 0.0:
-        raise ValueError("make_config: inner_beta1 must be 0 for reptile on omniglot (the "
+        raise UserError("make_config: inner_beta1 must be 0 for reptile on omniglot (the "
                          "inner Adam keeps no first moment across tasks here), got "
                          f"{cfg['inner_beta1']!r}")
     if cfg["inner_batch"] > cfg["n_way"] * cfg["train_shots"]:
-        raise ValueError(f"make_config: inner_batch {cfg['inner_batch']} exceeds a training "
+        raise UserError(f"make_config: inner_batch {cfg['inner_batch']} exceeds a training "
                          f"task's {cfg['n_way']} x {cfg['train_shots']} images")
     if cfg["eval_batch"] > cfg["n_way"] * cfg["shots"]:
-        raise ValueError(f"make_config: eval_batch {cfg['eval_batch']} exceeds a test task's "
+        raise UserError(f"make_config: eval_batch {cfg['eval_batch']} exceeds a test task's "
                          f"{cfg['n_way']} x {cfg['shots']} support images")
     if cfg["head"] not in ("flatten", "mean"):
-        raise ValueError(f"make_config: head must be 'flatten' or 'mean', got {cfg['head']!r}")
+        raise UserError(f"make_config: head must be 'flatten' or 'mean', got {cfg['head']!r}")
     if cfg["workers"] != 1:
-        raise ValueError("make_config: reptile on omniglot runs its tasks one after another "
+        raise UserError("make_config: reptile on omniglot runs its tasks one after another "
                          "(the inner Adam state carries over), so workers must be 1")
 
 
@@ -319,17 +320,17 @@ class Method(MethodBase):
         for key, v, low in (("tasks", n, 2), ("way", way, 2), ("shots", shots, 1),
                             ("steps", steps, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"eval: --{key} must be an int >= {low}, got {v!r}")
+                raise UserError(f"eval: --{key} must be an int >= {low}, got {v!r}")
         if way != cfg["n_way"]:
-            raise ValueError(f"eval: this reptile model has a {cfg['n_way']}-way output layer; "
+            raise UserError(f"eval: this reptile model has a {cfg['n_way']}-way output layer; "
                              f"--way {way} needs a model trained for {way} ways")
         if cfg["eval_batch"] > way * shots:
-            raise ValueError(f"eval: eval_batch {cfg['eval_batch']} exceeds the {way * shots} "
+            raise UserError(f"eval: eval_batch {cfg['eval_batch']} exceeds the {way * shots} "
                              f"support images")
         modes = {"transductive": [True], "non-transductive": [False],
                  "both": [True, False]}.get(bn)
         if modes is None:
-            raise ValueError(f"eval: --bn must be transductive, non-transductive or both for "
+            raise UserError(f"eval: --bn must be transductive, non-transductive or both for "
                              f"reptile, got {bn!r}")
         data = omniglot_images(self.dtype)
         ep = EpisodeSampler(data.images, split_characters(data, "maml", "test"), way, shots,

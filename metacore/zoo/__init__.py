@@ -13,11 +13,13 @@ Files (this folder):
                    optimizer's state (it is for evaluation, not for resuming)
 
 An entry's file is read only after its size and SHA-256 match the index; a mismatch raises
-ValueError naming the file. scripts/zoo_add.py makes an entry from a run directory.
+UserError (a ValueError) naming the file. scripts/zoo_add.py makes an entry from a run directory.
 """
 import hashlib
 import json
 import os
+
+from metacore.errors import UserError
 
 ZOO_DIR = os.path.dirname(os.path.abspath(__file__))
 INDEX = os.path.join(ZOO_DIR, "index.json")
@@ -29,7 +31,7 @@ def entries():
     with open(INDEX) as f:
         index = json.load(f)
     if not isinstance(index, dict) or not isinstance(index.get("entries"), list):
-        raise ValueError(f"zoo: {INDEX} is not a zoo index (no 'entries' list)")
+        raise UserError(f"zoo: {INDEX} is not a zoo index (no 'entries' list)")
     return index["entries"]
 
 
@@ -38,7 +40,7 @@ def entry(name):
     found = [e for e in entries() if e["name"] == name]
     if not found:
         names = ", ".join(e["name"] for e in entries()) or "none"
-        raise ValueError(f"zoo: no entry {name!r} (entries: {names})")
+        raise UserError(f"zoo: no entry {name!r} (entries: {names})")
     return found[0]
 
 
@@ -52,7 +54,7 @@ def verified_path(name):
         blob = f.read()
     sha = hashlib.sha256(blob).hexdigest()
     if len(blob) != e["bytes"] or sha != e["sha256"]:
-        raise ValueError(f"zoo: {path} fails its checksum: {len(blob)} bytes, sha256 {sha}; "
+        raise UserError(f"zoo: {path} fails its checksum: {len(blob)} bytes, sha256 {sha}; "
                          f"the index expects {e['bytes']} bytes, sha256 {e['sha256']}")
     return path
 
@@ -64,7 +66,7 @@ def is_ref(run):
 def name_of(run):
     name = run[len(PREFIX):]
     if not name:
-        raise ValueError("zoo: 'zoo:' needs an entry name, e.g. zoo:maml_omniglot_5w1s "
+        raise UserError("zoo: 'zoo:' needs an entry name, e.g. zoo:maml_omniglot_5w1s "
                          "(metacore zoo lists them)")
     return name
 
