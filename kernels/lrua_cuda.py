@@ -490,6 +490,16 @@ def _dev(op, name, x, dtype):
     return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
 
 
+def to_device(x):
+    """A NumPy array -> a fresh Numba device array (C-contiguous)."""
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+def to_host(x):
+    """A Numba device array -> a fresh NumPy array."""
+    return x.copy_to_host()
+
+
 def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
     """-> host flag, kernels and the device arrays of one forward run (see `forward`)."""
     host = not any(_is_device(a) for a in (keys, alpha, memory0, read0, usage0))

@@ -54,6 +54,16 @@ def _dev(op, name, x, dtype):
     return cp.asarray(np.ascontiguousarray(x, dtype=dtype))
 
 
+def to_device(x):
+    """A NumPy array -> a fresh CuPy array (C-contiguous)."""
+    return cp.array(np.ascontiguousarray(x))
+
+
+def to_host(x):
+    """A CuPy array -> a fresh NumPy array."""
+    return cp.asnumpy(x)
+
+
 def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
     host = all(isinstance(a, np.ndarray) for a in (keys, alpha, memory0, read0, usage0))
     dt = np.dtype(keys.dtype)

@@ -359,6 +359,42 @@ def test_lrua_chained_steps_on_the_device(per_step):
         np.testing.assert_allclose(a, r, rtol=0, atol=tol * np.abs(r).max(), err_msg=name)
 
 
+# ---------------------------------------------------------------- MANN on the device
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mann_gradient_with_the_device_step_pair(dtype):
+    """MANN.loss_grad with backend='numba-cuda' (memory state on the device all episode)
+    against the reference backend: float64 to rounding, float32 within 1e-4 relative (the
+    float32 host kernels' own agreement with float64, tests/test_mann.py)."""
+    from metacore.algorithms.mann import MANN
+    from metacore import gradcheck
+    model = MANN(d_in=6, n_way=3, hidden=4, heads=2, slots=9, width=3, gamma=0.9)
+    rng = np.random.default_rng(61)
+    theta = model.init_params(rng, np.float64)
+    theta += 0.3 * rng.standard_normal(theta.shape)
+    x = rng.standard_normal((6, 3, 6))                               # (T, B, D)
+    y = rng.integers(0, 3, (6, 3))                                   # (T, B)
+    ref = model.loss_grad(theta, x, y, "reference")
+    got = model.loss_grad(theta.astype(dtype), x.astype(dtype), y, "numba-cuda")
+    assert got[2].dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    assert abs(got[0] - ref[0]) <= tol * abs(ref[0])
+    assert gradcheck.rel_error(got[2], ref[2]) <= tol
+
+
+def test_mann_trains_with_backend_numba_cuda(tmp_path):
+    """`--set backend=numba-cuda` through make_config and the trainer: two iterations give
+    the parameters of the same run on the reference backend (float64, to rounding)."""
+    from metacore.training import Trainer, make_config
+    sizes = dict(hidden=4, heads=2, slots=6, width=3, batch=2, eval_tasks=2, log_every=1,
+                 eval_every=10, ckpt_every=10, iterations=2, dtype="float64")
+    runs = {}
+    for name in ("numba-cuda", "reference"):
+        cfg = make_config("mann", "omniglot", str(tmp_path / name), backend=name, **sizes)
+        runs[name] = Trainer(cfg, progress=False).train()
+    np.testing.assert_allclose(runs["numba-cuda"], runs["reference"], rtol=1e-10,
+                               atol=1e-12)
+
+
 # ---------------------------------------------------------------- coverage (keep last)
 def test_every_kernel_ran_in_both_dtypes(request):
     """Every kernel in the kernel dicts of distance_cuda and lrua_cuda (what the PTX test
