@@ -2,10 +2,13 @@
 //
 // Shape letters: T time steps, B episodes, H heads (n = H reads), S slots, W slot width.
 // The same kernels, phases and order of every sum as kernels/lrua_cuda.py (read its
-// docstring): one thread block per episode, the time loop inside the kernel, each phase of
-// a step a block-strided loop over its independent outputs, phases separated by
-// __syncthreads. Every array is C-contiguous; kernels/lrua_cupy.py checks dtypes, shapes
-// and contiguity and casts every scalar. Entry points are extern "C", suffix _f32 / _f64.
+// docstring): one thread block per episode, the time loop inside the episode kernels, each
+// phase of a step a block-strided loop over its independent outputs, phases separated by
+// __syncthreads; one step's forward (fwd_step) and reverse (bwd_step) shared by the episode
+// kernels and the step kernels (lrua_step_forward, lrua_step_backward). Every array is
+// C-contiguous; kernels/lrua_cupy.py checks dtypes, shapes and contiguity and casts every
+// scalar. Entry points are extern "C", suffix _f32 / _f64; each returns for a block index
+// past B (the bounds guard; the per-thread loops are bounded by their own extents).
 
 typedef long long i64;
 

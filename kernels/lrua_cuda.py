@@ -23,12 +23,20 @@ How the kernels work (whole episodes fused, not one launch per step):
     (K = 2), lrua_backward reruns the forward keeping all T + 1 (K = T + 1), then runs the
     reverse sweep (formulas: metacore.reference.lrua.lrua_backward) with dL/dM and
     dL/dw_r in per-episode scratch.
+  * One step's forward (fwd_step) and one step's reverse (bwd_step) are device functions
+    run by the whole block; the episode kernels loop over them and the step kernels call
+    them once, so the step pair (MANN, one step at a time) and the episode pair run the
+    same code. The step backward reruns the step's forward into scratch and then its
+    reverse, in one launch.
   * Everything accumulates in the input dtype, each sum in the reference's order.
 Kernels (one set per dtype; `kernel_signatures` lists them for the PTX tests):
-    gates       g = sigmoid(alpha) = (1 + tanh(alpha / 2)) / 2 broadcast to (T, B, H)
-    forward     the T steps of every episode
-    backward    the reverse sweep of every episode
-    sum_tb      dalpha (T, B, H) -> (H,) when alpha was one gate per head
+    gates          g = sigmoid(alpha) = (1 + tanh(alpha / 2)) / 2 broadcast to (T, B, H)
+    forward        the T steps of every episode
+    backward       the reverse sweep of every episode
+    sum_tb         dalpha (T, B, H) -> (H,) when alpha was one gate per head
+    step_forward   one step of every episode (lrua_step_forward)
+    step_backward  that step rerun, then reversed (lrua_step_backward)
+Device functions (compiled into the kernels): fwd_step, bwd_step.
 """
 import math
 
@@ -374,6 +382,8 @@ def _build(nbt):
         w_u: (B, S); scratch wlu: (B, S), zs: (B, 1) int64, kn: (B, H), mn: (B, S),
         c: (B, H, S)."""
         b = cuda.blockIdx.x
+        if b >= key.shape[0]:
+            return
         zsh = cuda.shared.array(1, int64)
         fwd_step(key[b], g[0, b], memory_prev[b], memory[b], w_r_prev[b], w_u_prev[b], gamma,
                  eps, wlu[b], zs[b], zsh, w_w[b], w_r[b], read[b], w_u[b], kn[b], mn[b], c[b])
@@ -395,6 +405,8 @@ def _build(nbt):
         H, S = wr.shape[1], wr.shape[2]
         W = key.shape[2]
         b = cuda.blockIdx.x
+        if b >= key.shape[0]:
+            return
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         zsh = cuda.shared.array(1, int64)

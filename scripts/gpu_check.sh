@@ -31,12 +31,16 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 # seconds: GPU tests, sweep, benchmark (episodic sizes and LRUA), benchmark (large size)
 LIM_TESTS=120 LIM_SWEEP=165 LIM_BENCH=100 LIM_LARGE=60
+if [ $SIM -eq 1 ]; then LIM_SWEEP=1800; fi   # the simulator: a Python thread per CUDA thread
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 STATUS=0
 
-echo "== metacore gpu_check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit" \
-     "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git here)")
+if git rev-parse --git-dir >/dev/null 2>&1 && ! git diff --quiet HEAD 2>/dev/null; then
+    COMMIT="$COMMIT (with uncommitted changes)"
+fi
+echo "== metacore gpu_check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT"
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
         2>&1 | sed 's/^/   gpu: /'
