@@ -8,7 +8,7 @@
 #   3. bench/bench_cuda.py          device medians against plain CuPy (cuBLAS matmul
 #                                   distances, einsum LRUA) and the Numba CPU kernels
 #                                   (scripts/gpu_bench_report.py prints the table)
-# Each part has its own time limit (PART_LIMITS below; 445 s in all), so a hang in one still
+# Each part has its own time limit (LIM_* below; 450 s in all), so a hang in one still
 # leaves the others' results and the whole stays under 8 minutes. Full logs go to $OUT.
 #
 # Usage: scripts/gpu_check.sh [--simulator]
@@ -30,7 +30,7 @@ fi
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 # seconds: GPU tests, sweep, benchmark (episodic sizes and LRUA), benchmark (large size)
-LIM_TESTS=120 LIM_SWEEP=165 LIM_BENCH=100 LIM_LARGE=60
+LIM_TESTS=110 LIM_SWEEP=150 LIM_BENCH=130 LIM_LARGE=60
 if [ $SIM -eq 1 ]; then LIM_SWEEP=1800; fi   # the simulator: a Python thread per CUDA thread
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -128,6 +128,7 @@ else
     part "sweep" $LIM_SWEEP "$OUT/sweep.log" "$PYTHON" scripts/gpu_sweep.py
 fi
 RC=$?
+grep -E "^gpu_sweep: STOPPED" "$OUT/sweep.log" | sed 's/^/   /'
 sed -n '/^worst error/,$p' "$OUT/sweep.log" | head -60 | sed 's/^/   /'
 grep -E "^(SKIP|  skipped backend)" "$OUT/sweep.log" | sed 's/^/   /'
 if [ $RC -ne 0 ]; then STATUS=1; fi

@@ -38,6 +38,7 @@ over the shapes (<= 1 passes), and every failure in full.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -110,11 +111,26 @@ def main():
     print("progress (each shape: every op, dtype and backend; the first includes compiling):",
           flush=True)
     t0 = time.perf_counter()
-    if args.only in (None, "distances"):
-        sweep.distances(DSHAPES_SIM if simulated else DSHAPES)
-    if args.only in (None, "lrua"):
-        sweep.lrua(LSHAPES_SIM if simulated else LSHAPES)
+    signal.signal(signal.SIGTERM, _stop)      # `timeout` (gpu_check.sh): report what ran
+    try:
+        if args.only in (None, "distances"):
+            sweep.distances(DSHAPES_SIM if simulated else DSHAPES)
+        if args.only in (None, "lrua"):
+            sweep.lrua(LSHAPES_SIM if simulated else LSHAPES)
+    except Stopped:
+        print("gpu_sweep: STOPPED by SIGTERM (a time limit): the report covers only the "
+              "shapes above", flush=True)
+        sweep.report(time.perf_counter() - t0, stopped=True)
+        return 1
     return sweep.report(time.perf_counter() - t0)
+
+
+class Stopped(BaseException):
+    """Raised by SIGTERM, so that a sweep cut short still reports what it checked."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
 
 
 def header(usable, simulated):
@@ -384,7 +400,7 @@ class Sweep:
                   flush=True)
 
     # ------------------------------------------------------------ report
-    def report(self, seconds):
+    def report(self, seconds, stopped=False):
         np = self.np
         dts = ("float32", "float64")
         cols = [(b, d) for b in self.backends for d in dts]
@@ -407,8 +423,9 @@ class Sweep:
                 print(line)
         for line in self.failures:
             print(line)
-        ok = not self.failures
-        print(f"gpu_sweep: {'PASS' if ok else 'FAIL'}: {self.checks - len(self.failures)} of "
+        ok = not self.failures and not stopped
+        verdict = "INCOMPLETE (stopped)" if stopped else "PASS" if ok else "FAIL"
+        print(f"gpu_sweep: {verdict}: {self.checks - len(self.failures)} of "
               f"{self.checks} checks within their bounds"
               + (" (simulator, not a GPU)" if self.simulated else ""))
         del np
