@@ -8,12 +8,20 @@ H heads, S slots, W width. float32 throughout; every input already on the device
 arrays; the Numba CUDA backend takes them zero-copy through __cuda_array_interface__), so
 no host transfer is timed. Each timed call ends with a device synchronisation.
 
-Baselines ('plain', measured in the same run): the distance GEMM expansions through cuBLAS,
-|q|^2 + |s|^2 - 2 q s^T (sqeuclidean forward, backward 2 (g 1 q - g s)) and q s^T / norms
-(cosine); broadcast-and-reduce for L1 (in query chunks so the (Q, N, D) tensor fits); the
-ProtoNet loss as that GEMM forward, CuPy softmax, and the GEMM backward; LRUA forward as a
-Python loop over steps of batched CuPy ops (sort for the least-used threshold, matmul for
-cosines and reads). There is no plain CuPy LRUA backward; its rows report the kernel alone.
+Baselines, both measured in the same run (once per op and size, shared by the rows):
+  'plain'      the same math as plain CuPy expressions: the distance GEMM expansions
+               through cuBLAS, |q|^2 + |s|^2 - 2 q s^T (sqeuclidean forward, backward
+               2 (g 1 q - g s)) and q s^T / norms (cosine); broadcast-and-reduce for L1 (in
+               query chunks so the (Q, N, D) tensor fits); the ProtoNet loss as that GEMM
+               forward, CuPy softmax, and the GEMM backward; one LRUA step as batched CuPy
+               ops (sort for the least-used threshold, einsum for the write, the cosines
+               and the read r = einsum('bhs,bsw->bhw', w_r, M)), the episode as a Python
+               loop over those steps. There is no plain CuPy LRUA backward.
+  'numba-cpu'  the Numba CPU backend ('numba') on NumPy copies of the same inputs, with
+               all the host's cores (NUMBA_NUM_THREADS), the reference every device kernel
+               was written against; its thread count is in extra_info.
+The LRUA rows cover the whole-episode pair and the step pair that MANN calls (one step of
+B = 16 episodes).
 
 Figures in benchmark.extra_info (formulas):
     GFLOP/s   nominal FLOPs / median, FLOPs as bench/bench_distance.py and bench_lrua.py:
@@ -24,7 +32,8 @@ Figures in benchmark.extra_info (formulas):
               (4 bytes each); LRUA adds the T + 1 memories the backward writes and reads
     roofline  GB/s as a % of the peak bandwidth from the device attributes (2 x memory
               clock x bus width) and of the measured device-to-device copy bandwidth
-    ratio     median / plain median (below 1: the kernel is faster)
+    ratios    time_over_plain = median / plain median, time_over_numba_cpu = median /
+              Numba CPU median (below 1: the device kernel is faster)
 Every benchmark checks its result against a float64 NumPy reference on a slice first.
 """
 import numpy as np
@@ -59,6 +68,28 @@ def _usable():
 
 
 cp, DMODS, LMODS = _usable()
+
+
+def _numba_cpu():
+    """(distance module, lrua module, threads) of the Numba CPU backend, or Nones."""
+    try:
+        import numba
+        return (KD._backend("bench_cuda", "numba"), KL._backend("bench_cuda", "numba"),
+                numba.config.NUMBA_NUM_THREADS)
+    except ImportError:
+        return None, None, None
+
+
+CPU_D, CPU_L, CPU_THREADS = _numba_cpu()
+_BASE = {}                  # (op, size, baseline) -> median seconds, measured once per run
+
+
+def baseline(key, fn, repeats):
+    """The median of a baseline (plain CuPy, Numba CPU) measured once per run and shared by
+    every row that compares with it."""
+    if key not in _BASE:
+        _BASE[key] = median_seconds(fn, repeats, warmup=True)
+    return _BASE[key]
 SIZES = {"episodic": (32, 75, 5, 64), "protonet": (1, 300, 60, 64),
          "large": (1, 4096, 4096, 256)}
 FLOPS = {"sqeuclidean": 3, "l1": 3, "cosine": 2, "sqeuclidean_backward": 6,
@@ -147,26 +178,34 @@ def plain_protonet(metric, q, s, y):
     return loss, dq, ds, logits.argmax(-1)
 
 
+def plain_lrua_step(k, gt, M, wr, wu, gamma):
+    """One step of B episodes in plain CuPy, the same math as metacore.reference.lrua._step:
+    k (B, H, W), gt (B, H) gates, M (B, S, W), wr (B, H, S), wu (B, S) -> read (B, H, W),
+    M_t, w_r_t, w_w_t, w_u_t (M is not changed)."""
+    B, H, _ = k.shape
+    m = cp.sort(wu, axis=1)[:, H - 1:H]                           # (B, 1)
+    wlu = (wu <= m).astype(k.dtype)                               # (B, S)
+    g3 = gt[..., None]                                            # (B, H, 1)
+    ww = g3 * wr + (1 - g3) * wlu[:, None, :]                     # (B, H, S)
+    M = M.copy()
+    M[cp.arange(B), cp.argmin(wu, axis=1)] = 0
+    M += cp.einsum("bhs,bhw->bsw", ww, k)                         # the write
+    c = cp.einsum("bhw,bsw->bhs", k, M) / (_norms(k)[:, :, None] * _norms(M)[:, None, :])
+    e = cp.exp(c - c.max(-1, keepdims=True))
+    wr = e / e.sum(-1, keepdims=True)                             # (B, H, S)
+    read = cp.einsum("bhs,bsw->bhw", wr, M)                       # the read
+    wu = gamma * wu + wr.sum(1) + ww.sum(1)
+    return read, M, wr, ww, wu
+
+
 def plain_lrua_forward(keys, g, memory0, read0, usage0, gamma):
-    """Batched over B, a Python loop over T: the same step as metacore.reference.lrua."""
-    T, B, H, W = keys.shape
-    M, wr, wu = memory0.copy(), read0, usage0
+    """Batched over B, a Python loop over T of plain_lrua_step -> reads (T, B, H, W), M_T."""
+    T = keys.shape[0]
+    M, wr, wu = memory0, read0, usage0
     reads = []
-    rows = cp.arange(B)
     for t in range(T):
-        m = cp.sort(wu, axis=1)[:, H - 1:H]                       # (B, 1)
-        wlu = (wu <= m).astype(keys.dtype)                        # (B, S)
-        gt = g[t][..., None]                                      # (B, H, 1)
-        ww = gt * wr + (1 - gt) * wlu[:, None, :]                 # (B, H, S)
-        M[rows, cp.argmin(wu, axis=1)] = 0
-        k = keys[t]                                               # (B, H, W)
-        M = M + cp.matmul(ww.transpose(0, 2, 1), k)
-        c = cp.matmul(k, M.transpose(0, 2, 1)) / (_norms(k)[:, :, None] *
-                                                   _norms(M)[:, None, :])
-        e = cp.exp(c - c.max(-1, keepdims=True))
-        wr = e / e.sum(-1, keepdims=True)
-        reads.append(cp.matmul(wr, M))
-        wu = gamma * wu + wr.sum(1) + ww.sum(1)
+        r, M, wr, _, wu = plain_lrua_step(keys[t], g[t], M, wr, wu, gamma)
+        reads.append(r)
     return cp.stack(reads), M
 
 
@@ -189,15 +228,20 @@ def make(size, seed=0):
     return q, s, g, y
 
 
-def _record(benchmark, flops, nbytes, med, base_med):
+def _record(benchmark, flops, nbytes, med, base_med, cpu_med=None):
     benchmark.extra_info["gflops"] = round(flops / med / 1e9, 2)
     gbs = nbytes / med / 1e9
     benchmark.extra_info["gbs"] = round(gbs, 1)
     if PEAK:
         benchmark.extra_info["pct_peak_bw"] = round(100 * gbs / PEAK, 1)
     benchmark.extra_info["pct_copy_bw"] = round(100 * gbs / COPY, 1)
+    benchmark.extra_info["median_us"] = round(med * 1e6, 1)
     if base_med is not None:
         benchmark.extra_info["time_over_plain"] = round(med / base_med, 3)
+    if cpu_med is not None:
+        benchmark.extra_info["time_over_numba_cpu"] = round(med / cpu_med, 3)
+        benchmark.extra_info["numba_cpu_us"] = round(cpu_med * 1e6, 1)
+        benchmark.extra_info["numba_cpu_threads"] = CPU_THREADS
 
 
 OPS = ["sqeuclidean", "l1", "cosine", "sqeuclidean_backward", "l1_backward",
@@ -212,7 +256,8 @@ def test_bench_distance(benchmark, op, size, backend):
         pytest.skip(f"backend {backend!r} is not usable here")
     q, s, g, y = make(size)
     dq_, ds_, dg_, dy_ = (cp.asarray(x) for x in (q, s, g, y))
-    metric = op.split("_")[0]
+    # the ProtoNet loss with its paper's metric (op "protonet" names no metric of its own)
+    metric = "sqeuclidean" if op == "protonet" else op.split("_")[0]
     T, Q, N, D = SIZES[size]
 
     def fn_of(name):
@@ -248,14 +293,27 @@ def test_bench_distance(benchmark, op, size, backend):
     large = size == "large"
     benchmark.pedantic(fn, rounds=5 if large else 50, warmup_rounds=1)
     med = benchmark.stats.stats.median
-    base = None if backend == "plain" else median_seconds(timed(fn_of("plain")),
-                                                          5 if large else 50, warmup=True)
+    base = cpu = None
+    if backend != "plain":
+        base = baseline((op, size, "plain"), timed(fn_of("plain")), 5 if large else 50)
+        if CPU_D is not None:
+            cpu = baseline((op, size, "numba-cpu"), cpu_fn(op, metric, q, s, g, y),
+                           3 if large else 20)
     nbytes = 4 * (T * Q * D + T * N * D + T * Q * N)      # inputs read, outputs written
     if op.endswith("_backward"):
         nbytes += 4 * (T * Q * D + T * N * D)             # g, q, s in; dq, ds out
     if op == "protonet":
         nbytes = 4 * 2 * (T * Q * D + T * N * D) + 8 * T * Q
-    _record(benchmark, FLOPS[op] * T * Q * N * D, nbytes, med, base)
+    _record(benchmark, FLOPS[op] * T * Q * N * D, nbytes, med, base, cpu)
+
+
+def cpu_fn(op, metric, q, s, g, y):
+    """The Numba CPU backend's call of the same op on the NumPy inputs."""
+    if op == "protonet":
+        return lambda: CPU_D.protonet_loss(q, s, y, metric=metric)
+    if op.endswith("_backward"):
+        return lambda: getattr(CPU_D, f"pairwise_{op}")(g, q, s)
+    return lambda: getattr(CPU_D, f"pairwise_{op}")(q, s)
 
 
 def _lrua_inputs():
@@ -272,9 +330,11 @@ def _lrua_inputs():
 
 
 @pytest.mark.parametrize("backend", ["plain", "numba-cuda", "cupy"])
-@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("op", ["forward", "backward", "step_forward", "step_backward"])
 def test_bench_lrua(benchmark, op, backend):
-    if backend == "plain" and op == "backward":
+    """The whole-episode pair and the step pair (one step t = 0 of the same batch, with
+    incoming dL/dM, dL/dw_r) against plain CuPy (forwards) and the Numba CPU backend."""
+    if backend == "plain" and op.endswith("backward"):
         pytest.skip("no plain CuPy LRUA backward to compare with")
     if backend != "plain" and backend not in LMODS:
         pytest.skip(f"backend {backend!r} is not usable here")
@@ -283,36 +343,73 @@ def test_bench_lrua(benchmark, op, backend):
     keys, alpha, memory0, read0, usage0, dreads = (cp.asarray(x) for x in host)
     gam = 0.95
     g = cp.broadcast_to(0.5 * (1 + cp.tanh(0.5 * alpha)), (T, B, H))
+    rng = np.random.default_rng(1)
+    hdm = rng.standard_normal((B, S, W)).astype(np.float32)       # dL/dM_t from step t + 1
+    hdw = rng.standard_normal((B, H, S)).astype(np.float32)       # dL/dw_r_t
+    dm, dw = cp.asarray(hdm), cp.asarray(hdw)
+    step = op.startswith("step")
 
     def fn_of(name):
         if name == "plain":
+            if step:
+                return lambda: plain_lrua_step(keys[0], g[0], memory0, read0, usage0, gam)
             return lambda: plain_lrua_forward(keys, g, memory0, read0, usage0, gam)
-        mod = LMODS[name]
+        mod = LMODS[name] if name != "numba-cpu" else CPU_L
+        a = (keys, alpha, memory0, read0, usage0, dreads, dm, dw)
+        if name == "numba-cpu":
+            a = host + (hdm, hdw)
+        k, al, m0, r0, u0, dr, dmm, dww = a
         if op == "forward":
-            return lambda: mod.lrua_forward(keys, alpha, memory0, read0, usage0, gam)
-        return lambda: mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gam)
+            return lambda: mod.lrua_forward(k, al, m0, r0, u0, gam)
+        if op == "backward":
+            return lambda: mod.lrua_backward(dr, k, al, m0, r0, u0, gam)
+        if op == "step_forward":
+            return lambda: mod.lrua_step_forward(k[0], al, m0, r0, u0, gam)
+        return lambda: mod.lrua_step_backward(dr[0], dmm, dww, k[0], al, m0, r0, u0, gam)
 
     fn = timed(fn_of(backend))
     out = fn()
-    ref64 = [x[:, :2].astype(np.float64) if x.ndim == 4 else x for x in host]
-    b2 = [x[:2].astype(np.float64) for x in host[2:5]]
+    a64 = [x.astype(np.float64) for x in host]
     if op == "forward":
-        want = RL.lrua_forward(ref64[0], host[1].astype(np.float64), *b2, gam)[0]
+        ref64 = [x[:, :2] if x.ndim == 4 else x for x in a64]
+        b2 = [x[:2] for x in a64[2:5]]
+        want = RL.lrua_forward(ref64[0], a64[1], *b2, gam)[0]
         _check("lrua reads", cp.asarray(out[0])[:, :2], want, 1e-4)
-    else:
-        want = RL.lrua_backward(ref64[5], ref64[0], host[1].astype(np.float64), *b2, gam)[0]
+    elif op == "backward":
+        ref64 = [x[:, :2] if x.ndim == 4 else x for x in a64]
+        b2 = [x[:2] for x in a64[2:5]]
+        want = RL.lrua_backward(ref64[5], ref64[0], a64[1], *b2, gam)[0]
         _check("lrua dkeys", cp.asarray(out[0])[:, :2], want, 1e-3)
-    benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    elif op == "step_forward":
+        want = RL.lrua_step_forward(a64[0][0], a64[1], *a64[2:5], gam)[0]
+        _check("lrua step read", cp.asarray(out[0]), want, 1e-4)
+    else:
+        want = RL.lrua_step_backward(a64[5][0], hdm.astype(np.float64),
+                                     hdw.astype(np.float64), a64[0][0], a64[1], *a64[2:5],
+                                     gam)[2]
+        _check("lrua step dmemory_prev", cp.asarray(out[2]), want, 1e-4)
+    benchmark.pedantic(fn, rounds=50 if step else 10, warmup_rounds=1)
     med = benchmark.stats.stats.median
-    base = None
-    if backend != "plain" and op == "forward":
-        base = median_seconds(timed(fn_of("plain")), 10, warmup=True)
+    base = cpu = None
+    if backend != "plain":
+        if not op.endswith("backward"):
+            base = baseline(("lrua_" + op, "paper", "plain"), timed(fn_of("plain")),
+                            50 if step else 10)
+        if CPU_L is not None:
+            cpu = baseline(("lrua_" + op, "paper", "numba-cpu"), fn_of("numba-cpu"),
+                           50 if step else 10)
     inputs = T * B * H * W + B * S * W + B * H * S + B * S
     if op == "forward":
         flops = 6 * H * S * W * T * B
         nbytes = 4 * (inputs + T * B * H * W + 2 * T * B * H * S + 2 * T * B * S + B * S * W)
-    else:
+    elif op == "backward":
         flops = 20 * H * S * W * T * B            # rerun forward 6 + sweep 14 (bench_lrua.py)
         nbytes = 4 * (inputs + T * B * H * W + 2 * (T + 1) * B * S * W + T * B * H * W
                       + B * S * W + B * H * S)
-    _record(benchmark, flops, nbytes, med, base)
+    elif op == "step_forward":                    # key, M_{t-1}, w_r, w_u in; 5 outputs
+        flops = 6 * H * S * W * B
+        nbytes = 4 * (2 * B * H * W + 2 * B * S * W + 3 * B * H * S + 2 * B * S)
+    else:                                         # + dread, dM, dw_r in; 4 gradients out
+        flops = 20 * H * S * W * B
+        nbytes = 4 * (3 * B * H * W + 4 * B * S * W + 4 * B * H * S + B * S + H)
+    _record(benchmark, flops, nbytes, med, base, cpu)

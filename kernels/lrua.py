@@ -30,9 +30,10 @@ with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, 
 per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
 float in [0, 1], 1 <= H <= S. All but lrua_backward_tape (which runs on the backend that
 made its tape) take backend="auto" | "reference" | "numba" (and the whole-episode pair
-lrua_forward / lrua_backward also "numba-cuda" | "cupy"); the order of operations in a step, EPS,
-ties and what is non-differentiable (the least-used selection and the zeroed slot; so gamma
-and usage0 get no gradient) are in the docstring of `metacore.reference.lrua`.
+lrua_forward / lrua_backward and the step pair also "numba-cuda" | "cupy"); the order of
+operations in a step, EPS, ties and what is non-differentiable (the least-used selection
+and the zeroed slot; so gamma and usage0 get no gradient) are in the docstring of
+`metacore.reference.lrua`.
 
 Backends:
     reference  metacore.reference.lrua       float64 NumPy, loops over batch and time; the
@@ -43,7 +44,10 @@ Backends:
                vectorize; lrua_backward reruns the forward keeping M_t, lrua_forward_tape
                keeps it for lrua_backward_tape.
     numba-cuda metacore.kernels.lrua_cuda     Numba @cuda.jit kernels, one block per
-               episode, the time loop inside; whole-episode pair only.
+               episode: the whole-episode pair with the time loop inside, and the step
+               pair (one launch per step; the backward reruns the step's forward in the
+               same kernel), both built on one step's forward and reverse as device
+               functions. No tape pair.
     cupy       metacore.kernels.lrua_cupy     the same kernels in CUDA C (lrua.cu).
     auto       NumPy arrays: the first importable of AUTO_ORDER; CuPy arrays: cupy; other
                CUDA device arrays: numba-cuda (kernels/_dispatch.py, docs/BACKENDS.md).
@@ -75,6 +79,38 @@ AUTO_ORDER = ("numba", "reference")
 _BACKENDS = Backends(BACKENDS, AUTO_ORDER)
 _backend = _BACKENDS.get                      # (op, name, *arrays) -> module (by array kind)
 available_backends = _BACKENDS.available      # () -> names that import on this machine
+
+
+def backend_names():
+    """Every registered backend name (host and device), sorted; 'auto' is not one."""
+    return sorted(_BACKENDS.registry)
+
+
+def require_backend(op, backend):
+    """Resolve a backend name now (for a caller that wants to fail before its work starts,
+    e.g. MANN's make_config) -> its module; the dispatch's errors otherwise: ImportError
+    naming the missing package, BackendUnavailable saying what a device backend lacks here
+    (no GPU, no driver), ValueError for an unknown name."""
+    return _backend(op, backend)
+
+
+def is_device_backend(backend):
+    """True for the names of the device backends ('numba-cuda', 'cupy')."""
+    return backend in _BACKENDS.device
+
+
+def to_device(backend, *arrays):
+    """NumPy arrays -> the device backend's own arrays (fresh copies), for state that a
+    caller keeps on the device between step calls (MANN's memory, read and usage weights).
+    Raises BackendUnavailable (an ImportError) saying what is missing where it cannot run."""
+    mod = _backend("to_device", backend)
+    return tuple(mod.to_device(a) for a in arrays)
+
+
+def to_host(backend, *arrays):
+    """The device backend's arrays -> fresh NumPy arrays."""
+    mod = _backend("to_host", backend)
+    return tuple(mod.to_host(a) for a in arrays)
 
 
 # ---------------------------------------------------------------- input checks
@@ -151,8 +187,8 @@ def _backend_with(op, backend, arrays, lacks):
 def _step_backend(op, backend, *arrays):
     """The module for a step op. A backend may implement only the whole-episode pair: 'auto'
     with NumPy arrays then takes the first importable backend of AUTO_ORDER that has the step
-    pair, and naming one without it (or 'auto' with device arrays, whose backends have only
-    the whole-episode pair) is a clear error."""
+    pair, and naming one without it (or 'auto' with device arrays of a backend without it)
+    is a clear error. Both device backends have the step pair."""
     return _backend_with(op, backend, arrays,
                          "implements only the whole-episode lrua_forward / lrua_backward")
 

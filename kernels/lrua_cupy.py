@@ -3,10 +3,11 @@
 Shape letters (this module):
     T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
 
-The kernels are CUDA C in `lrua.cu` beside this file: the same whole-episode kernels
-(one thread block per episode, the time loop inside) as the Numba CUDA backend
-`lrua_cuda.py`, whose docstring says how they work. This wrapper checks dtypes and
-contiguity, casts every scalar, allocates outputs and scratch, and launches.
+The kernels are CUDA C in `lrua.cu` beside this file: the same kernels (one thread block
+per episode; the whole-episode pair with the time loop inside, the step pair for one step)
+as the Numba CUDA backend `lrua_cuda.py`, whose docstring says how they work. This wrapper
+checks dtypes, shapes and contiguity, casts every scalar, allocates outputs and scratch,
+and launches.
 
 Arrays in, arrays out of the same kind: CuPy arrays (or any __cuda_array_interface__
 array) stay on the device and the results are CuPy arrays; NumPy arrays are copied to the
@@ -21,7 +22,8 @@ EPS = 1e-8
 THREADS = 128                             # threads per block (one block per episode)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lrua.cu")
 OPTIONS = ("--std=c++11",)
-ENTRY_POINTS = ("lrua_gates", "lrua_forward", "lrua_backward", "lrua_sum_tb")
+ENTRY_POINTS = ("lrua_gates", "lrua_forward", "lrua_backward", "lrua_sum_tb",
+                "lrua_step_forward", "lrua_step_backward")
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _module = None
 
@@ -50,6 +52,16 @@ def _dev(op, name, x, dtype):
             raise TypeError(f"{op}: {name} has dtype {x.dtype}, expected {np.dtype(dtype)}")
         return cp.ascontiguousarray(x)
     return cp.asarray(np.ascontiguousarray(x, dtype=dtype))
+
+
+def to_device(x):
+    """A NumPy array -> a fresh CuPy array (C-contiguous)."""
+    return cp.array(np.ascontiguousarray(x))
+
+
+def to_host(x):
+    """A CuPy array -> a fresh NumPy array."""
+    return cp.asnumpy(x)
 
 
 def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
@@ -120,4 +132,98 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
                                (dalpha, i32(T), i32(B), i32(H), da))
         dalpha = da
     res = (dkeys, dalpha, dmemory0, dread0)
+    return tuple(cp.asnumpy(a) for a in res) if host else res
+
+
+# ---------------------------------------------------------------- one step, a batch
+def _step_dev(op, name, x, dtype, shape):
+    """_dev, and the shape the kernels index by (CuPy checks nothing at launch)."""
+    x = _dev(op, name, x, dtype)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def _step_inputs(op, key, alpha, memory_prev, w_r_prev, w_u_prev):
+    """-> host flag, dtype, contiguous device arrays and the gates g (B, H) of one step."""
+    host = all(isinstance(a, np.ndarray)
+               for a in (key, alpha, memory_prev, w_r_prev, w_u_prev))
+    dt = np.dtype(key.dtype)
+    if dt not in _SUFFIX:
+        raise TypeError(f"{op}: key must be float32 or float64, got dtype {dt}")
+    if len(key.shape) != 3 or len(memory_prev.shape) != 3:
+        raise ValueError(f"{op}: key (B, H, W) and memory_prev (B, S, W) must have 3 "
+                         f"dimensions, got {tuple(key.shape)} and {tuple(memory_prev.shape)}")
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    if tuple(alpha.shape) not in ((H,), (B, H)):
+        raise ValueError(f"{op}: alpha must have shape ({H},) or ({B}, {H}), got "
+                         f"{tuple(alpha.shape)}")
+    key = _step_dev(op, "key", key, dt, (B, H, W))
+    alpha = _step_dev(op, "alpha", alpha, dt, alpha.shape)
+    memory_prev = _step_dev(op, "memory_prev", memory_prev, dt, (B, S, W))
+    w_r_prev = _step_dev(op, "w_r_prev", w_r_prev, dt, (B, H, S))
+    w_u_prev = _step_dev(op, "w_u_prev", w_u_prev, dt, (B, S))
+    i32 = np.int32
+    g = cp.empty((B, H), dt)
+    n = B * H
+    _fn("lrua_gates", dt)(((n + THREADS - 1) // THREADS,), (THREADS,),
+                          (alpha, i32(alpha.ndim == 2), i32(1), i32(B), i32(H), g))
+    return host, dt, key, alpha, memory_prev, w_r_prev, w_u_prev, g
+
+
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
+    """Same contract as metacore.reference.lrua.lrua_step_forward:
+    -> read (B, H, W), memory (B, S, W), w_r (B, H, S), w_w (B, H, S), w_u (B, S).
+    One launch of lrua_step_forward (one block per episode) after the gates."""
+    op = "lrua_step_forward"
+    host, dt, key, alpha, memory_prev, w_r_prev, w_u_prev, g = _step_inputs(
+        op, key, alpha, memory_prev, w_r_prev, w_u_prev)
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    i32 = np.int32
+    e = cp.empty
+    read, memory = e((B, H, W), dt), e((B, S, W), dt)
+    w_r, w_w, w_u = e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt)
+    _fn("lrua_step_forward", dt)((B,), (THREADS,),
+                                 (key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
+                                  dt.type(EPS), i32(B), i32(H), i32(S), i32(W), read, memory,
+                                  w_r, w_w, w_u, e((B, S), dt), e((B,), cp.int64),
+                                  e((B, H), dt), e((B, S), dt), e((B, H, S), dt)))
+    res = (read, memory, w_r, w_w, w_u)
+    return tuple(cp.asnumpy(a) for a in res) if host else res
+
+
+def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
+                       gamma):
+    """Same contract as metacore.reference.lrua.lrua_step_backward:
+    -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S).
+    One launch of lrua_step_backward (the step's forward rerun, then its reverse, one block
+    per episode), and lrua_sum_tb over the episodes when alpha is (H,)."""
+    op = "lrua_step_backward"
+    host, dt, key, alpha, memory_prev, w_r_prev, w_u_prev, g = _step_inputs(
+        op, key, alpha, memory_prev, w_r_prev, w_u_prev)
+    host = host and all(isinstance(a, np.ndarray) for a in (dread, dmemory, dw_r))
+    B, H, W = key.shape
+    S = memory_prev.shape[1]
+    dread = _step_dev(op, "dread", dread, dt, (B, H, W))
+    dmemory = _step_dev(op, "dmemory", dmemory, dt, (B, S, W))
+    dw_r = _step_dev(op, "dw_r", dw_r, dt, (B, H, S))
+    i32 = np.int32
+    e = cp.empty
+    dkey, dalpha = e((B, H, W), dt), e((B, H), dt)
+    dmemory_prev, dw_r_prev = e((B, S, W), dt), e((B, H, S), dt)
+    _fn("lrua_step_backward", dt)(
+        (B,), (THREADS,),
+        (dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
+         dt.type(EPS), i32(B), i32(H), i32(S), i32(W), dkey, dalpha, dmemory_prev, dw_r_prev,
+         e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt), e((B, S), dt),
+         e((B,), cp.int64), e((B, H, S), dt), e((B, H, S), dt), e((B, H), dt), e((B, H), dt),
+         e((B, H), dt), e((B, S), dt), e((B, S), dt), e((B, S), dt)))
+    if alpha.ndim == 1:
+        da = e((H,), dt)
+        _fn("lrua_sum_tb", dt)(((H + THREADS - 1) // THREADS,), (THREADS,),
+                               (dalpha, i32(1), i32(B), i32(H), da))
+        dalpha = da
+    res = (dkey, dalpha, dmemory_prev, dw_r_prev)
     return tuple(cp.asnumpy(a) for a in res) if host else res

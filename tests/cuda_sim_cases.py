@@ -259,11 +259,140 @@ def test_public_entry_points_route_device_arrays():
     np.testing.assert_array_equal(outs[0].copy_to_host(), LC.lrua_forward(*args, 0.9)[0])
     with pytest.raises(TypeError, match="runs on the host"):
         KL.lrua_forward(*(cuda.to_device(a) for a in args), 0.9, backend="reference")
-    # the step pair has no device backend: a clear error, not a silent copy to the host
+    # the step pair runs on the device too: 'auto' picks numba-cuda, results stay there
     step = [cuda.to_device(a[0]) if a.ndim == 4 else cuda.to_device(a) for a in args]
-    with pytest.raises(NotImplementedError, match="lrua_step_forward: backend "
-                                                  "metacore.kernels.lrua_cuda implements only"):
-        KL.lrua_step_forward(*step, 0.9)
+    outs = KL.lrua_step_forward(*step, 0.9)
+    assert all(_dispatch.array_kind(r) == "numba-cuda" for r in outs)
+    host = [a[0] if a.ndim == 4 else a for a in args]
+    for a, b in zip(outs, LC.lrua_step_forward(*host, 0.9)):
+        np.testing.assert_array_equal(a.copy_to_host(), b)
+    with pytest.raises(TypeError, match="lrua_step_forward: backend 'numba' runs on the host"):
+        KL.lrua_step_forward(*step, 0.9, backend="numba")
+
+
+# ---------------------------------------------------------------- LRUA step pair
+# (B, H, S, W): 9 slots, 3 heads and W = 11 cross the 8-thread strides; B = 1; H = S;
+# W = 1; S = 1
+STEP_SHAPES = [(2, 3, 9, 11), (1, 1, 1, 1), (3, 2, 2, 3), (1, 2, 5, 1), (4, 1, 17, 2)]
+
+
+def step_args(shape, dtype, seed, per_episode):
+    """-> key, alpha, memory_prev, w_r_prev, w_u_prev, dread, dmemory, dw_r (dtype)."""
+    B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, dreads = ldata((1, B, H, S, W), dtype, seed,
+                                                        per_episode)
+    rng = np.random.default_rng(seed + 1)
+    return [keys[0], alpha[0] if per_episode else alpha, memory0, read0, usage0, dreads[0],
+            rng.standard_normal((B, S, W)).astype(dtype),
+            rng.standard_normal((B, H, S)).astype(dtype)]
+
+
+@pytest.mark.parametrize("per_episode", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_lrua_step_pair(shape, dtype, per_episode):
+    """gates, step_forward, step_backward and sum_tb against the reference's step pair;
+    bound eps(dtype) 4 (S + W + H) max|r| per array (tests/test_lrua.py's, T = 1)."""
+    B, H, S, W = shape
+    args = step_args(shape, dtype, 51, per_episode)
+    a64 = [x.astype(np.float64) for x in args]
+    c = 4 * (S + W + H)
+    got = LC.lrua_step_forward(*args[:5], 0.9)
+    ref = RL.lrua_step_forward(*a64[:5], 0.9)
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        lassert(name, a, r, dtype, c)
+    got = LC.lrua_step_backward(*args[5:], *args[:5], 0.9)
+    ref = RL.lrua_step_backward(*a64[5:], *a64[:5], 0.9)
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"), got, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        lassert(name, a, r, dtype, c)
+
+
+def test_lrua_step_ties_and_the_zeroed_slot():
+    """Tied usages at the threshold are all marked and the first argmin is zeroed, in the
+    step pair as in the reference (float64, to rounding)."""
+    args = step_args((1, 2, 6, 3), np.float64, 52, False)
+    args[4] = np.array([[0.5, 0.2, 0.2, 0.9, 0.2, 0.7]])      # three-way tie at the minimum
+    got = LC.lrua_step_forward(*args[:5], 1.0)
+    ref = RL.lrua_step_forward(*args[:5], 1.0)
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-13)
+    for a, r in zip(LC.lrua_step_backward(*args[5:], *args[:5], 1.0),
+                    RL.lrua_step_backward(*args[5:], *args[:5], 1.0)):
+        np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-12 * np.abs(r).max())
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_lrua_chained_steps_on_the_device(per_step):
+    """T step calls with device arrays, the state (M_t, w_r_t, w_u_t) and the running
+    dL/dM, dL/dw_r never leaving the device, equal the whole-episode kernels: the same
+    device functions run in both, so float64 agrees to rounding (64 eps relative)."""
+    T, B, H, S, W = 4, 2, 3, 9, 5
+    keys, alpha, memory0, read0, usage0, dreads = ldata((T, B, H, S, W), np.float64, 53,
+                                                        per_step)
+    ref = LC.lrua_forward(keys, alpha, memory0, read0, usage0, 0.9)
+    M, wr, wu = (cuda.to_device(x) for x in (memory0, read0, usage0))
+    states, reads = [], []
+    for t in range(T):
+        states.append((M, wr, wu))
+        r, M, wr, _, wu = LC.lrua_step_forward(keys[t], alpha[t] if per_step else alpha,
+                                               M, wr, wu, 0.9)
+        assert _dispatch.array_kind(M) == "numba-cuda"
+        reads.append(r.copy_to_host())
+    tol = 64 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(np.stack(reads), ref[0], rtol=0, atol=tol * np.abs(ref[0]).max())
+    np.testing.assert_allclose(M.copy_to_host(), ref[5], rtol=0,
+                               atol=tol * np.abs(ref[5]).max())
+    gref = LC.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, 0.9)
+    dM = cuda.to_device(np.zeros_like(memory0))
+    dwr = cuda.to_device(np.zeros_like(read0))
+    dks, das = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1):
+        dk, da, dM, dwr = LC.lrua_step_backward(dreads[t], dM, dwr, keys[t],
+                                                alpha[t] if per_step else alpha, *states[t],
+                                                0.9)
+        dks[t], das[t] = dk.copy_to_host(), da.copy_to_host()
+    da = np.stack(das) if per_step else np.sum(das, axis=0)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"),
+                          (np.stack(dks), da, dM.copy_to_host(), dwr.copy_to_host()), gref):
+        np.testing.assert_allclose(a, r, rtol=0, atol=tol * np.abs(r).max(), err_msg=name)
+
+
+# ---------------------------------------------------------------- MANN on the device
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mann_gradient_with_the_device_step_pair(dtype):
+    """MANN.loss_grad with backend='numba-cuda' (memory state on the device all episode)
+    against the reference backend: float64 to rounding, float32 within 1e-4 relative (the
+    float32 host kernels' own agreement with float64, tests/test_mann.py)."""
+    from metacore.algorithms.mann import MANN
+    from metacore import gradcheck
+    model = MANN(d_in=6, n_way=3, hidden=4, heads=2, slots=9, width=3, gamma=0.9)
+    rng = np.random.default_rng(61)
+    theta = model.init_params(rng, np.float64)
+    theta += 0.3 * rng.standard_normal(theta.shape)
+    x = rng.standard_normal((6, 3, 6))                               # (T, B, D)
+    y = rng.integers(0, 3, (6, 3))                                   # (T, B)
+    ref = model.loss_grad(theta, x, y, "reference")
+    got = model.loss_grad(theta.astype(dtype), x.astype(dtype), y, "numba-cuda")
+    assert got[2].dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    assert abs(got[0] - ref[0]) <= tol * abs(ref[0])
+    assert gradcheck.rel_error(got[2], ref[2]) <= tol
+
+
+def test_mann_trains_with_backend_numba_cuda(tmp_path):
+    """`--set backend=numba-cuda` through make_config and the trainer: two iterations give
+    the parameters of the same run on the reference backend (float64, to rounding)."""
+    from metacore.training import Trainer, make_config
+    sizes = dict(hidden=4, heads=2, slots=6, width=3, batch=2, eval_tasks=2, log_every=1,
+                 eval_every=10, ckpt_every=10, iterations=2, dtype="float64")
+    runs = {}
+    for name in ("numba-cuda", "reference"):
+        cfg = make_config("mann", "omniglot", str(tmp_path / name), backend=name, **sizes)
+        runs[name] = Trainer(cfg, progress=False).train()
+    np.testing.assert_allclose(runs["numba-cuda"], runs["reference"], rtol=1e-10,
+                               atol=1e-12)
 
 
 # ---------------------------------------------------------------- coverage (keep last)

@@ -11,7 +11,8 @@
   ENTRY_POINTS in both dtypes (a kernel in the source but not in ENTRY_POINTS fails, so it
   cannot escape the wrapper's list and the tests built on it).
 * kernel_signatures (what the PTX test compiles) must list every kernel of the module's
-  kernel dict and every @cuda.jit in its source; tests/cuda_sim_cases.py checks that every
+  kernel dict and every @cuda.jit in its source (device functions, @cuda.jit(device=True),
+  are compiled inside the kernels that call them); tests/cuda_sim_cases.py checks that every
   kernel of that dict runs under the simulator in both dtypes.
 Skips with the reason when the `cuda` extra (numba-cuda, cupy, cuda-bindings) is missing.
 Without the numba-cuda package, `import numba.cuda` still succeeds: it is numba's own
@@ -19,6 +20,7 @@ deprecated CUDA target, which asks the driver for the device's compute capabilit
 compiling a kernel's device functions, and so cannot compile PTX on a machine without a GPU.
 These tests need the numba-cuda distribution itself.
 """
+import contextlib
 import importlib
 import importlib.metadata
 import os
@@ -52,8 +54,34 @@ def _need_numba_cuda():
     return _import("numba.cuda", "numba-cuda is installed but numba.cuda does not import")
 
 
+class _NoDevice:
+    """Stands in for numba.cuda's current device while a kernel is lowered: numba-cuda
+    types a kernel's call to a device function (@cuda.jit(device=True)) by compiling that
+    function for the current device's compute capability, which needs a driver; here that
+    capability is the one being compiled for."""
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+@contextlib.contextmanager
+def _device_functions_for(cc):
+    from numba.cuda import dispatcher
+    saved = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: _NoDevice(cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = saved
+
+
 def _numba_ptx(disp, sig):
     """{cc: ptx} for one kernel; one lowering, NVVM once per cc."""
+    with _device_functions_for(CCS[0]):
+        return _numba_ptx_lowered(disp, sig)
+
+
+def _numba_ptx_lowered(disp, sig):
     from numba.cuda import compiler
     lower = getattr(compiler, "_compile_pyfunc_with_fixup", None)
     if lower is None:           # internals moved: the public API, one full compile per cc
@@ -100,8 +128,11 @@ def test_kernel_signatures_list_every_kernel(modname):
     mod = _import(modname, "the Numba CUDA backend does not import")
     with open(mod.__file__, encoding="utf-8") as f:
         source = f.read()
-    jitted = set(re.findall(r"^\s*@cuda\.jit\b[^\n]*\n\s*def\s+(\w+)", source, re.M))
-    assert len(jitted) == len(re.findall(r"^\s*@cuda\.jit\b", source, re.M)), \
+    # kernels: every @cuda.jit but the device functions (@cuda.jit(device=True)), which
+    # are compiled into the kernels that call them
+    kernel = r"^\s*@cuda\.jit\b(?![^\n]*device=True)"
+    jitted = set(re.findall(kernel + r"[^\n]*\n\s*def\s+(\w+)", source, re.M))
+    assert len(jitted) == len(re.findall(kernel, source, re.M)), \
         f"{modname}: a @cuda.jit this test cannot pair with its def"
     for dtype in DTYPES:
         listed = [name for name, _, _ in mod.kernel_signatures(dtype)]

@@ -262,3 +262,46 @@ def test_lrua_cu(lcu, shape, per_step, dtype):
     for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"), got, ref):
         assert a.dtype == dtype and a.shape == r.shape, name
         lassert(name, a, r, dtype, c)
+
+
+# (B, H, S, W): S = 130 and W = 129 cross the 128-thread stride; H = S; S = W = 1
+STEP_SHAPES = [((2, 3, 130, 5), False), ((1, 1, 1, 1), True), ((2, 2, 2, 129), True),
+               ((3, 2, 5, 1), False)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, per_episode", STEP_SHAPES)
+def test_lrua_step_cu(lcu, shape, per_episode, dtype):
+    """The step pair of lrua.cu through the wrapper: gates, lrua_step_forward,
+    lrua_step_backward (forward rerun and reverse in one kernel), sum_tb; bound
+    eps(dtype) 4 (S + W + H) max|r| per array (T = 1)."""
+    B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, dreads = ldata((1, B, H, S, W), dtype, 34,
+                                                        per_episode)
+    rng = np.random.default_rng(35)
+    args = [keys[0], alpha[0] if per_episode else alpha, memory0, read0, usage0]
+    grads = [dreads[0], rng.standard_normal((B, S, W)).astype(dtype),
+             rng.standard_normal((B, H, S)).astype(dtype)]
+    a64 = [x.astype(np.float64) for x in args]
+    g64 = [x.astype(np.float64) for x in grads]
+    c = 4 * (S + W + H)
+    got = lcu.lrua_step_forward(*args, 0.9)
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"), got,
+                          RL.lrua_step_forward(*a64, 0.9)):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        lassert(name, a, r, dtype, c)
+    got = lcu.lrua_step_backward(*grads, *args, 0.9)
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"), got,
+                          RL.lrua_step_backward(*g64, *a64, 0.9)):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        lassert(name, a, r, dtype, c)
+
+
+def test_lrua_step_cu_wrapper_checks(lcu):
+    """CuPy checks nothing at launch, so the wrapper does: shapes the kernels index by."""
+    keys, alpha, memory0, read0, usage0, _ = ldata((1, 2, 2, 5, 3), np.float64, 36, False)
+    with pytest.raises(ValueError, match=r"lrua_step_forward: w_r_prev must have shape "
+                                         r"\(2, 2, 5\)"):
+        lcu.lrua_step_forward(keys[0], alpha, memory0, read0[:, :, :4], usage0, 0.9)
+    with pytest.raises(ValueError, match=r"lrua_step_forward: alpha must have shape"):
+        lcu.lrua_step_forward(keys[0], alpha[:1], memory0, read0, usage0, 0.9)

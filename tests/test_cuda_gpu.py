@@ -149,3 +149,66 @@ def test_public_entry_points_with_device_arrays_on_gpu(backend):
     assert all(_dispatch.array_kind(r) != "host" for r in outs)
     for a, b in zip(outs, lmod.lrua_forward(*args, 0.9)):
         np.testing.assert_array_equal(_to_host(a), b)
+
+
+# (B, H, S, W): S = 130 and W = 129 cross the 128-thread stride; size-1 axes; H = S
+STEP_SHAPES = [((16, 4, 130, 40), False), ((1, 1, 1, 1), True), ((3, 2, 2, 129), True),
+               ((5, 3, 17, 1), False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, per_episode", STEP_SHAPES)
+def test_lrua_step_pair_on_gpu(backend, dtype, shape, per_episode):
+    """The step pair with device arrays (results stay there) and with NumPy arrays, against
+    the reference; bound eps(dtype) 4 (S + W + H) max|r| per array (T = 1)."""
+    mod = _backend_or_skip(KL, backend)
+    B, H, S, W = shape
+    rng = np.random.default_rng(4)
+    key = rng.standard_normal((B, H, W)).astype(dtype)
+    alpha = rng.standard_normal((B, H) if per_episode else (H,)).astype(dtype)
+    memory_prev = rng.standard_normal((B, S, W)).astype(dtype)
+    e = np.exp(rng.standard_normal((B, H, S)))
+    w_r_prev = (e / e.sum(-1, keepdims=True)).astype(dtype)
+    w_u_prev = (0.3 * np.stack([rng.permutation(S) for _ in range(B)])).astype(dtype)
+    grads = [rng.standard_normal(shp).astype(dtype) for shp in ((B, H, W), (B, S, W),
+                                                               (B, H, S))]
+    args = [key, alpha, memory_prev, w_r_prev, w_u_prev]
+    a64 = [x.astype(np.float64) for x in args]
+    g64 = [x.astype(np.float64) for x in grads]
+    c = 4 * (S + W + H)
+    fref = RL.lrua_step_forward(*a64, 0.9)
+    bref = RL.lrua_step_backward(*g64, *a64, 0.9)
+    dev = [_to_device(backend, x) for x in args]
+    ddev = [_to_device(backend, x) for x in grads]
+    got = KL.lrua_step_forward(*dev, 0.9)                  # 'auto' by the arrays
+    assert all(_dispatch.array_kind(a) != "host" for a in got)
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"), got, fref):
+        _close(name, _to_host(a), r, dtype, c)
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"),
+                          mod.lrua_step_forward(*args, 0.9), fref):
+        assert isinstance(a, np.ndarray) and a.dtype == dtype, name
+        _close(name + " host", a, r, dtype, c)
+    got = KL.lrua_step_backward(*ddev, *dev, 0.9)
+    assert all(_dispatch.array_kind(a) != "host" for a in got)
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"), got, bref):
+        _close(name, _to_host(a), r, dtype, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mann_gradient_with_the_device_step_pair_on_gpu(backend):
+    """MANN.loss_grad with the step pair on the GPU (memory state on the device all
+    episode) equals the reference backend's, float64 to 1e-12 relative."""
+    _backend_or_skip(KL, backend)
+    from metacore import gradcheck
+    from metacore.algorithms.mann import MANN
+    model = MANN(d_in=20, n_way=5, hidden=16, heads=4, slots=37, width=9, gamma=0.95)
+    rng = np.random.default_rng(5)
+    theta = model.init_params(rng, np.float64)
+    theta += 0.3 * rng.standard_normal(theta.shape)
+    x = rng.standard_normal((12, 3, 20))                             # (T, B, D)
+    y = rng.integers(0, 5, (12, 3))                                  # (T, B)
+    ref = model.loss_grad(theta, x, y, "reference")
+    got = model.loss_grad(theta, x, y, backend)
+    assert abs(got[0] - ref[0]) <= 1e-12 * abs(ref[0])
+    assert gradcheck.rel_error(got[2], ref[2]) <= 1e-12

@@ -163,8 +163,24 @@ def test_bad_input_names_the_problem():
         model.forward(theta, x.astype(np.float32), y)
     with pytest.raises(ValueError, match="make_config: instances must be <= 20"):
         _cfg(instances=21)
-    with pytest.raises(ValueError, match="make_config: backend"):
+    with pytest.raises(ValueError, match=r"make_config: backend must be 'auto' or one of "
+                                         r"\['cupy', 'numba', 'numba-cuda', 'reference'\]"):
         _cfg(backend="gpu")
+
+
+@pytest.mark.parametrize("name", ["numba-cuda", "cupy"])
+def test_device_backend_is_a_setting_and_fails_clearly_without_a_gpu(name):
+    """--set backend=numba-cuda / cupy selects the LRUA step pair on the GPU; where it
+    cannot run, make_config says so before training starts (with a GPU the setting is
+    accepted; tests/test_cuda_gpu.py trains with it)."""
+    try:
+        lrua.require_backend("test", name)
+    except ImportError:
+        with pytest.raises(ValueError, match=rf"^make_config: backend {name!r} (cannot run on "
+                                             rf"this machine: |needs the package )"):
+            _cfg(backend=name)
+    else:
+        assert _cfg(backend=name)["backend"] == name
 
 
 # ---------------------------------------------------------------- trainer

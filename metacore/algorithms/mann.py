@@ -129,7 +129,12 @@ class MANN:
         """theta (P,), x (T, B, D), y (T, B) int labels in 0..N-1 (y_t is the target at t and
         is shown to the controller at t + 1) -> logits (T, B, N), cache for backward.
         The LSTM's input projection of [x_t, onehot(y_{t-1})] for all T steps is one product
-        before the loop; only [r_{t-1}, h_{t-1}] is multiplied inside it."""
+        before the loop; only [r_{t-1}, h_{t-1}] is multiplied inside it.
+        backend: that of the LRUA step pair (metacore.kernels.lrua). With a device backend
+        ('numba-cuda', 'cupy') the memory state M_t, w_r_t, w_u_t (and in backward dL/dM,
+        dL/dw_r) stays on the device for the whole episode, and only k_t goes there and r_t
+        comes back each step (dk_t, dalpha_t in backward); the controller runs on the host.
+        Where the backend cannot run (no GPU) this raises BackendUnavailable saying why."""
         op = "MANN.forward"
         self._check(op, theta, x, y)
         T, B, D = x.shape
@@ -143,6 +148,9 @@ class MANN:
         zx = (xy.reshape(T * B, D + N) @ Wl[:D + N] + p["lstm_b"]).reshape(T, B, 4 * C)
         Wr, Wh = Wl[D + N:D + N + H * W], Wl[D + N + H * W:]           # (H W, G), (C, G)
         M, wr, wu = self.initial_state(B, dt)
+        on_device = lrua.is_device_backend(backend)
+        if on_device:                   # the memory state stays on the device all episode
+            M, wr, wu = lrua.to_device(backend, M, wr, wu)
         h = np.zeros((B, C), dt)                                       # (B, C)
         c = np.zeros((B, C), dt)
         r = np.zeros((B, H * W), dt)                                   # (B, H W)
@@ -156,6 +164,8 @@ class MANN:
             mem_prev = (M, wr, wu)
             read, M, wr, _, wu = lrua.lrua_step_forward(
                 k.reshape(B, H, W), p["alpha"], M, wr, wu, self.gamma, backend=backend)
+            if on_device:
+                (read,) = lrua.to_host(backend, read)
             r = read.reshape(B, H * W)                                 # (B, H W)
             hr = np.concatenate([h, r], axis=1)                        # (B, C + H W)
             logits[t] = hr @ p["out_W"] + p["out_b"]
@@ -189,6 +199,9 @@ class MANN:
         dr_next = np.zeros((B, H * W), dt)                             # (B, H W)
         dM = np.zeros((B, S, W), dt)                                   # (B, S, W)
         dwr = np.zeros((B, H, S), dt)                                  # (B, H, S)
+        on_device = lrua.is_device_backend(backend)
+        if on_device:                   # dL/dM and dL/dw_r stay on the device as well
+            dM, dwr = lrua.to_device(backend, dM, dwr)
         Wo, Wk = p["out_W"], p["key_W"]
         DN = xy.shape[2]                                               # D + N
         Wrh = p["lstm_W"][DN:]                                         # (H W + C, G)
@@ -203,6 +216,8 @@ class MANN:
             dk, dalpha, dM, dwr = lrua.lrua_step_backward(
                 dr, dM, dwr, k.reshape(B, H, W), p["alpha"], M_prev, wr_prev, wu_prev,
                 self.gamma, backend=backend)
+            if on_device:
+                dk, dalpha = lrua.to_host(backend, dk, dalpha)
             g["alpha"] += dalpha
             da = dk.reshape(B, H * W) * (1 - k * k)                    # (B, H W)
             g["key_W"] += hr[:, :C].T @ da

@@ -24,6 +24,12 @@ Accuracy by instance (the paper's Table 1): the accuracy of the prediction at th
 that show a class for the 1st, 2nd, ..., 10th time, per episode, then the mean and 95%
 confidence interval over episodes (metacore.stats.mean_ci).
 
+Backend (`--set backend=NAME`): that of the LRUA step pair (metacore.kernels.lrua): 'auto'
+(the host's fastest, numba), 'numba', 'reference', or on an NVIDIA GPU 'numba-cuda' or
+'cupy', which keep the memory on the device for the whole episode while the LSTM controller
+stays on the host. make_config refuses a device backend that cannot run here (no GPU, no
+driver, the cuda extra missing), saying which.
+
 Shape letters: T steps, B episodes, D = 400 features, N classes, P parameters.
 """
 import numpy as np
@@ -62,10 +68,17 @@ def check_config(cfg):
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1:
         raise UserError(f"make_config: gamma must be a number in [0, 1], got {g!r}")
     cfg["gamma"] = float(g)
-    from metacore.kernels.lrua import BACKENDS
-    if cfg["backend"] != "auto" and cfg["backend"] not in BACKENDS:
-        raise UserError(f"make_config: backend must be 'auto' or one of {sorted(BACKENDS)}, "
-                        f"got {cfg['backend']!r}")
+    from metacore.kernels import lrua
+    name = cfg["backend"]
+    if name != "auto" and name not in lrua.backend_names():
+        raise UserError(f"make_config: backend must be 'auto' or one of "
+                         f"{lrua.backend_names()}, got {name!r}")
+    if lrua.is_device_backend(name):
+        # fail now, with the reason, rather than at the first step of training
+        try:
+            lrua.require_backend("make_config", name)
+        except ImportError as err:
+            raise UserError(str(err)) from err       # "make_config: backend ... cannot run"
 
 
 def area_matrix(n_in, n_out):
