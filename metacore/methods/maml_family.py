@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient
+from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient, adapt_and_score
 from metacore.algorithms.reptile import _reptile
 from metacore.checkpoint import rng_state, set_rng_state
 from metacore.methods import MethodBase
@@ -179,7 +179,6 @@ class Method(MethodBase):
     def evaluate_val(self, params):
         """Mean post-update query loss (and accuracy) on the fixed validation tasks after
         test_steps inner steps."""
-        from metacore.evaluation import adapt_and_score
         theta, alpha = split_params(self.cfg, self.model, params)
         scores = adapt_and_score(self.model, theta, alpha, self.val_batch,
                                  self.cfg["test_steps"], transductive=True)
