@@ -15,5 +15,5 @@ from metacore.algorithms.reptile import reptile_direction, reptile_direction_ser
 from metacore.algorithms.siamese import PairSampler, SiameseNet, lake_accuracy
 
 __all__ = ["MetaGradient", "adapt", "adapt_and_score", "fomaml_gradient", "maml_gradient",
-           "meta_objective", "reptile_direction", "reptile_direction_serial", "MatchingNet", "ProtoNet",
-           "RelationNet", "SiameseNet", "PairSampler", "lake_accuracy"]
+           "meta_objective", "reptile_direction", "reptile_direction_serial", "MatchingNet",
+           "ProtoNet", "RelationNet", "SiameseNet", "PairSampler", "lake_accuracy"]
