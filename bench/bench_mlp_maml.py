@@ -1,5 +1,6 @@
-"""Fused Numba second-order MAML meta-gradient (metacore.kernels.mlp_maml) against the NumPy
-path (metacore.algorithms.maml.maml_gradient) in the same run, float32, one BLAS thread.
+"""Fused Numba second-order MAML meta-gradient (metacore.kernels.mlp_maml, for a Model through
+metacore.algorithms.mlp_maml) against the NumPy path (metacore.algorithms.maml.maml_gradient)
+in the same run, float32, one BLAS thread.
 
 Run: python -m pytest bench/bench_mlp_maml.py --benchmark-only -q -s
 
@@ -24,7 +25,7 @@ from metacore.models import sinusoid_mlp
 from metacore.tasks import sample_sinusoid
 
 pytest.importorskip("numba")
-from metacore.kernels.mlp_maml import mlp_maml_gradient  # noqa: E402
+from metacore.algorithms.mlp_maml import mlp_maml_gradient  # noqa: E402
 
 TARGET_MS = 0.15
 
@@ -79,7 +80,7 @@ def test_phase_profile(benchmark):
     from numba import njit
 
     import metacore.kernels.mlp_maml_numba as m
-    from metacore.kernels.mlp_maml import mlp_structure
+    from metacore.algorithms.mlp_maml import mlp_structure
     model, theta, batch, _ = workload()
     dims, woff, boff = mlp_structure(model)
     rng = np.random.default_rng(1)

@@ -19,9 +19,9 @@ import importlib
 
 import numpy as np
 
-from metacore.validate import FLOAT_DTYPES
-from metacore.validate import check_float_array as _host_float_check
-from metacore.validate import check_int_array as _host_int_check
+from ._validate import FLOAT_DTYPES
+from ._validate import check_float_array as _host_float_check
+from ._validate import check_int_array as _host_int_check
 
 # reference module of a kernel family -> {device backend name: (module, pip package)}
 DEVICE_BACKENDS = {
@@ -134,7 +134,7 @@ class Backends:
 
 # ---------------------------------------------------------------- input checks
 def check_float_array(op, name, x, ndim=None, shape=None, dtype=None, finite=True):
-    """metacore.validate.check_float_array for NumPy arrays; for device arrays the same
+    """_validate.check_float_array for NumPy arrays; for device arrays the same
     type, rank, shape and dtype checks, but no finiteness scan (that would be a device
     reduction and a synchronisation on every call: the device kernels propagate NaN)."""
     if array_kind(x) == "host":
@@ -157,7 +157,7 @@ def check_float_array(op, name, x, ndim=None, shape=None, dtype=None, finite=Tru
 
 
 def check_int_array(op, name, x, shape=None, low=None, high=None):
-    """metacore.validate.check_int_array for NumPy arrays; for device arrays the dtype and
+    """_validate.check_int_array for NumPy arrays; for device arrays the dtype and
     shape only (the range is guarded inside the kernels: out-of-range labels give NaN)."""
     if array_kind(x) == "host":
         return _host_int_check(op, name, x, shape=shape, low=low, high=high)

@@ -48,7 +48,7 @@ def numba_kernels():
         return None
     if _state["module"] is None:
         try:
-            from metacore.kernels import convnet_numba
+            from . import convnet_numba
         except ImportError:
             _state["failed"] = True
             return None

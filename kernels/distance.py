@@ -35,7 +35,7 @@ is one line in _dispatch.DEVICE_BACKENDS. Device backends never join AUTO_ORDER.
 
 import numpy as np
 
-from metacore.kernels._dispatch import Backends, array_kind, check_float_array, check_int_array
+from ._dispatch import Backends, array_kind, check_float_array, check_int_array
 
 EPS = 1e-8
 METRICS = ("sqeuclidean", "l1", "cosine")

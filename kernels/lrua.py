@@ -65,7 +65,7 @@ import numbers
 
 import numpy as np
 
-from metacore.kernels._dispatch import Backends, check_float_array, device_kind
+from ._dispatch import Backends, check_float_array, device_kind
 
 EPS = 1e-8
 

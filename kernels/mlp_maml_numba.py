@@ -39,9 +39,9 @@ dtype.
 import numpy as np
 from numba import njit
 
-from metacore.kernels.simd import (as_flat, brow, vadd, view1d, view2d, vload2, vstore,
-                                   vtranspose, vzero)
-from metacore.kernels.small_gemm import gemm, gemv
+from .simd import (as_flat, brow, vadd, view1d, view2d, vload2, vstore, vtranspose,
+                   vzero)
+from .small_gemm import gemm, gemv
 
 FASTMATH = {"contract"}
 SECOND_ORDER, FIRST_ORDER, REPTILE = 0, 1, 2       # mlp_maml_gradient's modes

@@ -30,7 +30,7 @@ apart (and term 1 and term 2 apart), adding the partial sums at the end.
 """
 from numba import njit
 
-from metacore.kernels.simd import vfma, vload, vload2, vsplat, vstore2, vsum, vzero
+from .simd import vfma, vload, vload2, vsplat, vstore2, vsum, vzero
 
 
 @njit(cache=True)

@@ -9,6 +9,11 @@ Batch norm at test time (Omniglot, conv4_maml in batch mode):
                       queries together (as the MAML code does)
     non-transductive  each query image alone (a batch of one image; statistics over its
                       pixels only), so no query sees another
+
+The scoring of one batch of tasks, adapt_and_score, lives beside the inner loop in
+metacore.algorithms.maml (the MAML family's validation uses it too); it is also importable
+from here. This module stands above metacore.methods.maml_family (its task sources and
+split_params), never below it.
 """
 import json
 import math
@@ -16,62 +21,9 @@ import os
 
 import numpy as np
 
-from metacore.algorithms.maml import _loss_grad
+from metacore.algorithms.maml import _loss_grad, adapt_and_score  # noqa: F401  (re-exported)
 from metacore.errors import UserError
-from metacore.network import LOSSES
 from metacore.stats import mean_ci  # noqa: F401  (re-exported)
-
-
-def _query_scores(model, theta, qx, qy, transductive):
-    """Per-task query loss (T,) and, for classifiers, accuracy (T,) at theta (T, P)."""
-    T, M = qx.shape[:2]
-    if transductive:
-        out, _ = model.forward(theta, qx, _checked=True)              # (T, M, O)
-        y = qy
-    else:
-        th = np.repeat(theta, M, axis=0)                              # (T*M, P)
-        x = qx.reshape((T * M, 1) + qx.shape[2:])                     # (T*M, 1, ...)
-        y = qy.reshape((T * M, 1) + qy.shape[2:])
-        out, _ = model.forward(th, x, _checked=True)                  # (T*M, 1, O)
-    loss = LOSSES[model.loss_name][0](out, y)[0].reshape(T, -1).mean(axis=1)
-    if model.loss_name != "softmax_ce":
-        return loss, None
-    correct = (out.argmax(axis=-1) == y).reshape(T, M)
-    return loss, correct.mean(axis=1)
-
-
-def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
-    """theta (P,), alpha scalar or (P,) (a Meta-SGD run's learned rates, negative entries
-    allowed), batch = (sx, sy, qx, qy) of T tasks.
-    -> {"loss": [(T,)] * (max_steps + 1), "accuracy": likewise, for classifiers}."""
-    from metacore.algorithms.maml import _check_alpha, _check_model, _check_theta, _check_xy
-    op = "adapt_and_score"
-    _check_model(op, model)
-    _check_theta(op, model, theta)
-    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype, learned=True)
-    if not isinstance(batch, (tuple, list)) or len(batch) != 4:
-        raise TypeError(f"{op}: batch must be (support_x, support_y, query_x, query_y)")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"{op}: max_steps must be an int >= 0, got {max_steps!r}")
-    sx, sy, qx, qy = batch
-    T = sx.shape[0] if isinstance(sx, np.ndarray) and sx.ndim >= 2 else None
-    if not T:
-        raise ValueError(f"{op}: support_x must be a (T, N, ...) array with T >= 1 tasks, "
-                         f"got {getattr(sx, 'shape', type(sx).__name__)}")
-    _check_xy(op, model, "support", sx, sy, T, theta.dtype)
-    _check_xy(op, model, "query", qx, qy, T, theta.dtype)
-    th = np.repeat(theta[None, :], T, axis=0)                          # (T, P)
-    out = {"loss": [], "accuracy": []}
-    for step in range(max_steps + 1):
-        loss, acc = _query_scores(model, th, qx, qy, transductive)
-        out["loss"].append(loss)
-        if acc is not None:
-            out["accuracy"].append(acc)
-        if step < max_steps:
-            th = th - alpha * _loss_grad(model, th, sx, sy)[1]
-    if not out["accuracy"]:
-        del out["accuracy"]
-    return out
 
 
 def evaluate(run_dir, n_tasks=600, max_steps=10, shots=None, seed=2017, query_points=100,

@@ -210,6 +210,22 @@ class MeanPool(_Parameterless):
         return (s[2],)
 
 
+def _reference_layer(layer):
+    """(kind, settings) of one layer for metacore.reference.model.LayerSpec. A type the
+    reference does not know keeps its class name, which the reference then refuses by name."""
+    kind = _REFERENCE_KINDS.get(type(layer), type(layer).__name__)
+    if isinstance(layer, Conv2d):
+        return kind, dict(stride=layer.stride, padding=layer.padding)
+    if isinstance(layer, BatchNorm):
+        return kind, dict(mode=layer.mode, eps=layer.eps, running_mean=layer.running_mean,
+                          running_var=layer.running_var)
+    return kind, {}
+
+
+_REFERENCE_KINDS = {Linear: "Linear", Conv2d: "Conv2d", BatchNorm: "BatchNorm", ReLU: "ReLU",
+                    MaxPool2d: "MaxPool2d", Flatten: "Flatten", MeanPool: "MeanPool"}
+
+
 # ------------------------------------------------------------------------------ losses
 LOSSES = {
     "mse": (mse.mse_forward, mse.mse_backward, mse.mse_rbackward),
@@ -246,6 +262,20 @@ class Model:
     def __repr__(self):
         return (f"Model({self.name}: in {self.in_shape} -> out {self.out_shape}, "
                 f"{self.num_params} parameters, loss={self.loss_name})")
+
+    def reference_spec(self):
+        """This model in the terms of the plain NumPy ground truth: a
+        metacore.reference.model.ModelSpec whose layers carry their kind, their parameters'
+        (name, shape, offset) in the flat vector and their settings (BN running statistics
+        as they are now). The reference_* functions there call it."""
+        from metacore.reference.model import LayerSpec, ModelSpec
+        layers = []
+        for lname, layer in zip(self.layer_names, self.layers):
+            params = [(p, shape, self.layout.slice(f"{lname}.{p}").start)
+                      for p, shape in layer.params]
+            kind, settings = _reference_layer(layer)
+            layers.append(LayerSpec(kind, params, **settings))
+        return ModelSpec(self.name, layers, self.num_params, self.loss_name)
 
     # ------------------------------------------------------------------ parameters
     def init_params(self, rng, dtype=np.float64):

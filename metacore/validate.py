@@ -1,52 +1,13 @@
 """Input checks shared by every op: bad input raises an error naming the op, the argument,
-and what was expected against what was received. Never a silent wrong answer."""
+and what was expected against what was received. Never a silent wrong answer.
+
+The array, step and rate checks are defined in metacore.kernels._validate (kernels/_validate.py),
+because the kernels use them too and kernels/ imports nothing of metacore
+(docs/ARCHITECTURE.md); they are re-exported here under the names metacore uses."""
 import numpy as np
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def check_float_array(op, name, x, ndim=None, shape=None, dtype=None, finite=True):
-    """Check that `x` is a float32/float64 ndarray of the given rank/shape/dtype.
-
-    shape: a tuple whose entries are ints or None (None = any size on that axis).
-    dtype: the required dtype (e.g. that of another argument), or None for float32/float64.
-    finite: reject NaN/Inf, which would poison every result downstream.
-    Returns x unchanged.
-    """
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {x.dtype}")
-    if dtype is not None and x.dtype != np.dtype(dtype):
-        raise TypeError(f"{op}: {name} has dtype {x.dtype}, expected {np.dtype(dtype)} "
-                        f"(all arrays of one call share a dtype)")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {x.shape}")
-    if shape is not None:
-        if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-            raise ValueError(f"{op}: {name} must have shape {want}, got {x.shape}")
-    if finite and not np.isfinite(x).all():
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"{op}: {name} contains {bad} non-finite value(s) (NaN or Inf)")
-    return x
-
-
-def check_int_array(op, name, x, shape=None, low=None, high=None):
-    """Check an integer label array: integer dtype, shape, values in [low, high)."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(x).__name__}")
-    if not np.issubdtype(x.dtype, np.integer):
-        raise TypeError(f"{op}: {name} must have an integer dtype, got {x.dtype}")
-    if shape is not None:
-        if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-            raise ValueError(f"{op}: {name} must have shape {want}, got {x.shape}")
-    if x.size and low is not None and x.min() < low:
-        raise ValueError(f"{op}: {name} has value {x.min()} below the allowed minimum {low}")
-    if x.size and high is not None and x.max() >= high:
-        raise ValueError(f"{op}: {name} has value {x.max()}, must be < {high}")
-    return x
+from metacore.kernels._validate import (FLOAT_DTYPES, check_alpha,  # noqa: F401  (re-exported)
+                                        check_float_array, check_int_array, check_steps)
 
 
 def check_same(op, name, a, ref_name, ref):

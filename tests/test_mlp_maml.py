@@ -1,4 +1,5 @@
-"""The fused Numba MAML meta-gradient (metacore.kernels.mlp_maml) against
+"""The fused Numba MAML meta-gradient (metacore.kernels.mlp_maml, called for a Model through
+metacore.algorithms.mlp_maml) against
 metacore.algorithms.maml.maml_gradient (itself checked by finite differences in
 tests/test_maml.py): float64 to 1e-12 relative, float32 within a per-dtype bound, and the
 models it must refuse.
@@ -12,8 +13,9 @@ pytest.importorskip("numba")
 
 from metacore.algorithms import fomaml_gradient, maml_gradient   # noqa: E402
 from metacore.algorithms.reptile import reptile_direction         # noqa: E402
-from metacore.kernels.mlp_maml import (mlp_maml_gradient,        # noqa: E402
-                                       mlp_reptile_direction)
+from metacore.algorithms.mlp_maml import (mlp_maml_gradient,     # noqa: E402
+                                          mlp_reptile_direction, mlp_sizes)
+from metacore.kernels import mlp_maml as fused                    # noqa: E402
 from metacore.models import bn_mlp, sinusoid_mlp                 # noqa: E402
 from metacore.network import Linear, Model, ReLU                 # noqa: E402
 
@@ -153,3 +155,25 @@ def test_first_order_and_reptile_equal_their_references(make, k, dtype):
     ref_loss0, ref_d = reptile_direction(model, *c64[:3], 0.05, k)
     assert d.dtype == dtype and loss0.shape == (5,)
     assert _max_rel(d, ref_d) <= tol and _max_rel(loss0, ref_loss0) <= tol
+
+
+def test_the_kernel_takes_layer_sizes_and_plain_arrays():
+    """The kernel itself knows no Model: widths and arrays in, the same numbers out as
+    through the adapter (which only reads the widths)."""
+    model = odd_mlp()
+    assert mlp_sizes(model) == (3, 7, 1, 5, 2)
+    theta, sx, sy, qx, qy = _case(model, 3, N=4, M=6, seed=7)
+    ref = mlp_maml_gradient(model, theta, sx, sy, qx, qy, 0.1, steps=2)
+    for sizes in [(3, 7, 1, 5, 2), [3, 7, 1, 5, 2], np.array([3, 7, 1, 5, 2])]:
+        got = fused.mlp_maml_gradient(sizes, theta, sx, sy, qx, qy, 0.1, steps=2)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    dims, woff, boff = fused.mlp_layout((3, 7, 1, 5, 2))
+    assert dims.tolist() == [3, 7, 1, 5, 2]
+    # w (d_in, d_out) then b (d_out,), layer by layer: the Model's layout
+    assert woff.tolist() == [model.layout.slice(f"{i}.linear.w").start for i in (0, 2, 4, 6)]
+    assert boff.tolist() == [model.layout.slice(f"{i}.linear.b").start for i in (0, 2, 4, 6)]
+    for bad in [(3,), (3, 0, 2), (3, 7.0, 2), (3, True, 2), "3-7-2", None]:
+        with pytest.raises(ValueError, match="sizes must be the layer widths"):
+            fused.mlp_maml_gradient(bad, theta, sx, sy, qx, qy, 0.1)
+    with pytest.raises(ValueError, match="theta"):       # widths that do not fit theta
+        fused.mlp_maml_gradient((3, 8, 1, 5, 2), theta, sx, sy, qx, qy, 0.1)

@@ -38,7 +38,7 @@ class Workload:
 
 # ---------------------------------------------------------------- sinusoid MLP family
 def _mlp_dims(model):
-    from metacore.kernels.mlp_maml import mlp_structure
+    from metacore.algorithms.mlp_maml import mlp_structure
     return [int(d) for d in mlp_structure(model)[0]]
 
 
@@ -97,7 +97,7 @@ def metacore_sinusoid(kind, k, inputs, dtype, variant):
     th, sx, sy, qx, qy = a["theta"], a["sx"], a["sy"], a["qx"], a["qy"]
     alpha = SINUSOID["alpha"]
     if variant == "metacore-fused":
-        from metacore.kernels.mlp_maml import mlp_maml_gradient, mlp_reptile_direction
+        from metacore.algorithms.mlp_maml import mlp_maml_gradient, mlp_reptile_direction
         if kind == "reptile":
             return lambda: mlp_reptile_direction(model, th, sx, sy, alpha, steps=k)
         return lambda: mlp_maml_gradient(model, th, sx, sy, qx, qy, alpha, steps=k,

@@ -34,14 +34,15 @@ H_j^(i) its Hessian), k = 1, support batch 0, query batch 1:
     g_FOMAML = g_1^(1),   g_MAML = g_1^(1) - alpha H_0^(0) g_1^(1).
 """
 from dataclasses import dataclass
-import numbers
 
 import numpy as np
 
 from metacore.network import LOSSES, Model
 from metacore.params import tile_tasks
 from metacore.taskpool import check_workers, map_task_blocks
+from metacore.validate import check_alpha as _check_alpha
 from metacore.validate import check_float_array
+from metacore.validate import check_steps as _check_steps
 
 
 @dataclass
@@ -97,36 +98,9 @@ def _check_model(op, model):
         raise ValueError(f"{op}: model {model.name} has no loss")
 
 
-def _check_steps(op, steps, minimum=1):
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
-        raise ValueError(f"{op}: steps must be an int >= {minimum}, got {steps!r}")
-    return int(steps)
-
-
 def _check_theta(op, model, theta):
     check_float_array(op, "theta", theta, shape=(model.num_params,))
     return theta
-
-
-def _check_alpha(op, alpha, P, dtype, learned=False):
-    """A finite scalar >= 0 (returned as float) or a (P,) finite array of theta's dtype,
-    >= 0 too unless `learned`: Meta-SGD learns direction and rate together (Li et al. 2017),
-    so the rates of a trained run may be negative, and evaluation accepts them; as an input
-    to the meta-gradient or adaptation a negative rate ascends the support loss."""
-    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
-        check_float_array(op, "alpha", alpha, shape=(P,), dtype=dtype)
-        neg = int(np.count_nonzero(alpha < 0))
-        if neg and not learned:
-            raise ValueError(f"{op}: alpha has {neg} negative rate(s) (min {alpha.min():g}); "
-                             f"the per-parameter rates must be >= 0")
-        return alpha
-    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (numbers.Real, np.ndarray)):
-        raise TypeError(f"{op}: alpha must be a real scalar or a ({P},) array, got "
-                        f"{type(alpha).__name__}")
-    alpha = float(alpha)
-    if not np.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"{op}: alpha must be finite and >= 0, got {alpha}")
-    return alpha
 
 
 def _check_xy(op, model, name, x, y, T, dtype):
@@ -197,6 +171,61 @@ def adapt(model, theta, x, y, alpha, steps):
     for _ in range(steps):
         _, g = _loss_grad(model, out[-1], x, y)
         out.append(out[-1] - alpha * g)
+    return out
+
+
+def _query_scores(model, theta, qx, qy, transductive):
+    """Per-task query loss (T,) and, for classifiers, accuracy (T,) at theta (T, P)."""
+    T, M = qx.shape[:2]
+    if transductive:
+        out, _ = model.forward(theta, qx, _checked=True)              # (T, M, O)
+        y = qy
+    else:
+        th = np.repeat(theta, M, axis=0)                              # (T*M, P)
+        x = qx.reshape((T * M, 1) + qx.shape[2:])                     # (T*M, 1, ...)
+        y = qy.reshape((T * M, 1) + qy.shape[2:])
+        out, _ = model.forward(th, x, _checked=True)                  # (T*M, 1, O)
+    loss = LOSSES[model.loss_name][0](out, y)[0].reshape(T, -1).mean(axis=1)
+    if model.loss_name != "softmax_ce":
+        return loss, None
+    correct = (out.argmax(axis=-1) == y).reshape(T, M)
+    return loss, correct.mean(axis=1)
+
+
+def adapt_and_score(model, theta, alpha, batch, max_steps, transductive=True):
+    """Meta-test scoring (metacore.evaluation; the MAML family's validation): inner SGD
+    from theta on each task's support, the query scored after 0, 1, .., max_steps steps.
+    theta (P,), alpha scalar or (P,) (a Meta-SGD run's learned rates, negative entries
+    allowed), batch = (sx, sy, qx, qy) of T tasks; transductive:
+    each task's queries in one batch (BN batch statistics over all of them), else one query
+    at a time (metacore/evaluation.py's docstring).
+    -> {"loss": [(T,)] * (max_steps + 1), "accuracy": likewise, for classifiers}."""
+    op = "adapt_and_score"
+    _check_model(op, model)
+    _check_theta(op, model, theta)
+    alpha = _check_alpha(op, alpha, model.num_params, theta.dtype, learned=True)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+        raise TypeError(f"{op}: batch must be (support_x, support_y, query_x, query_y)")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"{op}: max_steps must be an int >= 0, got {max_steps!r}")
+    sx, sy, qx, qy = batch
+    T = sx.shape[0] if isinstance(sx, np.ndarray) and sx.ndim >= 2 else None
+    if not T:
+        raise ValueError(f"{op}: support_x must be a (T, N, ...) array with T >= 1 tasks, "
+                         f"got {getattr(sx, 'shape', type(sx).__name__)}")
+    _check_xy(op, model, "support", sx, sy, T, theta.dtype)
+    _check_xy(op, model, "query", qx, qy, T, theta.dtype)
+    th = np.repeat(theta[None, :], T, axis=0)                          # (T, P)
+    out = {"loss": [], "accuracy": []}
+    for step in range(max_steps + 1):
+        loss, acc = _query_scores(model, th, qx, qy, transductive)
+        out["loss"].append(loss)
+        if acc is not None:
+            out["accuracy"].append(acc)
+        if step < max_steps:
+            th = th - alpha * _loss_grad(model, th, sx, sy)[1]
+    if not out["accuracy"]:
+        del out["accuracy"]
     return out
 
 

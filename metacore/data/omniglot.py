@@ -249,6 +249,18 @@ def load_omniglot(path=None, version="ink28", dtype=np.float32):
     )
 
 
+_LOADED = {}
+
+
+def load_omniglot_once(version, dtype):
+    """load_omniglot(version=version, dtype=dtype) from the shipped files, read once per
+    process and shared (its arrays are read-only)."""
+    key = (version, np.dtype(dtype))
+    if key not in _LOADED:
+        _LOADED[key] = load_omniglot(version=version, dtype=dtype)
+    return _LOADED[key]
+
+
 def split_characters(data, scheme="vinyals", part="train"):
     """Character indices (into data.images axis 0) of one part of a split, ascending int64.
 

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient
+from metacore.algorithms.maml import _loss, _loss_grad, _maml_gradient, adapt_and_score
 from metacore.algorithms.reptile import _reptile
 from metacore.checkpoint import rng_state, set_rng_state
 from metacore.errors import UserError
@@ -167,15 +167,10 @@ class SinusoidSource:
         set_rng_state(self.rng, s)
 
 
-_OMNIGLOT = {}
-
-
 def omniglot_images(dtype):
-    """MAML's version of Omniglot, loaded once per process."""
-    if dtype not in _OMNIGLOT:
-        from metacore.data.omniglot import load_omniglot
-        _OMNIGLOT[dtype] = load_omniglot(version="maml", dtype=dtype)
-    return _OMNIGLOT[dtype]
+    """MAML's version of Omniglot, loaded once per process (metacore.data.omniglot)."""
+    from metacore.data.omniglot import load_omniglot_once
+    return load_omniglot_once("maml", dtype)
 
 
 class OmniglotSource:
@@ -267,7 +262,6 @@ class Method(MethodBase):
     def evaluate_val(self, params):
         """Mean post-update query loss (and accuracy) on the fixed validation tasks after
         test_steps inner steps."""
-        from metacore.evaluation import adapt_and_score
         theta, alpha = split_params(self.cfg, self.model, params)
         scores = adapt_and_score(self.model, theta, alpha, self.val_batch,
                                  self.cfg["test_steps"], transductive=True)

@@ -206,11 +206,10 @@ class Method(MethodBase):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from metacore.data.omniglot import EpisodeSampler, split_characters
-        from metacore.methods.maml_family import omniglot_images
+        from metacore.data.omniglot import EpisodeSampler, load_omniglot_once, split_characters
         from metacore.models import conv4_maml
         self.model = conv4_maml(n_way=cfg["n_way"], head=cfg["head"], bn_eps=cfg["bn_eps"])
-        data = omniglot_images(self.dtype)
+        data = load_omniglot_once("maml", self.dtype)
         self.images = data.images
         self.train_sampler = EpisodeSampler(data.images, split_characters(data, "maml", "train"),
                                             cfg["n_way"], cfg["train_shots"], 0, rotate=True,
@@ -307,8 +306,7 @@ class Method(MethodBase):
     def evaluate(self, params, opts):
         """`metacore eval`: n test tasks (default 600) from the 423 test characters,
         unrotated; --bn transductive / non-transductive / both (default both)."""
-        from metacore.data.omniglot import EpisodeSampler, split_characters
-        from metacore.methods.maml_family import omniglot_images
+        from metacore.data.omniglot import EpisodeSampler, load_omniglot_once, split_characters
         from metacore.stats import mean_ci
         cfg = self.cfg
         n = 600 if opts.get("tasks") is None else opts["tasks"]
@@ -332,7 +330,7 @@ class Method(MethodBase):
         if modes is None:
             raise UserError(f"eval: --bn must be transductive, non-transductive or both for "
                              f"reptile, got {bn!r}")
-        data = omniglot_images(self.dtype)
+        data = load_omniglot_once("maml", self.dtype)
         ep = EpisodeSampler(data.images, split_characters(data, "maml", "test"), way, shots,
                             cfg["queries"], rotate=False, seed=seed, dtype=self.dtype).sample(n)
         batch = (ep.support_x, ep.support_y, ep.query_x, ep.query_y)
