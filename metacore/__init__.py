@@ -11,6 +11,18 @@ import sys as _sys
 __version__ = "0.1.0"
 
 
+def set_nonfinite_policy(policy):
+    """'raise' (default) or 'warn': what a public entry point does when its loss or gradient
+    is NaN or Inf (metacore.nonfinite). -> the previous policy."""
+    from metacore.nonfinite import set_policy
+    return set_policy(policy)
+
+
+def get_nonfinite_policy():
+    from metacore.nonfinite import get_policy
+    return get_policy()
+
+
 def _alias_source_folders():
     """Run from a source checkout (not installed), `kernels/` and `reference/` sit beside this
     package. setup.py installs them as `metacore.kernels` / `metacore.reference`; here we give

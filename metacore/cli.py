@@ -120,7 +120,10 @@ def _train(args):
         comm = MPIComm()
     with abort_on_error(comm):           # one rank failing alone must not leave the rest waiting
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, comm=comm)
-        trainer.train()
+        try:
+            trainer.train()
+        except FloatingPointError as err:      # a non-finite meta-gradient: say where, exit 1
+            raise SystemExit(f"metacore {err}")
     if comm.rank != 0:
         return 0
     print(f"done: {cfg['algorithm']} {cfg['task']} step {trainer.step}, "
