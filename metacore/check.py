@@ -45,6 +45,12 @@ TOL = {  # (quantity, dtype) -> max rel_error allowed
     ("gradient", "float32"): 5e-5,
     ("hvp", "float32"): 5e-5,
 }
+# kernel backends against the reference on the same inputs: float64 differs only in the order
+# of sums (~1e-16); float32 kernels accumulate in float32 where the reference uses float64
+TOL[("backend", "float64")] = 1e-12
+TOL[("backend", "float32")] = 1e-5
+GROUPS = ("layers", "losses", "models", "meta-gradients", "kernels", "algorithms")
+KIND_GROUP = {"layer": "layers", "loss": "losses", "model": "models"}
 H_GRAD = 1e-5          # central-difference steps (float64)
 H_HVP = 1e-5
 PER_BLOCK = 4          # coordinates checked per parameter block for the full-size models
@@ -66,12 +72,24 @@ class Case:
     pattern(inputs): the model's ReLU masks and max-pool choices (None for smooth cases);
     the finite difference of the gradient is only valid if the pattern is the same at both
     ends of the step, so the step is shrunk until it is.
+
+    group: one of GROUPS (default from kind); has_hvp: False where the project has no HVP
+    or R-op for this derivation (gradient rows only); tol: {(quantity, dtype): bound}
+    overriding TOL; backends(inputs, dtype) -> [(quantity, error)]: agreement of every
+    available kernel backend with the reference (kernel rows).
     """
 
     def __init__(self, name, kind, make, value, grad_hvp, blocks=None, per_block=None,
-                 pattern=None):
+                 pattern=None, group=None, has_hvp=True, tol=None, backends=None,
+                 h_grad=None):
         self.name, self.kind, self.make, self.value, self.grad_hvp = name, kind, make, value, grad_hvp
         self.blocks, self.per_block, self.pattern = blocks, per_block, pattern
+        self.group = group or KIND_GROUP[kind]
+        self.has_hvp, self.tol, self.backends = has_hvp, dict(tol or {}), backends
+        self.h_grad = H_GRAD if h_grad is None else h_grad
+
+    def tolerance(self, quantity, dtype):
+        return self.tol.get((quantity, dtype), TOL.get((quantity, dtype)))
 
 
 # ------------------------------------------------------------------- layer cases
@@ -265,13 +283,15 @@ def _model_cases():
 
 
 def all_cases():
-    return _layer_cases() + _loss_cases() + _model_cases()
+    from metacore.check_more import more_cases
+    return _layer_cases() + _loss_cases() + _model_cases() + more_cases()
 
 
 # ---------------------------------------------------------------------- measuring
 def fd_gradient(case, inputs, coords):
     """Central differences of the objective at the given flat coordinates of each input."""
-    return {name: numerical_gradient_at(lambda: case.value(inputs), a, coords[name], H_GRAD)
+    return {name: numerical_gradient_at(lambda: case.value(inputs), a, coords[name],
+                                        case.h_grad)
             for name, a in inputs.items()}
 
 
@@ -320,14 +340,18 @@ def measure(case, seed=0):
                 rng.choice(np.arange(b.start, b.stop), min(case.per_block, b.stop - b.start),
                            replace=False) for b in case.blocks])
     num_grad = fd_gradient(case, inputs, coords)
-    num_hv = fd_hvp(case, inputs, v)
+    num_hv = fd_hvp(case, inputs, v) if case.has_hvp else None
     rows = []
     for dtype in (np.float64, np.float32):
         cast = lambda d: {k: a.astype(dtype) for k, a in d.items()}
-        _, grad, hv = case.grad_hvp(cast(inputs), cast(v))
-        g_at = {k: grad[k].reshape(-1)[coords[k]] for k in keys}
+        _, grad, hv = case.grad_hvp(cast(inputs), cast(v) if case.has_hvp else None)
+        g_at = {k: np.asarray(grad[k]).reshape(-1)[coords[k]] for k in keys}
         name = np.dtype(dtype).name
         rows.append(("gradient", name, rel_error(_flat(g_at, keys), _flat(num_grad, keys))))
+        if case.backends is not None:
+            rows += [(f"backend:{q}", name, e) for q, e in case.backends(inputs, dtype)]
+        if not case.has_hvp:
+            continue
         rows.append(("hvp", name, rel_error(_flat(hv, keys), _flat(num_hv, keys))))
         if dtype is np.float64:
             hu = case.grad_hvp(inputs, u)[2]
@@ -338,33 +362,51 @@ def measure(case, seed=0):
 
 
 def select(cases, only):
-    """Cases whose name, or name before '[', is in `only` (all if only is empty)."""
+    """Cases whose name, name before '[', or group is in `only` (all if only is empty)."""
     if not only:
         return cases
-    chosen = [c for c in cases if c.name in only or c.name.split("[")[0] in only]
-    unknown = set(only) - {c.name for c in chosen} - {c.name.split("[")[0] for c in chosen}
+    base = lambda c: c.name.split("[")[0]                      # noqa: E731
+    chosen = [c for c in cases if c.name in only or base(c) in only or c.group in only]
+    known = {c.name for c in chosen} | {base(c) for c in chosen} | {c.group for c in chosen}
+    unknown = set(only) - known
     if unknown:
-        names = sorted({c.name.split("[")[0] for c in cases})
-        raise SystemExit(f"metacore check: unknown derivation(s) {sorted(unknown)}; "
-                         f"choose from {names}")
+        names = sorted({base(c) for c in cases})
+        raise SystemExit(f"metacore check: unknown derivation(s) or group(s) {sorted(unknown)};"
+                         f" groups {list(GROUPS)}; derivations {names}")
     return chosen
 
 
-def run(only=(), dtypes=("float64", "float32"), out=print):
-    """Print one row per derivation x quantity x dtype; return the number of FAIL rows."""
+def tolerance(case, quantity, dtype):
+    return case.tolerance(quantity.split(":")[0], dtype)
+
+
+def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
+    """Print one row per derivation x quantity x dtype, grouped; write them to json_path as
+    a list of {name, group, dtype, quantity, error, tolerance, pass} when given. Returns the
+    number of FAIL rows."""
     cases = select(all_cases(), only)
-    out(f"{'derivation':<30} {'kind':<6} {'quantity':<9} {'dtype':<8} "
+    cases = sorted(cases, key=lambda c: GROUPS.index(c.group))   # stable: order within a group
+    out(f"{'derivation':<30} {'group':<14} {'quantity':<26} {'dtype':<8} "
         f"{'max rel error':>13} {'tolerance':>9}  result")
-    failures, t0 = 0, time.perf_counter()
+    failures, t0, records = 0, time.perf_counter(), []
     for case in cases:
         for quantity, dtype, err in measure(case):
             if dtype not in dtypes:
                 continue
-            tol = TOL[(quantity, dtype)]
+            tol = tolerance(case, quantity, dtype)
             ok = bool(err <= tol)
             failures += not ok
-            out(f"{case.name:<30} {case.kind:<6} {quantity:<9} {dtype:<8} {err:13.3e} "
+            records.append({"name": case.name, "group": case.group, "dtype": dtype,
+                            "quantity": quantity, "error": float(err), "tolerance": tol,
+                            "pass": ok})
+            out(f"{case.name:<30} {case.group:<14} {quantity:<26} {dtype:<8} {err:13.3e} "
                 f"{tol:9.0e}  {'PASS' if ok else 'FAIL'}")
-    out(f"{'all' if not failures else failures} {'rows pass' if not failures else 'row(s) FAIL'}"
-        f" ({len(cases)} derivations, {time.perf_counter() - t0:.1f} s)")
+    elapsed = time.perf_counter() - t0
+    out(f"{'all ' + str(len(records)) if not failures else failures} "
+        f"{'rows pass' if not failures else 'row(s) FAIL'}"
+        f" ({len(cases)} derivations, {elapsed:.1f} s)")
+    if json_path:
+        import json
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
     return failures

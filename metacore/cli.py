@@ -195,8 +195,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check every gradient and Hessian-vector product "
                                      "against float64 central finite differences")
-    p.add_argument("only", nargs="*", help="derivations to check (e.g. conv2d bn_mlp); "
-                                           "default all")
+    p.add_argument("only", nargs="*", help="derivations or groups to check (e.g. conv2d "
+                                           "bn_mlp, or layers, losses, models, "
+                                           "meta-gradients, kernels, algorithms); default all")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the rows to FILE as JSON (name, group, dtype, quantity, "
+                        "error, tolerance, pass)")
     p.add_argument("--dtype", choices=["float64", "float32"], action="append",
                    help="only this dtype (repeatable); default both")
     p.add_argument("--list", action="store_true", help="list the derivations and exit")
@@ -206,10 +210,11 @@ def main(argv=None):
     if args.command == "check":
         from metacore import check
         if args.list:
-            for case in check.all_cases():
-                print(f"{case.name:<30} {case.kind}")
+            for case in check.select(check.all_cases(), args.only):
+                print(f"{case.name:<30} {case.group}")
             return 0
-        failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")))
+        failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")),
+                             json_path=args.json)
         return 1 if failures else 0
     if args.command == "train":
         return _train(args)
