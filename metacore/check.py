@@ -48,7 +48,7 @@ TOL = {  # (quantity, dtype) -> max rel_error allowed
 # kernel backends against the reference on the same inputs: float64 differs only in the order
 # of sums (~1e-16); float32 kernels accumulate in float32 where the reference uses float64
 TOL[("backend", "float64")] = 1e-12
-TOL[("backend", "float32")] = 1e-5
+TOL[("backend", "float32")] = 5e-6       # measured worst 2.5e-7 (lrua_episode)
 GROUPS = ("layers", "losses", "models", "meta-gradients", "kernels", "algorithms")
 KIND_GROUP = {"layer": "layers", "loss": "losses", "model": "models"}
 H_GRAD = 1e-5          # central-difference steps (float64)
@@ -386,7 +386,7 @@ def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
     number of FAIL rows."""
     cases = select(all_cases(), only)
     cases = sorted(cases, key=lambda c: GROUPS.index(c.group))   # stable: order within a group
-    out(f"{'derivation':<30} {'group':<14} {'quantity':<26} {'dtype':<8} "
+    out(f"{'derivation':<30} {'group':<14} {'quantity':<38} {'dtype':<8} "
         f"{'max rel error':>13} {'tolerance':>9}  result")
     failures, t0, records = 0, time.perf_counter(), []
     for case in cases:
@@ -399,7 +399,7 @@ def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
             records.append({"name": case.name, "group": case.group, "dtype": dtype,
                             "quantity": quantity, "error": float(err), "tolerance": tol,
                             "pass": ok})
-            out(f"{case.name:<30} {case.group:<14} {quantity:<26} {dtype:<8} {err:13.3e} "
+            out(f"{case.name:<30} {case.group:<14} {quantity:<38} {dtype:<8} {err:13.3e} "
                 f"{tol:9.0e}  {'PASS' if ok else 'FAIL'}")
     elapsed = time.perf_counter() - t0
     out(f"{'all ' + str(len(records)) if not failures else failures} "

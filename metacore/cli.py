@@ -210,7 +210,8 @@ def main(argv=None):
     if args.command == "check":
         from metacore import check
         if args.list:
-            for case in check.select(check.all_cases(), args.only):
+            cases = check.select(check.all_cases(), args.only)
+            for case in sorted(cases, key=lambda c: check.GROUPS.index(c.group)):
                 print(f"{case.name:<30} {case.group}")
             return 0
         failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")),
