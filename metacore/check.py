@@ -371,8 +371,8 @@ def select(cases, only):
     unknown = set(only) - known
     if unknown:
         names = sorted({base(c) for c in cases})
-        raise SystemExit(f"metacore check: unknown derivation(s) or group(s) {sorted(unknown)};"
-                         f" groups {list(GROUPS)}; derivations {names}")
+        raise SystemExit(f"metacore check: unknown derivation(s) {sorted(unknown)}; choose "
+                         f"a group {list(GROUPS)} or derivations from {names}")
     return chosen
 
 

@@ -15,3 +15,12 @@ and the algorithms' gradient functions (maml_gradient, fomaml_gradient, reptile_
 from metacore.kernels._nonfinite import (ENV, POLICIES, NonFiniteWarning, all_finite,  # noqa: F401
                                          check_outputs, get_policy, likely_cause, policy,
                                          report, set_policy)
+
+
+def check_loss_grad(op, loss, grad, hint="learning rate"):
+    """The boundary check of an algorithm's loss-and-gradient entry point: nothing when both
+    are finite (one summation pass each), else report(...) per the policy."""
+    if not (all_finite(loss) and all_finite(grad)):
+        import numpy as np
+        report(op, np.asarray(grad).dtype, {"loss": np.asarray(loss), "gradient": grad},
+               hint=hint)

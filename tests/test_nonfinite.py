@@ -180,3 +180,31 @@ def test_trainer_stops_on_a_real_float32_divergence(tmp_path):
     _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
     assert meta["step"] == trainer.step
     assert "Cause: " in str(info.value)
+
+
+def test_algorithm_entry_points_raise():
+    """The episode-gradient entry points of the other methods share the boundary check."""
+    from metacore.algorithms import ProtoNet
+    from metacore.algorithms.mann import MANN
+    from metacore.models import conv4_protonet
+    rng = np.random.default_rng(0)
+    pn = ProtoNet(conv4_protonet(image_shape=(6, 6, 1), channels=2, depth=2),
+                  backend="reference")
+    p = pn.init_params(rng, np.float32)
+    sy = np.tile(np.arange(3), (1, 2))
+    sx, qx = rng.random((1, 6, 6, 6, 1), np.float32), rng.random((1, 3, 6, 6, 1), np.float32)
+    qy = np.arange(3)[None]
+    loss, grad, _ = pn.episode_loss_and_grad(p, sx, sy, qx, qy)
+    assert np.isfinite(grad).all()
+    big = p.copy()                    # the last BN scale 1e20: embeddings ~1e20, finite;
+    last = [n for n in pn.layout.names if "gamma" in n][-1]   # squared distances overflow
+    big[pn.layout.slice(last)] *= np.float32(1e20)
+    with pytest.raises(FloatingPointError, match=r"ProtoNet\.episode_loss_and_grad: "
+                                                 r"non-finite .*float32 overflow"):
+        pn.episode_loss_and_grad(big, sx, sy, qx, qy)
+    model = MANN(d_in=6, n_way=3, hidden=4, heads=2, slots=5, width=3, gamma=0.9)
+    theta = model.init_params(rng, np.float32)
+    x, y = rng.standard_normal((5, 2, 6)).astype(np.float32), rng.integers(0, 3, (5, 2))
+    with nonfinite.policy("warn"):
+        with pytest.warns(nonfinite.NonFiniteWarning, match=r"MANN\.loss_grad"):
+            model.loss_grad(theta * np.float32(1e30), x, y, "reference")
