@@ -7,7 +7,14 @@ One row per (derivation, quantity, dtype), quantity one of
              random PER_BLOCK coordinates of every parameter block of every task);
   hvp        R-operator Hessian-vector product vs finite differences of the analytic
              gradient along the same direction v;
-  symmetry   |u.(Hv) - v.(Hu)| / max(|u.(Hv)|, |v.(Hu)|), float64 only.
+  symmetry   |u.(Hv) - v.(Hu)| / max(|u.(Hv)|, |v.(Hu)|), float64 only;
+  backend:B  kernels only: rel_error of backend B's outputs (values and gradients) against
+             the reference backend's on the same inputs, per dtype.
+Derivations without an HVP or R-op in the project (the LSTM layers, meta-gradients, kernels,
+algorithms; metacore/check_more.py) have gradient rows only.
+Groups (`metacore check GROUP`): layers, losses, models, meta-gradients, kernels, algorithms.
+`metacore check --json FILE` writes every row as {name, group, dtype, quantity, error,
+tolerance, pass}.
 float64 rows compare float64 results; float32 rows run the same derivation in float32 and
 compare it with the float64 finite differences, against the looser float32 tolerance.
 Errors are metacore.gradcheck.rel_error (normwise: max|a - b| / (max|a| + max|b|)).

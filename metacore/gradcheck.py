@@ -205,7 +205,6 @@ def check_hvp(f, hvp_f, x, v=None, *, grad_f=None, eps=None, tol=None, seed=0,
         eps = EPS_SECOND if eps is None else eps
         tol = TOL_SECOND if tol is None else tol
         numerical = np.empty(x.size)
-        flat_v = v.reshape(-1)
         for i in range(x.size):
             vals = []
             for si, sv in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
@@ -213,7 +212,6 @@ def check_hvp(f, hvp_f, x, v=None, *, grad_f=None, eps=None, tol=None, seed=0,
                 xx.reshape(-1)[i] += si * eps
                 vals.append(_scalar(op, f(xx)))
             numerical[i] = (vals[0] - vals[1] - vals[2] + vals[3]) / (4.0 * eps * eps)
-        del flat_v
     sym = None
     if symmetry:
         u = rng.standard_normal(x.shape)
