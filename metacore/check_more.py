@@ -136,8 +136,8 @@ def _maml_setup(kind, seed):
     rng = np.random.default_rng(seed)
     if kind == "sinusoid":
         model = models.sinusoid_mlp(hidden=(7, 5))
-        theta = model.init_params(rng, np.float64) + 0.3 * rng.standard_normal(
-            model.init_params(rng).shape)
+        theta = model.init_params(rng, np.float64)
+        theta += 0.3 * rng.standard_normal(theta.shape)   # away from the tiny init
         x = rng.uniform(-5, 5, (3, 12, 1))
         amp, ph = rng.uniform(0.1, 5, 3)[:, None, None], rng.uniform(0, np.pi, 3)[:, None, None]
         y = amp * np.sin(x - ph)
