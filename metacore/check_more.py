@@ -517,16 +517,18 @@ def _mlp_maml_cases():
             return float(loss.mean()), {"theta": grad}
 
         def backends(inputs, dtype, k=k, model=model, data=data, alpha=alpha):
+            # the reference: the float64 NumPy path on the same (dtype-rounded) inputs
             th = inputs["theta"].astype(dtype)
             d = _cast(data, dtype)
+            th64, d64 = th.astype(np.float64), _cast(d, np.float64)
             rows = []
             for fo in (False, True):
                 loss, grad = mlp_maml_gradient(model, th, *d, alpha, steps=k, first_order=fo)
-                ref = maml_gradient(model, th, *d, alpha, steps=k, first_order=fo)
+                ref = maml_gradient(model, th64, *d64, alpha, steps=k, first_order=fo)
                 rows.append((f"numba vs reference ({'fomaml' if fo else 'maml'})",
                              max(rel_error(grad, ref.grad), rel_error(loss, ref.query_loss))))
             l0, dr = mlp_reptile_direction(model, th, d[0], d[1], alpha, steps=k)
-            r0, rr = reptile_direction(model, th, d[0], d[1], alpha, k)
+            r0, rr = reptile_direction(model, th64, d64[0], d64[1], alpha, k)
             rows.append(("numba vs reference (reptile)", max(rel_error(dr, rr),
                                                               rel_error(l0, r0))))
             return rows
