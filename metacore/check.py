@@ -9,7 +9,9 @@ One row per (derivation, quantity, dtype), quantity one of
              gradient along the same direction v;
   symmetry   |u.(Hv) - v.(Hu)| / max(|u.(Hv)|, |v.(Hu)|), float64 only;
   backend:B  kernels only: rel_error of backend B's outputs (values and gradients) against
-             the reference backend's on the same inputs, per dtype.
+             the reference backend's on the same inputs, per dtype: numba (CPU) when
+             installed, numba-cuda under the CUDA simulator (`metacore check --cuda-sim`) or
+             on a GPU.
 Derivations without an HVP or R-op in the project (the LSTM layers, meta-gradients, kernels,
 algorithms; metacore/check_more.py) have gradient rows only.
 Groups (`metacore check GROUP`): layers, losses, models, meta-gradients, kernels, algorithms.

@@ -232,8 +232,35 @@ def _meta_cases():
 
 
 # ------------------------------------------------------------------------------- kernels
+def _device_available():
+    """The Numba CUDA kernels run under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1 set before
+    the first import of numba: `NUMBA_ENABLE_CUDASIM=1 metacore check kernels`) or on a GPU."""
+    try:
+        from numba import config, cuda
+        return bool(config.ENABLE_CUDASIM) or cuda.is_available()
+    except Exception:          # no numba / numba-cuda, no driver: no device rows
+        return False
+
+
 def _host_backends(module):
-    return [b for b in ("reference", "numba") if b in module.available_backends()]
+    """The backends compared with the reference: numba (CPU) when importable, and numba-cuda
+    under the simulator or on a GPU. CuPy needs a GPU; tests/test_cuda_*.py cover it."""
+    names = [b for b in ("reference", "numba") if b in module.available_backends()]
+    if "numba-cuda" in module.available_backends() and _device_available():
+        names.append("numba-cuda")
+    return names
+
+
+def _call(fn, name, *args, **kw):
+    """fn(*args, backend=name, **kw) with host outputs; device backends get device arrays
+    (numba.cuda.to_device) and their outputs are copied back."""
+    if name != "numba-cuda":
+        return fn(*args, backend=name, **kw)
+    from numba import cuda
+    dev = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+    out = fn(*dev, backend=name, **kw)
+    host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else a    # noqa: E731
+    return tuple(host(a) for a in out) if isinstance(out, (tuple, list)) else host(out)
 
 
 def _distance_cases():
@@ -257,7 +284,7 @@ def _distance_cases():
                 if name == "reference":
                     continue
                 from metacore.gradcheck import rel_error
-                y, d = f(q, s, backend=name), b(g, q, s, backend=name)
+                y, d = _call(f, name, q, s), _call(b, name, g, q, s)
                 err = max(rel_error(y, ref_y), *(rel_error(a, r) for a, r in zip(d, ref_d)))
                 rows.append((f"{name} vs reference", err))
             return rows
@@ -282,7 +309,7 @@ def _distance_cases():
             rows = []
             for name in _host_backends(K):
                 if name != "reference":
-                    got = K.protonet_loss(q, s, y, metric=metric, backend=name)
+                    got = _call(K.protonet_loss, name, q, s, y, metric=metric)
                     rows.append((f"{name} vs reference",
                                  max(rel_error(a, r) for a, r in zip(got[:3], ref[:3]))))
             return rows
@@ -328,8 +355,8 @@ def _lrua_case():
         rows = []
         for name in _host_backends(K):
             if name != "reference":
-                got = K.lrua_forward(*args, backend=name)[:1] + tuple(
-                    K.lrua_backward(dr, *args, backend=name))
+                got = _call(K.lrua_forward, name, *args)[:1] + tuple(
+                    _call(K.lrua_backward, name, dr, *args))
                 rows.append((f"{name} vs reference",
                              max(rel_error(a, r) for a, r in zip(got, ref))))
         return rows

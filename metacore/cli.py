@@ -204,10 +204,19 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float64", "float32"], action="append",
                    help="only this dtype (repeatable); default both")
     p.add_argument("--list", action="store_true", help="list the derivations and exit")
+    p.add_argument("--cuda-sim", action="store_true",
+                   help="also compare the Numba CUDA kernels with the reference, under "
+                        "Numba's CUDA simulator (no GPU needed; reruns the check in a child "
+                        "process with NUMBA_ENABLE_CUDASIM=1, which numba reads at import)")
     _add_train(sub)
     _add_eval(sub)
     args = parser.parse_args(argv)
     if args.command == "check":
+        if args.cuda_sim and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            import subprocess
+            argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--cuda-sim"]
+            env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+            return subprocess.run([sys.executable, "-m", "metacore"] + argv, env=env).returncode
         from metacore import check
         if args.list:
             cases = check.select(check.all_cases(), args.only)

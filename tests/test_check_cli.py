@@ -79,3 +79,25 @@ def test_a_wrong_meta_gradient_fails_the_check(monkeypatch):
     rows = check.measure(case)
     err = [e for q, d, e in rows if (q, d) == ("gradient", "float64")][0]
     assert err > 1e-3
+
+
+def test_cuda_simulator_rows(tmp_path):
+    """--cuda-sim reruns the check with NUMBA_ENABLE_CUDASIM=1: the Numba CUDA kernels join
+    the backend rows (numba-cuda is part of the 'cuda' extra)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("numba") is None or importlib.util.find_spec("numba.cuda") is None:
+        pytest.skip("numba / numba-cuda not installed")
+    out = tmp_path / "rows.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "metacore", "check", "distance", "lrua_episode",
+                        "--cuda-sim", "--json", str(out)], cwd=root, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())
+    sim = [x for x in rows if x["quantity"] == "backend:numba-cuda vs reference"]
+    assert {x["name"] for x in sim} == {"distance[sqeuclidean]", "distance[cosine]",
+                                        "distance[l1]", "lrua_episode"}
+    assert {x["dtype"] for x in sim} == {"float64", "float32"} and all(x["pass"] for x in sim)
