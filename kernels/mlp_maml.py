@@ -38,6 +38,8 @@ import numpy as np
 
 from ._validate import check_alpha, check_float_array, check_steps
 
+from . import _nonfinite
+
 _numba_module = None
 
 
@@ -158,7 +160,16 @@ def _run(op, sizes, theta, support_x, support_y, query_x, query_y, alpha, steps,
     if not kernel.all_finite(*arrays):     # one compiled pass found a NaN or Inf: name it
         for name, x in zip(("theta", "support_x", "support_y", "query_x", "query_y"), arrays):
             check_float_array(op, name, x)
-    return kernel.mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff, mode)
+    loss, grad = kernel.mlp_maml_gradient(*arrays, dt.type(alpha), steps, dims, woff, boff,
+                                          mode)
+    if not (kernel._finite_1d(loss) and kernel._finite_1d(grad)):   # one compiled pass
+        # e.g. float32, k = 5, alpha = 0.1 from a poor theta: the inner loop diverges past
+        # 3.4e38 where float64 stays finite; never returned silently (kernels/_nonfinite.py)
+        names = ("support loss", "Reptile direction") if mode == 2 else (
+            "query loss", "meta-gradient")
+        _nonfinite.report(op, dt, dict(zip(names, (loss, grad))), hint="alpha",
+                          context=f"alpha={alpha}, steps={steps}")
+    return loss, grad
 
 
 def mlp_maml_gradient(sizes, theta, support_x, support_y, query_x, query_y, alpha, steps=1,
@@ -169,7 +180,9 @@ def mlp_maml_gradient(sizes, theta, support_x, support_y, query_x, query_y, alph
     sizes: the layer widths (D, ..., O); theta: (P,) float32 or float64 in the layout of
     the module docstring; support_x (T, N, D), support_y (T, N, O): the batch of every
     inner step; query_x (T, M, D), query_y (T, M, O); alpha: a scalar >= 0; steps: int >= 1.
-    -> query_loss (T,), grad (P,) in theta's dtype (fresh arrays).
+    -> query_loss (T,), grad (P,) in theta's dtype (fresh arrays). A non-finite loss or
+    gradient raises FloatingPointError naming the likely cause (or warns, under
+    metacore.nonfinite.set_policy('warn'); kernels/_nonfinite.py).
     """
     mode = 1 if first_order else 0             # mlp_maml_numba.FIRST_ORDER / SECOND_ORDER
     return _run("mlp_maml_gradient", sizes, theta, support_x, support_y, query_x, query_y,

@@ -21,3 +21,4 @@ if (_os.path.isfile(_os.path.join(_root, "kernels", "__init__.py"))
         and _os.path.isfile(_os.path.join(_root, "setup.py"))
         and not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels"))):
     __path__.append(_root)
+

@@ -7,7 +7,16 @@ One row per (derivation, quantity, dtype), quantity one of
              random PER_BLOCK coordinates of every parameter block of every task);
   hvp        R-operator Hessian-vector product vs finite differences of the analytic
              gradient along the same direction v;
-  symmetry   |u.(Hv) - v.(Hu)| / max(|u.(Hv)|, |v.(Hu)|), float64 only.
+  symmetry   |u.(Hv) - v.(Hu)| / max(|u.(Hv)|, |v.(Hu)|), float64 only;
+  backend:B  kernels only: rel_error of backend B's outputs (values and gradients) against
+             the reference backend's on the same inputs, per dtype: numba (CPU) when
+             installed, numba-cuda under the CUDA simulator (`metacore check --cuda-sim`) or
+             on a GPU.
+Derivations without an HVP or R-op in the project (the LSTM layers, meta-gradients, kernels,
+algorithms; metacore/check_more.py) have gradient rows only.
+Groups (`metacore check GROUP`): layers, losses, models, meta-gradients, kernels, algorithms.
+`metacore check --json FILE` writes every row as {name, group, dtype, quantity, error,
+tolerance, pass}.
 float64 rows compare float64 results; float32 rows run the same derivation in float32 and
 compare it with the float64 finite differences, against the looser float32 tolerance.
 Errors are metacore.gradcheck.rel_error (normwise: max|a - b| / (max|a| + max|b|)).
@@ -38,41 +47,14 @@ from metacore.layers import reshape as rs
 from metacore.losses import bce_logits, mse, softmax_ce
 from metacore.network import MaxPool2d, ReLU
 
-TOL = {  # (quantity, dtype) -> max rel_error allowed
-    ("gradient", "float64"): 1e-7,
-    ("hvp", "float64"): 1e-6,
-    ("symmetry", "float64"): 1e-10,
-    # float32: round-off of sums of a few hundred terms, ~2^-23 * a few hundred
-    ("gradient", "float32"): 5e-5,
-    ("hvp", "float32"): 5e-5,
-}
-H_GRAD = 1e-5          # central-difference steps (float64)
-H_HVP = 1e-5
+from metacore.check_case import (GROUPS, H_GRAD, H_HVP, KIND_GROUP, TOL,  # noqa: F401
+                                 Case)
+
 PER_BLOCK = 4          # coordinates checked per parameter block for the full-size models
 
 
 def _tuple(r):
     return r if isinstance(r, tuple) else (r,)
-
-
-class Case:
-    """A differentiable scalar objective of named float arrays with analytic gradient and HVP.
-
-    make(rng) -> dict of float64 inputs (the differentiation variables)
-    value(inputs) -> the objective alone (what finite differences evaluate)
-    grad_hvp(inputs, v=None) -> (value, {name: gradient}, {name: Hv} or None)
-    blocks: for large inputs, a list of slices of the flat input (one per named parameter
-    block); finite differences then check `per_block` random coordinates of every block.
-
-    pattern(inputs): the model's ReLU masks and max-pool choices (None for smooth cases);
-    the finite difference of the gradient is only valid if the pattern is the same at both
-    ends of the step, so the step is shrunk until it is.
-    """
-
-    def __init__(self, name, kind, make, value, grad_hvp, blocks=None, per_block=None,
-                 pattern=None):
-        self.name, self.kind, self.make, self.value, self.grad_hvp = name, kind, make, value, grad_hvp
-        self.blocks, self.per_block, self.pattern = blocks, per_block, pattern
 
 
 # ------------------------------------------------------------------- layer cases
@@ -266,13 +248,15 @@ def _model_cases():
 
 
 def all_cases():
-    return _layer_cases() + _loss_cases() + _model_cases()
+    from metacore.check_more import more_cases
+    return _layer_cases() + _loss_cases() + _model_cases() + more_cases()
 
 
 # ---------------------------------------------------------------------- measuring
 def fd_gradient(case, inputs, coords):
     """Central differences of the objective at the given flat coordinates of each input."""
-    return {name: numerical_gradient_at(lambda: case.value(inputs), a, coords[name], H_GRAD)
+    return {name: numerical_gradient_at(lambda: case.value(inputs), a, coords[name],
+                                        case.h_grad)
             for name, a in inputs.items()}
 
 
@@ -321,14 +305,18 @@ def measure(case, seed=0):
                 rng.choice(np.arange(b.start, b.stop), min(case.per_block, b.stop - b.start),
                            replace=False) for b in case.blocks])
     num_grad = fd_gradient(case, inputs, coords)
-    num_hv = fd_hvp(case, inputs, v)
+    num_hv = fd_hvp(case, inputs, v) if case.has_hvp else None
     rows = []
     for dtype in (np.float64, np.float32):
         cast = lambda d: {k: a.astype(dtype) for k, a in d.items()}
-        _, grad, hv = case.grad_hvp(cast(inputs), cast(v))
-        g_at = {k: grad[k].reshape(-1)[coords[k]] for k in keys}
+        _, grad, hv = case.grad_hvp(cast(inputs), cast(v) if case.has_hvp else None)
+        g_at = {k: np.asarray(grad[k]).reshape(-1)[coords[k]] for k in keys}
         name = np.dtype(dtype).name
         rows.append(("gradient", name, rel_error(_flat(g_at, keys), _flat(num_grad, keys))))
+        if case.backends is not None:
+            rows += [(f"backend:{q}", name, e) for q, e in case.backends(inputs, dtype)]
+        if not case.has_hvp:
+            continue
         rows.append(("hvp", name, rel_error(_flat(hv, keys), _flat(num_hv, keys))))
         if dtype is np.float64:
             hu = case.grad_hvp(inputs, u)[2]
@@ -339,32 +327,51 @@ def measure(case, seed=0):
 
 
 def select(cases, only):
-    """Cases whose name, or name before '[', is in `only` (all if only is empty)."""
+    """Cases whose name, name before '[', or group is in `only` (all if only is empty)."""
     if not only:
         return cases
-    chosen = [c for c in cases if c.name in only or c.name.split("[")[0] in only]
-    unknown = set(only) - {c.name for c in chosen} - {c.name.split("[")[0] for c in chosen}
+    base = lambda c: c.name.split("[")[0]                      # noqa: E731
+    chosen = [c for c in cases if c.name in only or base(c) in only or c.group in only]
+    known = {c.name for c in chosen} | {base(c) for c in chosen} | {c.group for c in chosen}
+    unknown = set(only) - known
     if unknown:
-        names = sorted({c.name.split("[")[0] for c in cases})
-        raise UserError(f"unknown derivation(s) {sorted(unknown)}; choose from {names}")
+        names = sorted({base(c) for c in cases})
+        raise UserError(f"unknown derivation(s) {sorted(unknown)}; choose a group "
+                        f"{list(GROUPS)} or derivations from {names}")
     return chosen
 
 
-def run(only=(), dtypes=("float64", "float32"), out=print):
-    """Print one row per derivation x quantity x dtype; return the number of FAIL rows."""
+def tolerance(case, quantity, dtype):
+    return case.tolerance(quantity.split(":")[0], dtype)
+
+
+def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
+    """Print one row per derivation x quantity x dtype, grouped; write them to json_path as
+    a list of {name, group, dtype, quantity, error, tolerance, pass} when given. Returns the
+    number of FAIL rows."""
     cases = select(all_cases(), only)
-    out(f"{'derivation':<30} {'kind':<6} {'quantity':<9} {'dtype':<8} "
+    cases = sorted(cases, key=lambda c: GROUPS.index(c.group))   # stable: order within a group
+    out(f"{'derivation':<30} {'group':<14} {'quantity':<38} {'dtype':<8} "
         f"{'max rel error':>13} {'tolerance':>9}  result")
-    failures, t0 = 0, time.perf_counter()
+    failures, t0, records = 0, time.perf_counter(), []
     for case in cases:
         for quantity, dtype, err in measure(case):
             if dtype not in dtypes:
                 continue
-            tol = TOL[(quantity, dtype)]
+            tol = tolerance(case, quantity, dtype)
             ok = bool(err <= tol)
             failures += not ok
-            out(f"{case.name:<30} {case.kind:<6} {quantity:<9} {dtype:<8} {err:13.3e} "
+            records.append({"name": case.name, "group": case.group, "dtype": dtype,
+                            "quantity": quantity, "error": float(err), "tolerance": tol,
+                            "pass": ok})
+            out(f"{case.name:<30} {case.group:<14} {quantity:<38} {dtype:<8} {err:13.3e} "
                 f"{tol:9.0e}  {'PASS' if ok else 'FAIL'}")
-    out(f"{'all' if not failures else failures} {'rows pass' if not failures else 'row(s) FAIL'}"
-        f" ({len(cases)} derivations, {time.perf_counter() - t0:.1f} s)")
+    elapsed = time.perf_counter() - t0
+    out(f"{'all ' + str(len(records)) if not failures else failures} "
+        f"{'rows pass' if not failures else 'row(s) FAIL'}"
+        f" ({len(cases)} derivations, {elapsed:.1f} s)")
+    if json_path:
+        import json
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
     return failures

@@ -382,12 +382,19 @@ def _eval_method(args, cfg):
 
 def _dispatch(args):
     if args.command == "check":
+        if args.cuda_sim and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            import subprocess
+            argv = [a for a in args.argv if a != "--cuda-sim"]
+            env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+            return subprocess.run([sys.executable, "-m", "metacore"] + argv, env=env).returncode
         from metacore import check
         if args.list:
-            for case in check.all_cases():
-                print(f"{case.name:<30} {case.kind}")
+            cases = check.select(check.all_cases(), args.only)
+            for case in sorted(cases, key=lambda c: check.GROUPS.index(c.group)):
+                print(f"{case.name:<30} {case.group}")
             return 0
-        failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")))
+        failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")),
+                             json_path=args.json)
         return 1 if failures else 0
     if args.command == "train":
         return _train(args)
@@ -406,11 +413,19 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check every gradient and Hessian-vector product "
                                      "against float64 central finite differences")
-    p.add_argument("only", nargs="*", help="derivations to check (e.g. conv2d bn_mlp); "
-                                           "default all")
+    p.add_argument("only", nargs="*", help="derivations or groups to check (e.g. conv2d "
+                                           "bn_mlp, or layers, losses, models, "
+                                           "meta-gradients, kernels, algorithms); default all")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the rows to FILE as JSON (name, group, dtype, quantity, "
+                        "error, tolerance, pass)")
     p.add_argument("--dtype", choices=["float64", "float32"], action="append",
                    help="only this dtype (repeatable); default both")
     p.add_argument("--list", action="store_true", help="list the derivations and exit")
+    p.add_argument("--cuda-sim", action="store_true",
+                   help="also compare the Numba CUDA kernels with the reference, under "
+                        "Numba's CUDA simulator (no GPU needed; reruns the check in a child "
+                        "process with NUMBA_ENABLE_CUDASIM=1, which numba reads at import)")
     _add_train(sub)
     _add_eval(sub)
     p = sub.add_parser("zoo", help="list the trained models shipped in the package "
@@ -420,6 +435,7 @@ def main(argv=None):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=debug_help)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     return run_command(args.command, _dispatch, args, _debug_wanted(args))
 
 

@@ -22,6 +22,7 @@ from metacore.layers import maxpool as mp
 from metacore.layers import relu as rl
 from metacore.layers import reshape as rs
 from metacore.losses import bce_logits, mse, softmax_ce
+from metacore.nonfinite import all_finite, report
 from metacore.params import ParamLayout
 from metacore.validate import check_float_array, check_int_array
 
@@ -428,7 +429,10 @@ class Model:
         """-> per-task loss (T,)."""
         theta, x = self._check(theta, x, target)
         out, _ = self.forward(theta, x, _checked=True)
-        return LOSSES[self.loss_name][0](out, target)[0]
+        loss = LOSSES[self.loss_name][0](out, target)[0]
+        if not all_finite(loss):
+            self._nonfinite("loss", {"loss": loss})
+        return loss
 
     def loss_and_grad(self, theta, x, target):
         """-> loss (T,), grad (T, P): task t's gradient of its own loss."""
@@ -436,7 +440,10 @@ class Model:
         lfwd, lbwd, _ = LOSSES[self.loss_name]
         out, caches = self.forward(theta, x, _checked=True)
         loss, lcache = lfwd(out, target)
-        return loss, self.backward(lbwd(lcache), caches, theta.shape[0])
+        grad = self.backward(lbwd(lcache), caches, theta.shape[0])
+        if not (all_finite(loss) and all_finite(grad)):
+            self._nonfinite("loss_and_grad", {"loss": loss, "gradient": grad})
+        return loss, grad
 
     def hvp(self, theta, x, target, v):
         """Exact Hessian-vector product by Pearlmutter's R-operator, in one call:
@@ -450,4 +457,13 @@ class Model:
         rout, rcaches = self.rforward(np.ascontiguousarray(v), caches)
         rdout = lrbwd(rout, lcache)
         grad, hv = self.backward_and_rbackward(dout, rdout, caches, rcaches, T)
+        if not (all_finite(loss) and all_finite(grad) and all_finite(hv)):
+            self._nonfinite("hvp", {"loss": loss, "gradient": grad, "Hv": hv})
         return loss, grad, hv
+
+    def _nonfinite(self, op, outputs):
+        """A non-finite loss or gradient from finite inputs (checked on entry): raise or
+        warn per metacore.nonfinite's policy."""
+        dtype = next(iter(outputs.values())).dtype
+        report(f"Model {self.name}.{op}", dtype, outputs,
+               hint="learning rate (the parameters or activations grew too large)")

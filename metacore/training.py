@@ -38,6 +38,7 @@ import numpy as np
 from metacore import methods
 from metacore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metacore.errors import IgnoredSettingWarning, RunDirError, RunExistsError, UserError
+from metacore.nonfinite import all_finite, likely_cause
 from metacore.optim import make_optimizer
 from metacore.rundir import open_run_dir, run_files
 
@@ -135,6 +136,7 @@ class Trainer:
         self.opt = make_optimizer(cfg["outer_opt"], self.params.size, self.dtype,
                                   lr=cfg["outer_lr"])
         self.step, self.elapsed = 0, 0.0
+        self.ckpt_step = None                            # step of the checkpoint on disk
         self.acc = {"n": 0}
         self._ckpt_sig = None
         if exists:
@@ -216,6 +218,7 @@ class Trainer:
         self._hold()
         save_checkpoint(self.ckpt_path, arrays, meta)
         self._ckpt_sig = _file_sig(self.ckpt_path)
+        self.ckpt_step = self.step
 
     def _load(self):
         arrays, meta = load_checkpoint(self.ckpt_path)
@@ -266,6 +269,7 @@ class Trainer:
         self.method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})
         self.method.load_state(meta["method_state"])
         self.step, self.elapsed, self.acc = meta["step"], meta["elapsed_s"], meta["log_acc"]
+        self.ckpt_step = self.step
 
     def _truncate_metrics(self):
         """Drop metric lines written after the checkpoint (a run killed between the two)."""
@@ -322,6 +326,22 @@ class Trainer:
                                       for k, a, b in zip(names, ends[:-1], ends[1:])})
         return grad, dict(zip(keys, vals[:len(keys)].tolist()))
 
+    def _stop_nonfinite(self, cause):
+        """Stop before the update of step self.step + 1: the parameters and the checkpoint
+        on disk stay those of the last good step (a 'stopped' metrics line says where)."""
+        bad = self.step + 1
+        if self.ckpt_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = (f"the last good checkpoint, {self.ckpt_path} at step {self.ckpt_step}, is "
+                    f"kept unchanged (continue with --resume, e.g. with --dtype float64 or "
+                    f"smaller rates)")
+        self._log({"kind": "stopped", "step": bad, "elapsed_s": self.elapsed,
+                   "reason": "non-finite meta-gradient"})
+        raise FloatingPointError(f"train: non-finite meta-gradient at step {bad} "
+                                 f"({self.cfg['algorithm']}, {self.cfg['dtype']}); stopped "
+                                 f"before applying it, {kept}. Cause: {cause}")
+
     def _learning_rate(self):
         """The outer rate of the step about to be taken (self.step of them done): halved every
         lr_halve_every steps, or linear from outer_lr to outer_lr_final over the run as
@@ -352,9 +372,15 @@ class Trainer:
         t_last = time.perf_counter()
         while self.step < total:
             batch = self.method.sample()
-            grad, metrics = self._gradient(batch)
-            if not np.isfinite(grad).all():
-                raise FloatingPointError(f"train: non-finite meta-gradient at step {self.step}")
+            try:
+                grad, metrics = self._gradient(batch)
+            except FloatingPointError as err:         # an op's non-finite check (policy raise)
+                self._stop_nonfinite(str(err))
+            if not all_finite(grad):                  # policy warn, or a method's own sum
+                self._stop_nonfinite(f"{np.size(grad) - np.count_nonzero(np.isfinite(grad))} "
+                                     f"of {np.size(grad)} entries are NaN or Inf "
+                                     f"({grad.dtype}); likely cause: "
+                                     f"{likely_cause(grad.dtype, 'outer or inner rate')}")
             self.opt.lr = self._learning_rate()
             self.opt.step(self.params, grad, check=False)   # shapes fixed by construction
             self.step += 1

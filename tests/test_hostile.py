@@ -570,7 +570,7 @@ CLI = [
      "5-way 6-shot episodes with 15 queries per class do not fit"),
     # check
     ("check an unknown derivation", "check nosuchlayer",
-     "unknown derivation(s) ['nosuchlayer']; choose from"),
+     "unknown derivation(s) ['nosuchlayer']; choose a group"),
 ]
 
 

@@ -50,6 +50,7 @@ import numbers
 import numpy as np
 
 from metacore.layers.lstm import lstm_cell_backward, lstm_cell_forward, lstm_init
+from metacore.nonfinite import check_loss_grad
 from metacore.params import ParamLayout
 from metacore.validate import check_float_array
 
@@ -204,6 +205,7 @@ def meta_gradient(phi, layout, theta0, state0, loss_grad, steps, *, p=PREPROC_P,
         a[...] = d[k]
     for k in ("caches1", "caches2", "hs2"):
         del r[k]
+    check_loss_grad("lstm_optimizer.meta_gradient", r["losses"], dphi)
     return meta_loss(r["losses"]), dphi, r
 
 

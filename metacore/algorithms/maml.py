@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metacore.network import LOSSES, Model
+from metacore.nonfinite import all_finite, report
 from metacore.params import tile_tasks
 from metacore.taskpool import check_workers, map_task_blocks
 from metacore.validate import check_alpha as _check_alpha
@@ -236,7 +237,11 @@ def meta_objective(model, theta, support_x, support_y, query_x, query_y, alpha, 
     theta, alpha, xs, ys, T = _check_all(op, model, theta, support_x, support_y, query_x,
                                          query_y, alpha, steps)
     theta_k, _, _, _ = _inner_loop(model, tile_tasks(theta, T), xs, ys, alpha, keep=False)
-    return float(_loss(model, theta_k, query_x, query_y).mean())
+    value = float(_loss(model, theta_k, query_x, query_y).mean())
+    if not np.isfinite(value):
+        report(op, theta.dtype, {"meta-objective": np.asarray(value)}, hint="alpha",
+               context=f"steps={len(xs)}")
+    return value
 
 
 def _check_all(op, model, theta, support_x, support_y, query_x, query_y, alpha, steps):
@@ -267,7 +272,14 @@ def maml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, s
     workers = check_workers(op, workers)
     theta, alpha, xs, ys, T = _check_all(op, model, theta, support_x, support_y, query_x,
                                          query_y, alpha, steps)
-    return _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, workers)
+    r = _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, workers)
+    if not (all_finite(r.query_loss) and all_finite(r.grad) and all_finite(r.alpha_grad)):
+        # the inputs were finite (checked): the inner loop or the query pass overflowed
+        report("fomaml_gradient" if first_order else op, theta.dtype,
+               {"query loss": r.query_loss, "meta-gradient": r.grad,
+                "alpha gradient": np.asarray(r.alpha_grad)}, hint="alpha",
+               context=f"steps={len(xs)}")
+    return r
 
 
 def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, workers=1):

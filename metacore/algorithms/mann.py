@@ -47,6 +47,7 @@ import numpy as np
 from metacore.kernels import lrua
 # the LSTM's one-step pair without per-call checks: MANN checks its inputs once per episode
 from metacore.layers.lstm import _step_backward, _step_forward, lstm_init
+from metacore.nonfinite import check_loss_grad
 from metacore.params import ParamLayout
 from metacore.validate import check_float_array, check_int_array
 
@@ -242,6 +243,7 @@ class MANN:
         np.put_along_axis(dz, y[..., None], np.take_along_axis(dz, y[..., None], -1) - 1, -1)
         dz /= T * B
         grad = self.backward(dz.astype(theta.dtype), cache)
+        check_loss_grad("MANN.loss_grad", loss, grad)
         return loss, prob.argmax(axis=-1) == y, grad
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from metacore.kernels import distance as dist
 from metacore.layers import lstm as ls
+from metacore.nonfinite import check_loss_grad
 from metacore.params import ParamLayout
 from metacore.validate import check_float_array, check_int_array
 
@@ -190,6 +191,7 @@ class MatchingNet:
             dfp, dgp = dF, dG
         demb = np.concatenate([dgp, dfp], axis=1)                      # (T, M+Q, E)
         grad[:self.num_emb] = self.model.backward(demb, emb_cache, T).sum(axis=0)
+        check_loss_grad("MatchingNet.episode_loss_and_grad", loss, grad)
         return loss, grad, acc
 
     def predict(self, params, support_x, support_y, query_x, n_way, bn="running"):

@@ -51,6 +51,7 @@ import numpy as np
 from metacore.algorithms.maml import _check_model
 from metacore.layers.lstm import lstm_cell_backward, lstm_cell_forward, sigmoid
 from metacore.network import LOSSES
+from metacore.nonfinite import check_loss_grad
 from metacore.params import ParamLayout, tile_tasks
 from metacore.validate import check_float_array
 
@@ -262,5 +263,6 @@ class MetaLSTM:
                 dc_prev = dc_prev + hdg + dl[:, None] * g
             dc = dc_prev
         dv["c0"] += dc.sum(axis=0)
+        check_loss_grad("MetaLSTM.meta_gradient", qloss, grad)
         return {"grad": grad, "query_loss": qloss, "query_accuracy": acc,
                 "support_loss": run["losses"][0] if steps else None}

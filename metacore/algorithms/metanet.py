@@ -44,6 +44,7 @@ from metacore.layers import linear as ln
 from metacore.layers import lstm as ls
 from metacore.losses import softmax_ce as sce
 from metacore.network import Conv2d, Flatten, Linear, MaxPool2d, Model, ReLU
+from metacore.nonfinite import check_loss_grad
 from metacore.params import ParamLayout, tile_tasks
 from metacore.validate import check_float_array, check_int_array
 
@@ -348,4 +349,5 @@ class MetaNet:
             VW = np.zeros_like(c["thW"])                                  # (N, Pb)
             VW[:, self.b_idx] = dgW
             gv["b"][...] += self.b.hvp(c["thW"], sx[:, None], sy[:, None], VW)[2].sum(axis=0)
+        check_loss_grad("MetaNet.loss_and_grad", loss, grad)
         return float(loss[0]), grad, z, (c["gQ"], c["gW"])

@@ -21,6 +21,7 @@ H x W x C images, D embedding size, P parameters.
 """
 import numpy as np
 
+from metacore.nonfinite import check_loss_grad
 from metacore.stats import mean_ci
 from metacore.kernels import distance
 from metacore.models import conv4_protonet
@@ -117,6 +118,7 @@ class ProtoNet:
                                                          backend=self.backend)
         demb = np.concatenate([A.transpose(0, 2, 1) @ dprotos, dq], axis=1)   # (T, S+M, D)
         grad = self.model.backward(demb, caches, T).sum(axis=0)      # (P,)
+        check_loss_grad("ProtoNet.episode_loss_and_grad", loss, grad)
         return float(loss.mean()), grad, float((pred == query_y).mean())
 
     # ------------------------------------------------------------------ evaluation

@@ -39,6 +39,7 @@ import numpy as np
 from metacore.algorithms.protonet import BN_MODES, check_episode, evaluate_episodes
 from metacore.models.metric_heads import (JointParams, backward_with_input_grad,
                                           relation_embedding, relation_module)
+from metacore.nonfinite import check_loss_grad
 from metacore.params import tile_tasks
 
 
@@ -133,6 +134,7 @@ class RelationNet:
         f_grad = self.embed.backward(np.concatenate([dfs, dfq], axis=1), f_caches, T)
         grad = np.concatenate([f_grad.sum(axis=0), g_grad.sum(axis=0)])
         acc = float((r.argmax(axis=-1) == query_y).mean())
+        check_loss_grad("RelationNet.episode_loss_and_grad", loss, grad)
         return loss, grad, acc
 
     # ------------------------------------------------------------------ evaluation

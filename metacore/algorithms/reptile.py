@@ -19,6 +19,7 @@ import numpy as np
 
 from metacore.algorithms.maml import (_as_step_batches, _check_alpha, _check_model,
                                       _check_steps, _check_theta, _loss_grad, _tasks_of)
+from metacore.nonfinite import all_finite, report
 from metacore.params import tile_tasks
 
 
@@ -52,7 +53,11 @@ def reptile_direction(model, theta, support_x, support_y, alpha, steps):
     d (P,)), fresh arrays. The Reptile update is theta <- theta - eps * d."""
     op = "reptile_direction"
     alpha, xs, ys, T = _check(op, model, theta, support_x, support_y, alpha, steps)
-    return _reptile(model, theta, xs, ys, alpha, T)
+    loss0, d = _reptile(model, theta, xs, ys, alpha, T)
+    if not (all_finite(loss0) and all_finite(d)):
+        report(op, theta.dtype, {"support loss": loss0, "Reptile direction": d},
+               hint="alpha", context=f"steps={len(xs)}")
+    return loss0, d
 
 
 def reptile_direction_serial(model, theta, support_x, support_y, alpha, steps):

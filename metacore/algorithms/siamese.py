@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metacore.algorithms.protonet import BN_MODES, check_episode, evaluate_episodes
+from metacore.nonfinite import check_loss_grad
 from metacore.stats import mean_ci
 from metacore.losses import bce_logits
 from metacore.models import conv4_protonet
@@ -177,6 +178,7 @@ class SiameseNet:
         dalpha = np.einsum("tb,tbd->d", dz, np.abs(d))
         grad = np.concatenate([grad_f.sum(axis=0), dalpha, [dz.sum()]]).astype(params.dtype)
         acc = float(((z > 0) == (same > 0.5)).mean())
+        check_loss_grad("SiameseNet.episode_loss_and_grad", loss, grad)
         return float(loss.mean()), grad, acc
 
     # ------------------------------------------------------------------ evaluation
