@@ -13,6 +13,10 @@ A method module is `metacore/methods/<module>.py`. It defines
     eval_options(cfg)   optional: the `metacore eval` options a run takes ("tasks", "way",
                         "steps", "shots", ...; metacore/cli.py's EVAL_OPTIONS); the CLI
                         refuses the others. Without it every option is passed on
+    defaults(name, task), sources(name, task), build_method(cfg)   optional, for a module
+                        whose methods differ on a task: their defaults (instead of
+                        DEFAULTS[task]), where each default comes from (`--show-config`;
+                        else SOURCES[task] if defined), and the Method object to build
 
 and nothing else is needed: `registry()` finds every module in this folder that has NAMES.
 
@@ -142,9 +146,9 @@ def default_sources(name, task):
 
 
 def build(cfg):
-    """The Method object for a full run config (a module may define build(cfg))."""
+    """The Method object for a full run config (a module may define build_method(cfg))."""
     mod = get(cfg["algorithm"])
-    return mod.build(cfg) if hasattr(mod, "build") else mod.Method(cfg)
+    return mod.build_method(cfg) if hasattr(mod, "build_method") else mod.Method(cfg)
 
 
 def get(name):

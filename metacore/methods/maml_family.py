@@ -78,7 +78,7 @@ def sources(algorithm, task):
     return dict(SOURCES.get(task, {}))
 
 
-def build(cfg):
+def build_method(cfg):
     """The Method object for a run config."""
     if _nichol(cfg["algorithm"], cfg["task"]):
         from metacore.methods import reptile_omniglot
