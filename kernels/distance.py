@@ -35,6 +35,7 @@ is one line in _dispatch.DEVICE_BACKENDS. Device backends never join AUTO_ORDER.
 
 import numpy as np
 
+from . import _nonfinite
 from ._dispatch import Backends, array_kind, check_float_array, check_int_array
 
 EPS = 1e-8
@@ -127,6 +128,17 @@ def _fast_finite(op, mod, names, arrays):
         _finite(op, name, x)
 
 
+def _host_finite(op, names, result, hint="input scale"):
+    """A non-finite distance, loss or gradient is never returned silently (kernels/
+    _nonfinite.py: FloatingPointError, or a warning under the policy 'warn'); host arrays
+    only (a device result stays on its device). names: one per checked output, in order."""
+    outs = result if isinstance(result, tuple) else (result,)
+    arrays = dict(zip(names, outs))
+    if all(type(a) is np.ndarray for a in arrays.values()):
+        _nonfinite.check_outputs(op, outs[0].dtype, arrays, hint=hint)
+    return result
+
+
 # ---------------------------------------------------------------- ops
 def pairwise_sqeuclidean(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k (q_ik - s_jk)^2."""
@@ -134,9 +146,9 @@ def pairwise_sqeuclidean(q, s, backend="auto"):
     if backend == "auto" and _fast_pair(q, s):
         mod = _auto_host(op)
         _fast_finite(op, mod, ("q", "s"), (q, s))
-        return mod.pairwise_sqeuclidean(q, s)
+        return _host_finite(op, ("d",), mod.pairwise_sqeuclidean(q, s))
     _check_pair(op, q, s)
-    return _backend(op, backend, q, s).pairwise_sqeuclidean(q, s)
+    return _host_finite(op, ("d",), _backend(op, backend, q, s).pairwise_sqeuclidean(q, s))
 
 
 def pairwise_sqeuclidean_backward(g, q, s, backend="auto"):
@@ -145,29 +157,32 @@ def pairwise_sqeuclidean_backward(g, q, s, backend="auto"):
     if backend == "auto" and _fast_grad(g, q, s):
         mod = _auto_host(op)
         _fast_finite(op, mod, ("q", "s", "g"), (q, s, g))
-        return mod.pairwise_sqeuclidean_backward(g, q, s)
+        return _host_finite(op, ("dq", "ds"), mod.pairwise_sqeuclidean_backward(g, q, s))
     _check_grad(op, g, q, s)
     mod = _backend(op, backend, g, q, s)
-    return mod.pairwise_sqeuclidean_backward(g, q, s)
+    return _host_finite(op, ("dq", "ds"), mod.pairwise_sqeuclidean_backward(g, q, s))
 
 
 def pairwise_l1(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N), d = sum_k |q_ik - s_jk|."""
     _check_pair("pairwise_l1", q, s)
-    return _backend("pairwise_l1", backend, q, s).pairwise_l1(q, s)
+    mod = _backend("pairwise_l1", backend, q, s)
+    return _host_finite("pairwise_l1", ("d",), mod.pairwise_l1(q, s))
 
 
 def pairwise_l1_backward(g, q, s, backend="auto"):
     """g: (T, Q, N) -> dq: (T, Q, D), ds: (T, N, D); subgradient sign(0) = 0."""
     _check_grad("pairwise_l1_backward", g, q, s)
-    return _backend("pairwise_l1_backward", backend, g, q, s).pairwise_l1_backward(g, q, s)
+    mod = _backend("pairwise_l1_backward", backend, g, q, s)
+    return _host_finite("pairwise_l1_backward", ("dq", "ds"), mod.pairwise_l1_backward(g, q, s))
 
 
 def pairwise_cosine(q, s, backend="auto"):
     """q: (T, Q, D), s: (T, N, D) -> c: (T, Q, N) = q.s / (max(|q|,EPS) max(|s|,EPS))."""
     _check_pair("pairwise_cosine", q, s)
     _check_cosine_d("pairwise_cosine", q)
-    return _backend("pairwise_cosine", backend, q, s).pairwise_cosine(q, s)
+    mod = _backend("pairwise_cosine", backend, q, s)
+    return _host_finite("pairwise_cosine", ("c",), mod.pairwise_cosine(q, s))
 
 
 def pairwise_cosine_backward(g, q, s, backend="auto"):
@@ -175,7 +190,8 @@ def pairwise_cosine_backward(g, q, s, backend="auto"):
     _check_grad("pairwise_cosine_backward", g, q, s)
     _check_cosine_d("pairwise_cosine_backward", q)
     mod = _backend("pairwise_cosine_backward", backend, g, q, s)
-    return mod.pairwise_cosine_backward(g, q, s)
+    return _host_finite("pairwise_cosine_backward", ("dq", "ds"),
+                        mod.pairwise_cosine_backward(g, q, s))
 
 
 def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend="auto"):
@@ -212,4 +228,6 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0, backend=
         check_float_array(op, "gloss", gloss, shape=(T,), dtype=q.dtype)
     mod = _auto_host(op) if fast and type(y) is np.ndarray and (
         gloss is None or type(gloss) is np.ndarray) else _backend(op, backend, q, s, y, gloss)
-    return mod.protonet_loss(q, s, y, gloss=gloss, metric=metric, scale=float(scale))
+    return _host_finite(op, ("loss", "dq", "ds"),
+                        mod.protonet_loss(q, s, y, gloss=gloss, metric=metric,
+                                          scale=float(scale)))

@@ -65,6 +65,7 @@ import numbers
 
 import numpy as np
 
+from . import _nonfinite
 from ._dispatch import Backends, check_float_array, device_kind
 
 EPS = 1e-8
@@ -149,7 +150,17 @@ def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
     op = "lrua_forward"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
     mod = _backend(op, backend, keys, alpha, memory0, read0, usage0)
-    return mod.lrua_forward(keys, alpha, memory0, read0, usage0, float(gamma))
+    return _host_finite(op, ("reads", "w_r", "w_w", "w_u", "w_lu", "memory"),
+                        mod.lrua_forward(keys, alpha, memory0, read0, usage0, float(gamma)))
+
+
+def _host_finite(op, names, result):
+    """A non-finite output is never returned silently (kernels/_nonfinite.py); host arrays
+    only (a device result stays on its device)."""
+    arrays = dict(zip(names, result))
+    if all(type(a) is np.ndarray for a in arrays.values()):
+        _nonfinite.check_outputs(op, result[0].dtype, arrays, hint="key scale")
+    return result
 
 
 def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
@@ -160,7 +171,9 @@ def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="a
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
     check_float_array(op, "dreads", dreads, shape=keys.shape, dtype=keys.dtype)
     mod = _backend(op, backend, dreads, keys, alpha, memory0, read0, usage0)
-    return mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, float(gamma))
+    return _host_finite(op, ("dkeys", "dalpha", "dmemory0", "dread0"),
+                        mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0,
+                                          float(gamma)))
 
 
 def _backend_with(op, backend, arrays, lacks):
@@ -232,6 +245,7 @@ def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto"
                         "implements only lrua_forward / lrua_backward (which recomputes the "
                         "forward); use those")
     *out, data = mod.lrua_forward_tape(keys, alpha, memory0, read0, usage0, float(gamma))
+    _host_finite(op, ("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), out)
     T, B, H, W = keys.shape
     tape = LruaTape(_backend_name(mod), (T, B, H, memory0.shape[1], W), keys.dtype,
                     alpha.shape, data)

@@ -37,6 +37,8 @@ import numbers
 
 import numpy as np
 
+from metacore.nonfinite import check_outputs
+
 from metacore.validate import FLOAT_DTYPES, check_float_array
 
 
@@ -97,6 +99,7 @@ class _FlatOptimizer:
         loop calling step() with the same two arrays every iteration."""
         if not check:
             self._update(params, grad)
+            self._check_finite(params)
             return
         op = f"{type(self).__name__}.step"
         check_float_array(op, "params", params, shape=(self.size,), dtype=self.dtype,
@@ -107,6 +110,15 @@ class _FlatOptimizer:
         if np.shares_memory(params, grad):
             raise ValueError(f"{op}: params and grad must not share memory")
         self._update(params, grad)
+        self._check_finite(params)
+
+    def _check_finite(self, params):
+        """A finite gradient can still overflow the update or the state (Adam's g * g past
+        3.4e38 in float32 makes v infinite and the step silently 0): never silent."""
+        outputs = {"params": params}
+        outputs.update({v: getattr(self, v) for v in self._vectors})
+        check_outputs(f"{type(self).__name__}.step", self.dtype, outputs,
+                      hint="learning rate or gradient scale")
 
     def state_dict(self):
         """Hyperparameters (Python float/bool), counters (Python int) and state vectors (copies
