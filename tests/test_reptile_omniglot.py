@@ -227,3 +227,12 @@ def test_show_config_names_each_settings_source(tmp_path, capsys):
                  "--show-config"]) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
     assert "the resumed run" in lines["meta_batch"] and " 3 " in lines["meta_batch"]
+
+
+def test_both_protocols_score_the_same_adapted_tasks(method):
+    """--bn both equals the two single-mode evaluations (the adaptation is seeded the same)."""
+    theta = method.model.init_params(np.random.default_rng(6), np.float64)
+    both = method.evaluate(theta, {"tasks": 3, "steps": 1, "bn": "both", "seed": 4})
+    for r in both:
+        one = method.evaluate(theta, {"tasks": 3, "steps": 1, "bn": r["bn"], "seed": 4})
+        assert one["accuracy"] == r["accuracy"] and one["ci95"] == r["ci95"]

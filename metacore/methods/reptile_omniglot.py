@@ -287,20 +287,23 @@ class Method(MethodBase):
         set_rng_state(self.train_sampler.rng, s["sampler"])
 
     # -------------------------------------------------------------- evaluation
-    def _accuracy(self, params, batch, transductive, seed, steps=None, chunk=50):
+    def _accuracy(self, params, batch, modes, seed, steps=None, chunk=50):
+        """{transductive (bool): accuracy (T,)} for each mode in modes, the tasks adapted
+        once (the same adapted parameters scored both ways)."""
         sx, sy, qx, qy = batch
         rng = np.random.default_rng(seed)
         steps = self.cfg["test_steps"] if steps is None else steps
-        accs = []
+        accs = {tr: [] for tr in modes}
         for lo in range(0, sy.shape[0], chunk):
             hi = min(lo + chunk, sy.shape[0])
             th = adapt_adam(self.model, params, self.inner_v, self.inner_t, sx[lo:hi],
                             sy[lo:hi], steps, self.cfg["eval_batch"], rng, self.cfg)
-            accs.append(score(self.model, th, sx[lo:hi], qx[lo:hi], qy[lo:hi], transductive))
-        return np.concatenate(accs)                                 # (T,)
+            for tr in modes:
+                accs[tr].append(score(self.model, th, sx[lo:hi], qx[lo:hi], qy[lo:hi], tr))
+        return {tr: np.concatenate(a) for tr, a in accs.items()}              # (T,) each
 
     def evaluate_val(self, params):
-        acc = self._accuracy(params, self.val_batch, True, self.cfg["seed"] + 2)
+        acc = self._accuracy(params, self.val_batch, [True], self.cfg["seed"] + 2)[True]
         return {"val_accuracy": float(acc.mean())}
 
     def evaluate(self, params, opts):
@@ -335,9 +338,9 @@ class Method(MethodBase):
                             cfg["queries"], rotate=False, seed=seed, dtype=self.dtype).sample(n)
         batch = (ep.support_x, ep.support_y, ep.query_x, ep.query_y)
         results = []
+        accs = self._accuracy(params, batch, modes, seed + 1, steps)
         for tr in modes:
-            acc = self._accuracy(params, batch, tr, seed + 1, steps)
-            m, c = mean_ci(acc)
+            m, c = mean_ci(accs[tr])
             results.append({"algorithm": "reptile", "task": "omniglot", "way": way,
                             "shots": shots, "queries": cfg["queries"], "steps": steps,
                             "tasks": n, "seed": seed,
