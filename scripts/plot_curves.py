@@ -1,5 +1,5 @@
 """Learning curves of a run: validation (and training) accuracy against iterations and against
-training CPU time, the paper's figure as a horizontal line. Needs matplotlib.
+training wall time (elapsed_s), the paper's figure as a horizontal line. Needs matplotlib.
 
     python scripts/plot_curves.py RUN --paper 98.7 --label "MAML 5-way 1-shot" --out docs/img/x.png
 
@@ -36,7 +36,7 @@ def main(argv=None):
                      if tr and k in tr[0]), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, xkey, xlabel in ((axes[0], "step", "meta-iterations"),
-                             (axes[1], "elapsed_s", "training CPU time (minutes, one core)")):
+                             (axes[1], "elapsed_s", "training wall time (minutes; see the budget note)")):
         scale = 1 / 60 if xkey == "elapsed_s" else 1
         ax.plot([r[xkey] * scale for r in ev], [100 * r["val_accuracy"] for r in ev], "b-o",
                 ms=3, label="validation accuracy")

@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--eval-json", required=True)
     p.add_argument("--eval-command", required=True)
     p.add_argument("--finished", action="store_true", help="the run had the paper's budget")
+    p.add_argument("--budget-note", default="", help="the machine and what shared it")
     a = p.parse_args(argv)
     arrays, meta = load_checkpoint(os.path.join(a.run, "checkpoint.npz"))
     cfg = meta["config"]
@@ -54,7 +55,8 @@ def main(argv=None):
         "bytes": os.path.getsize(path), "sha256": zoo.file_sha256(path),
         "paper": {"value": a.paper_value, "figure": a.paper_figure, "source": a.paper_source},
         "budget": {"iterations": meta["step"], "paper_iterations": a.paper_iterations,
-                   "train_cpu_s": round(meta["elapsed_s"], 1), "finished": a.finished},
+                   "train_wall_s": round(meta["elapsed_s"], 1), "finished": a.finished,
+                   "note": a.budget_note},
         "command": a.command,
         "measured": {"command": a.eval_command, "results": results},
     }

@@ -6,7 +6,7 @@
 Files (this folder):
     index.json     {"entries": [entry, ...]}; an entry holds name, method, task, way, shot,
                    file, sha256, bytes, paper {figure, value, source}, budget {iterations,
-                   paper_iterations, train_cpu_s, finished}, command (the exact training
+                   paper_iterations, train_wall_s, finished, note}, command (the exact training
                    command), measured (the eval command and what it printed, in percent)
     NAME.npz       a metacore checkpoint (metacore.checkpoint: pickle-free, digest-checked)
                    holding the run's parameters and buffers and its config, without the outer
@@ -95,5 +95,5 @@ def format_table(items):
             f"{b['iterations']:,} of {b['paper_iterations']:,} it.")
         lines.append(f"{e['name']:28s} {e['method']} {e['task']} {e['way']}-way "
                      f"{e['shot']}-shot | measured {acc or '-'} | paper {p['value']} "
-                     f"({p['figure']}) | {state}, {b['train_cpu_s'] / 60:.0f} min CPU")
+                     f"({p['figure']}) | {state}, {b['train_wall_s'] / 60:.0f} min of training")
     return "\n".join(lines) if lines else "(the zoo is empty)"
