@@ -54,6 +54,12 @@ def run_command(command, fn, args, debug=False):
             traceback.print_exc()
         sys.stderr.write(f"{prefix}: interrupted\n")
         return 130
+    except BrokenPipeError:
+        # the reader went away (`metacore zoo --json | head`): not an error of ours; point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141                                           # 128 + SIGPIPE, as a shell says
     except Exception as e:                                   # noqa: BLE001 (sorted below)
         if is_user_error(e):
             if debug:

@@ -110,3 +110,18 @@ def test_cli_reports_a_missing_entry_in_one_line(capsys):
     assert main(["eval", "zoo:no_such_entry"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("metacore eval: error: zoo: no entry")
+
+
+def test_a_closed_pipe_is_not_reported_as_a_bug(tmp_path, monkeypatch, capsys):
+    """`metacore zoo --json | head -1`: the reader leaves early and the next write raises
+    BrokenPipeError; that is no bug of ours: no traceback, no message, status 141."""
+    from metacore.cli import run_command
+    out = open(tmp_path / "stdout", "w")
+    monkeypatch.setattr(sys, "stdout", out)
+
+    def writes_to_a_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command("zoo", writes_to_a_closed_pipe, None) == 141
+    assert capsys.readouterr().err == ""
+    out.close()
