@@ -351,7 +351,8 @@ def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
     number of FAIL rows."""
     cases = select(all_cases(), only)
     cases = sorted(cases, key=lambda c: GROUPS.index(c.group))   # stable: order within a group
-    out(f"{'derivation':<30} {'group':<14} {'quantity':<38} {'dtype':<8} "
+    w = max([30] + [len(c.name) for c in cases])                 # the name column's width
+    out(f"{'derivation':<{w}} {'group':<14} {'quantity':<38} {'dtype':<8} "
         f"{'max rel error':>13} {'tolerance':>9}  result")
     failures, t0, records = 0, time.perf_counter(), []
     for case in cases:
@@ -364,7 +365,7 @@ def run(only=(), dtypes=("float64", "float32"), out=print, json_path=None):
             records.append({"name": case.name, "group": case.group, "dtype": dtype,
                             "quantity": quantity, "error": float(err), "tolerance": tol,
                             "pass": ok})
-            out(f"{case.name:<30} {case.group:<14} {quantity:<38} {dtype:<8} {err:13.3e} "
+            out(f"{case.name:<{w}} {case.group:<14} {quantity:<38} {dtype:<8} {err:13.3e} "
                 f"{tol:9.0e}  {'PASS' if ok else 'FAIL'}")
     elapsed = time.perf_counter() - t0
     out(f"{'all ' + str(len(records)) if not failures else failures} "

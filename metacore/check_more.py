@@ -397,12 +397,12 @@ def _algorithm_cases():
         lg = lambda th, d: pn.episode_loss_and_grad(th, *d)[:2]           # noqa: E731
         return pn, p, data, lg, lambda th, d: lg(th, d)[0], pn.layout
 
-    def matching(fce):
+    def matching(fce, **similarity):
         def build():
             rng = np.random.default_rng(0)
             net = MatchingNet(models.conv4_protonet(image_shape=(6, 6, 1), channels=2,
                                                     depth=2), fce=fce, read_steps=2,
-                              backend="reference")
+                              backend="reference", **similarity)
             p = net.init_params(rng, np.float64) + 0.1 * rng.standard_normal(net.num_params)
             sy = np.stack([rng.permutation(np.repeat(np.arange(3), 2))])
             data = (rng.standard_normal((1, 6, 6, 6, 1)), sy,
@@ -511,8 +511,18 @@ def _algorithm_cases():
         return None, phi, (), lg, lo, None
 
     cases.append(_episode_case("protonet_episode", protonet, per_block=4))
-    cases.append(_episode_case("matching_episode[fce]", matching(True), per_block=3))
-    cases.append(_episode_case("matching_episode[no_fce]", matching(False), per_block=3))
+    # the default similarity (support_cosine, c = f.g/|g|), then the paper text's cosine and
+    # the scaled cosine (a fixed scale; a learned one), each with FCE and without
+    for fce in (True, False):
+        tag = "fce" if fce else "no_fce"
+        cases.append(_episode_case(f"matching_episode[{tag}]", matching(fce), per_block=3))
+        for sim, kw in (("cosine", dict(similarity="cosine")),
+                        ("scaled_cosine", dict(similarity="scaled_cosine", cosine_scale=5.0)),
+                        ("scaled_cosine,learn_scale", dict(similarity="scaled_cosine",
+                                                           cosine_scale=5.0,
+                                                           learn_scale=True))):
+            cases.append(_episode_case(f"matching_episode[{tag},{sim}]", matching(fce, **kw),
+                                       per_block=3))
     cases.append(_episode_case("relation_episode", relation, per_block=3))
     cases.append(_episode_case("siamese_pairs", siamese, per_block=4))
     cases.append(_episode_case("mann_lrua_episode", mann, per_block=4))

@@ -396,8 +396,9 @@ def _dispatch(args):
         from metacore import check
         if args.list:
             cases = check.select(check.all_cases(), args.only)
+            w = max([30] + [len(c.name) for c in cases])
             for case in sorted(cases, key=lambda c: check.GROUPS.index(c.group)):
-                print(f"{case.name:<30} {case.group}")
+                print(f"{case.name:<{w}} {case.group}")
             return 0
         failures = check.run(args.only, tuple(args.dtype or ("float64", "float32")),
                              json_path=args.json)

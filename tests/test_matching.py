@@ -21,9 +21,17 @@ FD_TOL = 1e-6
 H_FD = 1e-6
 
 
-def _net(fce, K=3, dtype=np.float64, seed=0):
+# the similarity forms (similarity, cosine_scale, learn_scale); the first is the default
+FORMS = [("support_cosine", 10.0, False), ("cosine", 10.0, False),
+         ("scaled_cosine", 7.0, False), ("scaled_cosine", 3.0, True)]
+FORM_IDS = ["support_cosine", "cosine", "scaled_cosine", "scaled_cosine_learned"]
+
+
+def _net(fce, K=3, dtype=np.float64, seed=0, form=FORMS[0]):
+    sim, scale, learn = form
     net = MatchingNet(conv4_protonet(image_shape=(8, 8, 1), channels=3, depth=2), fce=fce,
-                      read_steps=K, backend="reference")
+                      read_steps=K, backend="reference", similarity=sim, cosine_scale=scale,
+                      learn_scale=learn)
     rng = np.random.default_rng(seed)
     params = net.init_params(rng, np.float64)
     params += 0.1 * rng.standard_normal(params.shape)    # BN gamma/beta and biases off 1/0
@@ -43,6 +51,8 @@ def _episode(T, seed, dtype=np.float64, q_per=Q_PER):
 def _fd_indices(net, rng, per_block=25):
     """Every embedding parameter, and a random stratified subset of each LSTM block."""
     idx = list(range(net.num_emb))
+    if net.learn_scale:
+        idx.append(net.layout.slice("scale").start)
     for name in net.layout.names:
         if name.split(".")[0] in LSTM_BLOCKS:
             sl = net.layout.slice(name)
@@ -52,9 +62,10 @@ def _fd_indices(net, rng, per_block=25):
 
 
 # ------------------------------------------------------------------ gradient vs FD
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("fce,T", [(False, 1), (False, 2), (True, 1), (True, 2)])
-def test_episode_gradient_matches_finite_differences(fce, T):
-    net, p = _net(fce)
+def test_episode_gradient_matches_finite_differences(fce, T, form):
+    net, p = _net(fce, form=form)
     sx, sy, qx, qy = _episode(T, seed=1)
     loss, grad, acc = net.episode_loss_and_grad(p, sx, sy, qx, qy, N_WAY)
     assert grad.shape == p.shape and grad.dtype == p.dtype
@@ -108,23 +119,35 @@ def _embed(net, p, x):
     return net.model.forward(theta, x)[0]
 
 
-def _cosine_attention_log_yhat(f, g, sy):
-    """Vinyals et al. eq. 1-2 written plainly: a = softmax_i cos(f, g_i), y_hat = sum a_i y_i."""
-    fn = f / np.linalg.norm(f, axis=-1, keepdims=True)
+def _similarity(f, g, form):
+    """The three forms written plainly: f (T, Q, E), g (T, M, E) -> (T, Q, M)."""
+    sim, scale, _ = form
     gn = g / np.linalg.norm(g, axis=-1, keepdims=True)
+    if sim == "support_cosine":                              # f . g / |g|
+        return np.einsum("tqe,tme->tqm", f, gn)
+    fn = f / np.linalg.norm(f, axis=-1, keepdims=True)
     cos = np.einsum("tqe,tme->tqm", fn, gn)                  # (T, Q, M)
-    a = np.exp(cos) / np.exp(cos).sum(axis=-1, keepdims=True)
+    return cos if sim == "cosine" else scale * cos
+
+
+def _cosine_attention_log_yhat(f, g, sy, form=FORMS[1]):
+    """Vinyals et al. eq. 1-2 written plainly: a = softmax_i c(f, g_i), y_hat = sum a_i y_i."""
+    c = _similarity(f, g, form)
+    a = np.exp(c) / np.exp(c).sum(axis=-1, keepdims=True)
     y_onehot = np.eye(N_WAY)[sy]                             # (T, M, N)
     return np.log(np.einsum("tqm,tmn->tqn", a, y_onehot))    # (T, Q, N)
 
 
-def test_prediction_without_fce_is_the_cosine_attention_formula():
-    net, p = _net(False)
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_prediction_without_fce_is_the_attention_formula(form):
+    net, p = _net(False, form=form)
     sx, sy, qx, qy = _episode(2, seed=4)
     # the same batch (supports then queries) as the model sees, for the same BN statistics
     emb = _embed(net, p, np.concatenate([sx, qx], axis=1))
     M = sx.shape[1]
-    want = _cosine_attention_log_yhat(emb[:, M:], emb[:, :M], sy)
+    if net.learn_scale:                                      # the parameter's current value
+        form = (form[0], float(p[net.layout.slice("scale")][0]), True)
+    want = _cosine_attention_log_yhat(emb[:, M:], emb[:, :M], sy, form)
     logp, pred = net.predict(p, sx, sy, qx, N_WAY, bn="batch")
     assert rel_error(logp, want) <= 1e-13
     np.testing.assert_array_equal(pred, want.argmax(axis=-1))
@@ -134,11 +157,31 @@ def test_prediction_without_fce_is_the_cosine_attention_formula():
     assert acc == (want.argmax(-1) == qy).mean()
 
 
+def test_symmetric_cosine_caps_the_attention_and_support_cosine_does_not():
+    """With the symmetric cosine, 5 supports and one query, no support gets more than
+    e / (e + 4/e) ~ 0.65 of the attention (the loss floor of issue 16); dividing by the
+    support norms only lets a long query sharpen the softmax past that."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((1, 5, 4))
+    f = 50.0 * g[:, :1]                                      # the query along support 0
+    cap = np.e / (np.e + 4 / np.e)
+    for form, below in ((FORMS[1], True), (FORMS[0], False)):
+        c = _similarity(f, g, form)
+        a = np.exp(c - c.max()) / np.exp(c - c.max()).sum()
+        assert (a.max() <= cap + 1e-12) == below
+    # and no underflow: a class whose similarities are all far below the best one still
+    # gets a finite log-probability
+    net, p = _net(False)
+    sx, sy, qx, qy = _episode(1, seed=4)
+    logp, _ = net.predict(1e3 * p, sx, sy, qx, N_WAY, bn="batch")
+    assert np.isfinite(logp).all()
+
+
 def test_fce_forward_is_the_appendix_formula():
     """g = h_fwd + h_bwd + g', f = h_K of the attention LSTM, rebuilt from the reference LSTM
     one sequence and one step at a time."""
     K = 4
-    net, p = _net(True, K=K)
+    net, p = _net(True, K=K, form=FORMS[1])
     sx, sy, qx, qy = _episode(2, seed=5)
     v = net.views(p)
     emb = _embed(net, p, np.concatenate([sx, qx], axis=1))
@@ -266,3 +309,36 @@ def test_bad_input_is_named():
         net.predict(p, sx, sy, qx, N_WAY, bn="train")
     with pytest.raises(ValueError, match="MatchingNet: read_steps must be an int >= 1"):
         MatchingNet(net.model, fce=True, read_steps=0)
+
+
+def test_similarity_settings_are_checked_and_the_learned_scale_is_a_parameter():
+    emb = conv4_protonet(image_shape=(8, 8, 1), channels=3, depth=2)
+    with pytest.raises(ValueError, match="MatchingNet: similarity must be one of"):
+        MatchingNet(emb, similarity="dot")
+    with pytest.raises(ValueError, match="MatchingNet: cosine_scale must be a finite number"):
+        MatchingNet(emb, similarity="scaled_cosine", cosine_scale=0.0)
+    with pytest.raises(ValueError, match="learn_scale applies to similarity='scaled_cosine'"):
+        MatchingNet(emb, learn_scale=True)
+    with pytest.raises(TypeError, match="MatchingNet: learn_scale must be a bool"):
+        MatchingNet(emb, similarity="scaled_cosine", learn_scale=1)
+    assert MatchingNet(emb).similarity == "support_cosine"            # the default
+    net, p = _net(True, form=FORMS[3])
+    assert net.layout.names[-1] == "scale" and net.num_params == _net(True)[0].num_params + 1
+    assert net.init_params(np.random.default_rng(0))[-1] == 3.0       # starts at cosine_scale
+    # the learned scale at s equals the fixed scale s
+    fixed, pf = _net(True, form=("scaled_cosine", float(p[-1]), False))
+    sx, sy, qx, qy = _episode(1, seed=11)
+    a = net.episode_loss_and_grad(p, sx, sy, qx, qy, N_WAY)
+    b = fixed.episode_loss_and_grad(p[:-1], sx, sy, qx, qy, N_WAY)
+    assert abs(a[0] - b[0]) <= 1e-14 and rel_error(a[1][:-1], b[1]) <= 1e-13
+
+
+@pytest.mark.parametrize("form", FORMS[1:], ids=FORM_IDS[1:])
+def test_float32_other_forms(form):
+    net, p = _net(False, form=form)
+    sx, sy, qx, qy = _episode(1, seed=9)
+    l64, g64, _ = net.episode_loss_and_grad(p, sx, sy, qx, qy, N_WAY)
+    f32 = [a.astype(np.float32) for a in (p, sx, qx)]
+    l32, g32, _ = net.episode_loss_and_grad(f32[0], f32[1], sy, f32[2], qy, N_WAY)
+    assert g32.dtype == np.float32
+    assert abs(l32 - l64) <= 1e-5 * abs(l64) and rel_error(g32, g64) <= 1e-4

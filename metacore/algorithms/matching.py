@@ -7,15 +7,32 @@ Shape letters (this module):
 
 The model, in the paper's notation (section 2.1 and appendix A.1/A.2):
   embedding   f' = g' = the same Conv-4 (metacore.models.conv4_protonet), shared weights
-  attention   a(x_hat, x_i) = softmax_i c(f(x_hat, S), g(x_i, S)),  c = cosine similarity
+  attention   a(x_hat, x_i) = softmax_i c(f(x_hat, S), g(x_i, S)),  c a similarity (below)
   prediction  y_hat = sum_i a(x_hat, x_i) y_i  (y_i one-hot), so y_hat_n = sum_{i: y_i = n} a_i
   loss        per task, the mean over its queries of -log y_hat_{y}; the episode loss is the
               mean over the T tasks.
   log y_hat_n = logsumexp_{i: y_i = n} c_i - logsumexp_i c_i: the log of a sum of softmax
   weights, computed as a difference of log-sum-exps (never log of a rounded sum of small
-  weights). Both share the shift max_i c_i, which is enough here: |c| <= 1, so every
-  exp(c_i - max) lies in [e^-2, 1] and no class sum can underflow.
+  weights), each shifted by its own maximum (the class's, the whole row's): c is unbounded
+  for 'support_cosine' and 'scaled_cosine', where one shared shift could underflow a class.
   Gradient: d(-log y_hat_y)/dc_i = a_i - [y_i = y] exp(c_i) / sum_{j: y_j = y} exp(c_j).
+
+The similarity c(f, g) (`similarity=`; f a query's embedding, g a support's, norms clamped
+at EPS = 1e-8 as in metacore.kernels.distance):
+  'support_cosine' (default)  c = f . g / |g|. Only the support side is normalised, so |f|
+      acts as a learned per-query temperature. The paper's text says cosine, but the
+      public reimplementations normalise the support side only, and report that the
+      authors confirmed it (zergylord/oneshot issue 2; AntreasAntoniou/MatchingNetworks
+      issues 15 and 21). With the symmetric cosine and 5 supports, a_i <= e / (e + 4 e^-1)
+      ~ 0.65, so the loss has a floor; see docs/RESULTS_METRIC.md for the ablation.
+      Backward, with u = g / |g|: df = sum_i dc_i u_i,
+      dg_i = (I - u_i u_i^T) (sum_q dc_qi f_q) / |g_i|  (|g_i| <= EPS: the plain 1/EPS term).
+  'cosine'          c = f . g / (|f| |g|), Vinyals et al. 2016 sec. 2.1 as written
+      (metacore.kernels.distance.pairwise_cosine and its backward).
+  'scaled_cosine'   c = s f . g / (|f| |g|): s = cosine_scale fixed, or with learn_scale a
+      scalar parameter 'scale' (the last entry of the flat vector) initialised at
+      cosine_scale, with dL/ds = sum dc * cos. (A temperature on the cosine, as in later
+      metric-learning work; cosine_scale = 10 is our choice.)
 
 Full Context Embeddings (fce=True), the appendix's equations with H = E hidden units:
   g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i): a bidirectional LSTM over the M support embeddings
@@ -39,7 +56,8 @@ those statistics up to date during training).
 Parameters: one flat vector (P,) with named views (metacore.params.ParamLayout): the
 embedding's blocks prefixed 'emb.' (the first P_e entries, in the Conv-4's own layout),
 then with FCE 'g_fwd.W', 'g_fwd.b', 'g_bwd.W', 'g_bwd.b' (E -> E each) and 'f_att.W'
-(3E, 4E), 'f_att.b' (4E,).
+(3E, 4E), 'f_att.b' (4E,); with similarity='scaled_cosine' and learn_scale, 'scale' (1,)
+last.
 """
 import numpy as np
 
@@ -50,14 +68,20 @@ from metacore.params import ParamLayout
 from metacore.validate import check_float_array, check_int_array
 
 LSTM_BLOCKS = ("g_fwd", "g_bwd", "f_att")
+SIMILARITIES = ("support_cosine", "cosine", "scaled_cosine")
+EPS = dist.EPS
 
 
 class MatchingNet:
     """embedding: a metacore.network.Model with a flat (E,) output (e.g. conv4_protonet());
     fce: Full Context Embeddings on/off (decides the parameter layout); read_steps: K of the
-    attention LSTM; backend: of metacore.kernels.distance for the cosine similarity."""
+    attention LSTM; backend: of metacore.kernels.distance for the cosine similarity;
+    similarity: one of SIMILARITIES (module docstring); cosine_scale: the scale of
+    'scaled_cosine' (its initial value with learn_scale); learn_scale: 'scaled_cosine' only,
+    the scale becomes the parameter 'scale'."""
 
-    def __init__(self, embedding, fce=False, read_steps=5, forget_bias=1.0, backend="auto"):
+    def __init__(self, embedding, fce=False, read_steps=5, forget_bias=1.0, backend="auto",
+                 similarity="support_cosine", cosine_scale=10.0, learn_scale=False):
         if len(embedding.out_shape) != 1:
             raise ValueError(f"MatchingNet: the embedding must output a flat vector, "
                              f"{embedding.name} outputs shape {embedding.out_shape}")
@@ -68,18 +92,37 @@ class MatchingNet:
             raise ValueError(f"MatchingNet: read_steps must be an int >= 1, got {read_steps!r}")
         self.model, self.fce, self.read_steps = embedding, bool(fce), int(read_steps)
         self.forget_bias, self.backend = float(forget_bias), backend
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"MatchingNet: similarity must be one of {SIMILARITIES}, got "
+                             f"{similarity!r}")
+        if isinstance(cosine_scale, bool) or not isinstance(cosine_scale, (int, float)) \
+                or not np.isfinite(cosine_scale) or cosine_scale <= 0:
+            raise ValueError(f"MatchingNet: cosine_scale must be a finite number > 0, got "
+                             f"{cosine_scale!r}")
+        if not isinstance(learn_scale, (bool, np.bool_)):
+            raise TypeError(f"MatchingNet: learn_scale must be a bool, got "
+                            f"{type(learn_scale).__name__}")
+        if learn_scale and similarity != "scaled_cosine":
+            raise ValueError(f"MatchingNet: learn_scale applies to similarity='scaled_cosine' "
+                             f"only, got similarity={similarity!r}")
+        self.similarity, self.cosine_scale = similarity, float(cosine_scale)
+        self.learn_scale = bool(learn_scale)
         E = self.dim = embedding.out_shape[0]
         blocks = [("emb." + n, s) for n, s, _ in embedding.layout.describe()]
         if self.fce:
             for name, d_in in (("g_fwd", E), ("g_bwd", E), ("f_att", 2 * E)):
                 blocks += [(f"{name}.{p}", s) for p, s in ls.lstm_param_shapes(d_in, E)]
+        if self.learn_scale:
+            blocks.append(("scale", (1,)))
         self.layout = ParamLayout(blocks)
         self.num_params = self.layout.size
         self.num_emb = embedding.num_params      # 'emb.' blocks are theta[:num_emb]
 
     def __repr__(self):
+        sim = self.similarity + (f"(s={self.cosine_scale:g}{', learned' if self.learn_scale else ''})"
+                                 if self.similarity == "scaled_cosine" else "")
         return (f"MatchingNet(embedding={self.model.name}, E={self.dim}, fce={self.fce}, "
-                f"K={self.read_steps}, {self.num_params} parameters)")
+                f"K={self.read_steps}, {sim}, {self.num_params} parameters)")
 
     def init_params(self, rng, dtype=np.float64):
         """A fresh (P,) vector: the embedding's initialiser, then each LSTM's (lstm_init)."""
@@ -91,6 +134,8 @@ class MatchingNet:
                 W, b = ls.lstm_init(rng, d_in, E, dtype, self.forget_bias)
                 theta[self.layout.slice(name + ".W")] = W.reshape(-1)
                 theta[self.layout.slice(name + ".b")] = b
+        if self.learn_scale:
+            theta[self.layout.slice("scale")] = self.cosine_scale
         return theta
 
     def views(self, params):
@@ -140,13 +185,51 @@ class MatchingNet:
             fce_cache = (bl_cache, att_cache)
         else:
             G, F = np.ascontiguousarray(gp), np.ascontiguousarray(fp)
-        c = dist.pairwise_cosine(F, G, backend=self.backend)           # (T, Q, M)
+        c, sim_cache = self._similarity(params, F, G)                  # (T, Q, M)
         Y = np.eye(n_way, dtype=c.dtype)[support_y]                    # (T, M, N) one-hot
         e = np.exp(c - c.max(axis=-1, keepdims=True))                  # (T, Q, M)
         Z = e.sum(axis=-1, keepdims=True)                              # (T, Q, 1)
-        Sn = np.matmul(e, Y)                                           # (T, Q, N)
-        logp = np.log(Sn) - np.log(Z)                                  # (T, Q, N)
-        return logp, (emb_cache, F, G, fce_cache, Y, e, Z, Sn)
+        # each class's own shift: exp(c_i - max_{j in n} c_j) for i in class n, else 0
+        member = Y.transpose(0, 2, 1)[:, None] > 0                     # (T, 1, N, M)
+        cn = np.where(member, c[:, :, None, :], -np.inf)               # (T, Q, N, M)
+        mn = cn.max(axis=-1)                                           # (T, Q, N)
+        en = np.exp(cn - mn[..., None])                                # (T, Q, N, M)
+        Sn = en.sum(axis=-1)                                           # (T, Q, N)
+        logp = (mn + np.log(Sn)) - (c.max(axis=-1, keepdims=True) + np.log(Z))  # (T, Q, N)
+        return logp, (emb_cache, F, G, fce_cache, sim_cache, e, Z, en, Sn)
+
+    # -------------------------------------------------------------- similarity
+    def _similarity(self, params, F, G):
+        """F: (T, Q, E), G: (T, M, E) -> c: (T, Q, M), cache (see the module docstring)."""
+        if self.similarity == "support_cosine":
+            n = np.sqrt((G * G).sum(axis=-1))                          # (T, M)
+            nc = np.maximum(n, EPS)                                    # (T, M) clamped
+            U = G / nc[..., None]                                      # (T, M, E)
+            return np.matmul(F, U.transpose(0, 2, 1)), (U, nc, n > EPS)
+        cos = dist.pairwise_cosine(F, G, backend=self.backend)         # (T, Q, M)
+        if self.similarity == "cosine":
+            return cos, None
+        s = params[self.layout.slice("scale")][0] if self.learn_scale \
+            else params.dtype.type(self.cosine_scale)
+        return s * cos, (cos, s)
+
+    def _similarity_backward(self, dc, F, G, cache, grad):
+        """dc: (T, Q, M) -> dF (T, Q, E), dG (T, M, E) fresh; the learned scale's gradient
+        is written into grad['scale']."""
+        if self.similarity == "support_cosine":
+            U, nc, on = cache
+            dF = np.matmul(dc, U)                                      # (T, Q, E)
+            dU = np.matmul(dc.transpose(0, 2, 1), F)                   # (T, M, E)
+            # d(g/|g|) = (I - u u^T) dg / |g|; below EPS the norm is the constant EPS
+            proj = (U * dU).sum(axis=-1) * on                          # (T, M)
+            dG = (dU - proj[..., None] * U) / nc[..., None]            # (T, M, E)
+            return dF, dG
+        if self.similarity == "cosine":
+            return dist.pairwise_cosine_backward(dc, F, G, backend=self.backend)
+        cos, s = cache
+        if self.learn_scale:
+            grad[self.layout.slice("scale")] = (dc * cos).sum()
+        return dist.pairwise_cosine_backward(s * dc, F, G, backend=self.backend)
 
     def episode_loss(self, params, support_x, support_y, query_x, query_y, n_way):
         """-> loss: the mean over tasks of each task's mean query cross-entropy."""
@@ -166,17 +249,18 @@ class MatchingNet:
                     query_x, query_y, n_way)
         T, Q = query_y.shape
         logp, cache = self._forward(params, support_x, support_y, query_x, n_way)
-        emb_cache, F, G, fce_cache, Y, e, Z, Sn = cache
+        emb_cache, F, G, fce_cache, sim_cache, e, Z, en, Sn = cache
         loss = float(-np.take_along_axis(logp, query_y[..., None], axis=-1).mean())
         acc = float((logp.argmax(axis=-1) == query_y).mean())
         if update_bn_stats:
             self.model.update_running_stats(emb_cache, momentum)
         # dc = (a - b) / (T Q): a the softmax over supports, b the softmax within the class
-        Yq = _class_mask(Y, query_y)                                   # (T, Q, M)
+        idx = query_y[..., None, None]                                 # (T, Q, 1, 1)
+        ey = np.take_along_axis(en, idx, axis=2)[:, :, 0]              # (T, Q, M)
         Sy = np.take_along_axis(Sn, query_y[..., None], axis=-1)       # (T, Q, 1)
-        dc = (e / Z - e * Yq / Sy) / (T * Q)                           # (T, Q, M)
-        dF, dG = dist.pairwise_cosine_backward(dc, F, G, backend=self.backend)
+        dc = (e / Z - ey / Sy) / (T * Q)                               # (T, Q, M)
         grad = np.zeros(self.num_params, params.dtype)                 # (P,)
+        dF, dG = self._similarity_backward(dc, F, G, sim_cache, grad)
         if self.fce:
             v = self.views(grad)
             bl_cache, att_cache = fce_cache
@@ -212,11 +296,6 @@ class MatchingNet:
             for layer, mode in zip(layers, saved):
                 layer.mode = mode
         return logp, logp.argmax(axis=-1)
-
-
-def _class_mask(Y, query_y):
-    """Y: (T, M, N) one-hot support labels, query_y: (T, Q) -> (T, Q, M): [y_i = y_q]."""
-    return np.matmul(np.eye(Y.shape[2], dtype=Y.dtype)[query_y], Y.transpose(0, 2, 1))
 
 
 # ------------------------------------------------------------------ attention LSTM (f)
@@ -280,4 +359,4 @@ def predict(net, params, support_x, support_y, query_x, n_way, bn="running"):
     return net.predict(params, support_x, support_y, query_x, n_way, bn)
 
 
-__all__ = ["MatchingNet", "episode_loss_and_grad", "predict", "LSTM_BLOCKS"]
+__all__ = ["MatchingNet", "episode_loss_and_grad", "predict", "LSTM_BLOCKS", "SIMILARITIES"]
