@@ -178,3 +178,64 @@ def test_default_evaluation_has_no_bn_leak(tmp_path, algo):
     pred = t.method.predict(t.params, ep.support_x, ep.support_y, ep.query_x)
     assert np.array_equal(pred, t.method.predict(t.params, ep.support_x, ep.support_y,
                                                  ep.query_x, bn="running"))
+
+
+# --show-config: the metric methods' paper settings are sourced (issue 16, item 3)
+PAPER_SOURCED = {
+    "protonet": {"n_way": 60, "queries": 5, "shots": 1, "outer_opt": "adam", "outer_lr": 1e-3,
+                 "halve_every": 2000, "lr_halve_every": 2000, "channels": 64},
+    "matching": {"n_way": 5, "shots": 1, "channels": 64, "similarity": "support_cosine"},
+    "relation": {"n_way": 5, "queries": 19, "shots": 1, "outer_opt": "adam", "outer_lr": 1e-3,
+                 "halve_every": 100000, "lr_halve_every": 100000, "channels": 64},
+    "siamese": {"pairs": 128},
+}
+CITED = {"protonet": "Snell et al. 2017, sec. 3.1", "matching": "Vinyals et al. 2016",
+         "relation": "Sung et al. 2018", "siamese": "Koch et al. 2015"}
+
+
+@pytest.mark.parametrize("algo", sorted(PAPER_SOURCED))
+def test_show_config_sources_the_paper_settings(algo, tmp_path, capsys):
+    from metacore import cli
+    from metacore.methods import metric
+    cfg = make_config(algo, "omniglot", tmp_path)
+    want = PAPER_SOURCED[algo]
+    assert set(metric.SOURCES[algo]) == set(want)
+    for key, value in want.items():
+        assert cfg[key] == value, (key, cfg[key])
+        assert CITED[algo] in metric.SOURCES[algo][key], key
+    out = tmp_path / "run"
+    assert cli.main(["train", algo, "--task", "omniglot", "--out", str(out),
+                     "--show-config"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    for key in want:
+        assert "paper: " + CITED[algo] in lines[key], lines[key]
+    # our own choices keep the "not a paper setting" label
+    for key in ("iterations", "bn_momentum", "val_episodes"):
+        assert "not a paper setting" in lines[key], lines[key]
+    # a flag is labelled as the user's, not the paper's
+    assert cli.main(["train", algo, "--task", "omniglot", "--out", str(out), "--show-config",
+                     "--set", "channels=8"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["channels"].rstrip().endswith("your flag")
+
+
+def test_matching_similarity_settings(tmp_path):
+    from metacore.errors import UserError
+    from metacore.methods.metric import build_algorithm
+    m = make_config("matching", "omniglot", tmp_path)
+    assert (m["similarity"], m["cosine_scale"], m["learn_scale"]) == \
+        ("support_cosine", 10.0, False)
+    s = make_config("matching", "omniglot", tmp_path, similarity="scaled_cosine",
+                    cosine_scale=4, learn_scale=True, channels=8)
+    alg, _ = build_algorithm(s)
+    assert (alg.similarity, alg.cosine_scale, alg.learn_scale) == ("scaled_cosine", 4.0, True)
+    assert alg.layout.names[-1] == "scale"
+    # a run saved before these settings existed was trained with the symmetric cosine
+    old = {k: v for k, v in s.items() if k not in ("similarity", "cosine_scale", "learn_scale")}
+    assert build_algorithm(old)[0].similarity == "cosine"
+    for bad, msg in ((dict(similarity="dot"), "similarity must be one of"),
+                     (dict(cosine_scale=-1.0), "cosine_scale must be a number > 0"),
+                     (dict(learn_scale="yes"), "learn_scale must be true or false"),
+                     (dict(learn_scale=True), "learn_scale applies to similarity=scaled_cosine")):
+        with pytest.raises(UserError, match=msg):
+            make_config("matching", "omniglot", tmp_path, **bad)

@@ -20,11 +20,13 @@ The model, in the paper's notation (section 2.1 and appendix A.1/A.2):
 The similarity c(f, g) (`similarity=`; f a query's embedding, g a support's, norms clamped
 at EPS = 1e-8 as in metacore.kernels.distance):
   'support_cosine' (default)  c = f . g / |g|. Only the support side is normalised, so |f|
-      acts as a learned per-query temperature. The paper's text says cosine, but the
-      public reimplementations normalise the support side only, and report that the
-      authors confirmed it (zergylord/oneshot issue 2; AntreasAntoniou/MatchingNetworks
-      issues 15 and 21). With the symmetric cosine and 5 supports, a_i <= e / (e + 4 e^-1)
-      ~ 0.65, so the loss has a floor; see docs/RESULTS_METRIC.md for the ablation.
+      acts as a learned per-query temperature. The paper's text says cosine, but public
+      reimplementations normalise the support side only: zergylord/oneshot (its issue 2 is
+      reported to carry the paper authors' confirmation; that thread was not readable from
+      here) and AntreasAntoniou/MatchingNetworks (issues 15 and 21, where that
+      reimplementation's author explains the choice). With the symmetric cosine and 5
+      supports, a_i <= e / (e + 4 e^-1) ~ 0.65, so the loss has a floor; see
+      docs/RESULTS_METRIC.md for the ablation.
       Backward, with u = g / |g|: df = sum_i dc_i u_i,
       dg_i = (I - u_i u_i^T) (sum_q dc_qi f_q) / |g_i|  (|g_i| <= EPS: the plain 1/EPS term).
   'cosine'          c = f . g / (|f| |g|), Vinyals et al. 2016 sec. 2.1 as written
