@@ -187,7 +187,7 @@ PAPER_SOURCED = {
     "matching": {"n_way": 5, "shots": 1, "channels": 64, "similarity": "support_cosine"},
     "relation": {"n_way": 5, "queries": 19, "shots": 1, "outer_opt": "adam", "outer_lr": 1e-3,
                  "halve_every": 100000, "lr_halve_every": 100000, "channels": 64},
-    "siamese": {"pairs": 128},
+    "siamese": {"pairs": 128, "distort": True},
 }
 CITED = {"protonet": "Snell et al. 2017, sec. 3.1", "matching": "Vinyals et al. 2016",
          "relation": "Sung et al. 2018", "siamese": "Koch et al. 2015"}
@@ -239,3 +239,23 @@ def test_matching_similarity_settings(tmp_path):
                      (dict(learn_scale=True), "learn_scale applies to similarity=scaled_cosine")):
         with pytest.raises(UserError, match=msg):
             make_config("matching", "omniglot", tmp_path, **bad)
+
+
+def test_siamese_distortion_setting_and_evaluation_protocol(tmp_path):
+    """distort is on by default for siamese (Koch et al.) and --set distort=false turns it
+    off; the evaluation covers 5-way and 20-way episodes and Lake's 20 runs."""
+    from metacore.errors import UserError
+    cfg = make_config("siamese", "omniglot", tmp_path, iterations=1, log_every=1,
+                      eval_every=1, ckpt_every=1, **TINY)
+    assert cfg["distort"] is True
+    off = make_config("siamese", "omniglot", tmp_path, distort=False)
+    assert off["distort"] is False
+    with pytest.raises(UserError, match="distort must be true or false"):
+        make_config("siamese", "omniglot", tmp_path, distort="yes")
+    t = Trainer(cfg, progress=False)
+    assert t.method.sampler.distort is True
+    t.train()
+    r = t.method.evaluate(t.params, dict(tasks=2, shots=1))
+    assert list(r["settings"]) == ["5way_1shot", "20way_1shot"]
+    assert r["lake"]["runs"] == 20 and (r["lake"]["way"], r["lake"]["shots"]) == (20, 1)
+    assert "Lake's 20 runs, 20-way 1-shot within alphabet" in t.method.format_result(r)

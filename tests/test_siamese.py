@@ -154,3 +154,86 @@ def test_bad_input_refused():
         f(params[:5], x1, x2, same)
     with pytest.raises(ValueError, match="bn must be one of"):
         sn.pair_logits(params, x1, np.zeros((2, 5), np.int64), x2, bn="x")
+
+
+# ------------------------------------------------------------------ Koch et al.'s distortions
+from metacore.algorithms import siamese as S  # noqa: E402
+
+
+def test_distortion_ranges_and_presence():
+    n = 20000
+    d = S.sample_distortions(np.random.default_rng(0), n)
+    assert set(d) == {"theta", "rho_x", "rho_y", "s_x", "s_y", "t_x", "t_y"}
+    for name, (lo, hi, ident) in S.DISTORT_RANGES.items():
+        v = d[name]
+        assert v.shape == (n,) and (v >= lo).all() and (v <= hi).all(), name
+        absent = (v == ident).mean()
+        # present with probability 0.5: 3.5 binomial standard deviations is 0.0124
+        assert abs(absent - 0.5) <= 0.0124, (name, absent)
+        on = v[v != ident]
+        assert on.min() < lo + 0.01 * (hi - lo) and on.max() > hi - 0.01 * (hi - lo), name
+    assert (S.DISTORT_RANGES["theta"][:2], S.DISTORT_RANGES["t_x"][:2]) == \
+        ((-10.0, 10.0), (-2.0, 2.0))                          # degrees, pixels
+    # the components are drawn independently of each other
+    pres = np.stack([d[k] != S.DISTORT_RANGES[k][2] for k in S.DISTORT_RANGES])
+    assert np.abs(np.corrcoef(pres)[np.triu_indices(7, 1)]).max() < 0.05
+
+
+def test_identity_warp_is_exact_and_known_warps_are_right():
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 9, 7))
+    I, t0 = np.tile(np.eye(2), (3, 1, 1)), np.zeros((3, 2))
+    np.testing.assert_array_equal(S.affine_warp(x, I, t0), x)
+    ident = {k: np.full(3, v[2]) for k, v in S.DISTORT_RANGES.items()}
+    A, t = S.distortion_matrices(ident)
+    np.testing.assert_array_equal(S.affine_warp(x, A, t), x)
+    # an integer shift moves the image and fills with the background 0
+    A, t = S.distortion_matrices(dict(ident, t_x=np.full(3, 2.0), t_y=np.full(3, -1.0)))
+    y = S.affine_warp(x, A, t)
+    np.testing.assert_array_equal(y[:, :-1, 2:], x[:, 1:, :-2])
+    assert (y[:, :, :2] == 0).all() and (y[:, -1] == 0).all()
+    # a half-pixel shift is the mean of the two neighbours (bilinear)
+    A, t = S.distortion_matrices(dict(ident, t_x=np.full(3, 0.5)))
+    np.testing.assert_allclose(S.affine_warp(x, A, t)[:, :, 1:],
+                               (x[:, :, 1:] + x[:, :, :-1]) / 2, rtol=0, atol=1e-15)
+    # 90 degrees about the centre of a square image is np.rot90 (up to the sign convention)
+    sq = rng.random((1, 6, 6))
+    A, t = S.distortion_matrices(dict({k: v[:1] for k, v in ident.items()},
+                                      theta=np.array([90.0])))
+    r = S.affine_warp(sq, A, t)[0]
+    assert any(np.allclose(r, np.rot90(sq[0], k), atol=1e-12) for k in (1, 3))
+    # the matrix is R(theta) Sh(rho) diag(s)
+    d = dict(theta=np.array([30.0]), rho_x=np.array([0.2]), rho_y=np.array([-0.1]),
+             s_x=np.array([1.1]), s_y=np.array([0.9]), t_x=np.array([1.0]),
+             t_y=np.array([-2.0]))
+    A, t = S.distortion_matrices(d)
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    want = np.array([[c, -s], [s, c]]) @ np.array([[1, 0.2], [-0.1, 1]]) @ np.diag([1.1, 0.9])
+    np.testing.assert_allclose(A[0], want, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(t[0], [1.0, -2.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distorted_pairs_keep_shape_dtype_range_and_are_seeded(dtype):
+    from metacore.data.omniglot import load_omniglot
+    data = load_omniglot(dtype="float32")
+    chars = np.arange(30)
+
+    def batch(seed, distort=True):
+        return PairSampler(data.images, chars, seed=seed, dtype=dtype,
+                           distort=distort).sample(2, 8)
+    plain, a, b, c = batch(5, False), batch(5), batch(5), batch(6)
+    for x in (a.x1, a.x2):
+        assert x.shape == plain.x1.shape == (2, 8, 28, 28, 1) and x.dtype == dtype
+        assert x.min() >= 0.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(a.x1, b.x1)                    # same seed, same images
+    np.testing.assert_array_equal(a.x2, b.x2)
+    assert not np.array_equal(a.x1, c.x1)                        # another seed, others
+    # the distortion is drawn after the pairs: the same pairs as without it, warped
+    np.testing.assert_array_equal(a.class1, plain.class1)
+    np.testing.assert_array_equal(a.drawing2, plain.drawing2)
+    changed = [not np.array_equal(a.x1[t, i], plain.x1[t, i])
+               for t in range(2) for i in range(8)]
+    assert 8 <= sum(changed) <= 16        # P(all 7 absent) = 1/128 per image
+    with pytest.raises(TypeError, match="PairSampler: distort must be a bool"):
+        PairSampler(data.images, chars, seed=0, distort=1)

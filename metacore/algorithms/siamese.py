@@ -13,14 +13,27 @@ Deviation from the paper: Koch et al.'s twin is a 4-conv net for 105 x 105 image
 4x4, 4x4 filters, then a 4096-unit sigmoid layer), trained with layer-wise L2 penalties,
 momentum and affine distortions. On the 28 x 28 images used here the twin is the Conv-4
 embedding of Prototypical Networks (metacore.models.conv4_protonet: 4 x [3x3 conv 64, BN,
-ReLU, 2x2 max-pool], 64-d), trained with Adam and no weight penalty; the head (alpha, b) and
-the loss are the paper's.
+ReLU, 2x2 max-pool], 64-d), trained with Adam and no weight penalty; the head (alpha, b),
+the loss and the affine distortions of the training pairs (below) are the paper's.
 
 Gradients: with z = alpha . |d| + b, d = h1 - h2 and dz = dL/dz = (p - y) / (B T):
     dalpha = sum dz |d|,   db = sum dz,   dh1 = dz alpha sign(d) = -dh2   (sign(0) = 0),
 and dh1, dh2 flow back through the one shared embedding (both images of every pair go
 through it as one batch, so BN sees x1 and x2 of the task together).
 
+Affine distortions (PairSampler(distort=True); the Siamese protocol's default in
+metacore.methods.metric): Koch et al. augment the verification pairs with small random
+affine distortions, T = (theta, rho_x, rho_y, s_x, s_y, t_x, t_y) with theta in [-10, 10]
+degrees, rho_x, rho_y in [-0.3, 0.3], s_x, s_y in [0.8, 1.2], t_x, t_y in [-2, 2] pixels,
+each component present with probability 0.5 (absent: the identity value 0 or 1); each image
+of a pair gets its own draw. The paper gives the ranges but neither the order of
+composition nor the centre; here, in (x, y) = (column, row) coordinates about the image
+centre c = ((W - 1) / 2, (H - 1) / 2),
+    u' = A (u - c) + c + t,   A = R(theta) [[1, rho_x], [rho_y, 1]] diag(s_x, s_y)
+(det A >= 0.8^2 (1 - 0.09) > 0). The warp is by inverse mapping, bilinear, with the
+background value 0 outside the image (affine_warp), so the image size and the value range
+[min(0, x.min()), max(0, x.max())] are kept. Koch's images are 105 x 105, so a 2-pixel
+shift there is a smaller fraction of the image than on the 28 x 28 images used here.
 Batch norm: training uses each task's batch statistics; evaluation uses the running
 statistics by default (bn="running"), so no query's prediction depends on another query.
 
@@ -40,6 +53,72 @@ from metacore.models import conv4_protonet
 from metacore.models.metric_heads import JointParams
 from metacore.params import tile_tasks
 from metacore.validate import check_float_array
+
+
+# Koch et al. 2015: the affine distortion's components, (low, high, identity value), and the
+# probability that each is present
+DISTORT_RANGES = {"theta": (-10.0, 10.0, 0.0),                       # degrees
+                  "rho_x": (-0.3, 0.3, 0.0), "rho_y": (-0.3, 0.3, 0.0),
+                  "s_x": (0.8, 1.2, 1.0), "s_y": (0.8, 1.2, 1.0),
+                  "t_x": (-2.0, 2.0, 0.0), "t_y": (-2.0, 2.0, 0.0)}   # pixels
+DISTORT_P = 0.5
+
+
+def sample_distortions(rng, n):
+    """n independent draws of Koch et al.'s distortion from the numpy Generator rng ->
+    {component: (n,) float64}; each component present with probability DISTORT_P, uniform
+    on its range when present, else its identity value. Consumes 2 * 7 rng calls."""
+    out = {}
+    for name, (lo, hi, ident) in DISTORT_RANGES.items():
+        present = rng.random(n) < DISTORT_P
+        out[name] = np.where(present, rng.uniform(lo, hi, n), ident)
+    return out
+
+
+def distortion_matrices(d):
+    """{component: (n,)} -> A (n, 2, 2), t (n, 2): u' = A (u - c) + c + t in (x, y)."""
+    th = np.deg2rad(d["theta"])
+    cos, sin = np.cos(th), np.sin(th)
+    R = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)      # (n, 2, 2)
+    one = np.ones_like(th)
+    Sh = np.stack([np.stack([one, d["rho_x"]], -1), np.stack([d["rho_y"], one], -1)], -2)
+    A = R @ Sh * np.stack([d["s_x"], d["s_y"]], -1)[:, None, :]   # right-multiply diag(s)
+    return A, np.stack([d["t_x"], d["t_y"]], -1)
+
+
+def affine_warp(x, A, t):
+    """x: (n, H, W) images, A: (n, 2, 2), t: (n, 2) -> (n, H, W) fresh, x's dtype: output pixel
+    u takes the bilinear interpolation of x at A^-1 (u - c - t) + c (inverse mapping), 0
+    outside the image. A = I, t = 0 returns x exactly."""
+    n, H, W = x.shape
+    c = np.array([(W - 1) / 2.0, (H - 1) / 2.0])
+    rows, cols = np.mgrid[0:H, 0:W]
+    u = np.stack([cols, rows], -1).reshape(-1, 2).astype(np.float64)             # (H W, 2)
+    Ainv = np.linalg.inv(A)                                                       # (n, 2, 2)
+    src = np.einsum("nij,npj->npi", Ainv, u[None] - c - t[:, None, :]) + c       # (n, H W, 2)
+    # exact at integer source positions (the identity): no rounding through the centre
+    src = np.where(np.abs(src - np.rint(src)) < 1e-9, np.rint(src), src)
+    sx, sy = src[..., 0], src[..., 1]                                             # (n, H W)
+    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    fx, fy = sx - x0, sy - y0
+    flat = x.reshape(n, -1).astype(np.float64)                                    # (n, H W)
+    out = np.zeros((n, H * W))
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+            v = np.take_along_axis(flat, np.where(inside, yi * W + xi, 0), axis=1)
+            out += np.where(inside, wx * wy * v, 0.0)
+    return out.reshape(n, H, W).astype(x.dtype)
+
+
+def distort(x, rng):
+    """x: (..., H, W, 1) images -> the same shape and dtype, each image warped by its own
+    draw of sample_distortions(rng)."""
+    H, W = x.shape[-3:-1]
+    flat = x.reshape(-1, H, W)
+    A, t = distortion_matrices(sample_distortions(rng, flat.shape[0]))
+    return affine_warp(flat, A, t).reshape(x.shape)
 
 
 @dataclass
@@ -64,9 +143,12 @@ class PairSampler:
     """Seeded sampler of verification pairs from the given characters (e.g. the training
     split). Each task holds ceil(B/2) same-class pairs (one class, two distinct drawings) then
     floor(B/2) different-class pairs (two distinct classes); with rotate=True a class is a
-    (character, quarter turn), as in EpisodeSampler."""
+    (character, quarter turn), as in EpisodeSampler. distort=True: every image of a pair is
+    warped by its own Koch et al. affine distortion (module docstring), drawn from the same
+    rng after the pair's classes and drawings."""
 
-    def __init__(self, images, char_indices, *, rotate=True, seed, dtype=np.float32):
+    def __init__(self, images, char_indices, *, rotate=True, seed, dtype=np.float32,
+                 distort=False):
         op = "PairSampler"
         check_float_array(op, "images", images, ndim=4)              # (C, D, H, W)
         chars = np.asarray(char_indices)
@@ -84,6 +166,9 @@ class PairSampler:
             raise ValueError(f"{op}: different-class pairs need >= 2 classes")
         self.images, self.chars = images, chars.astype(np.int64)
         self.dtype = np.dtype(dtype)
+        if not isinstance(distort, (bool, np.bool_)):
+            raise TypeError(f"{op}: distort must be a bool, got {type(distort).__name__}")
+        self.distort = bool(distort)
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -115,6 +200,8 @@ class PairSampler:
         d2[:, :n_same] = (d1[:, :n_same] + rng.integers(1, D, (T, n_same))) % D
         x1, ch1, r1 = self._images(c1, d1)
         x2, ch2, r2 = self._images(c2, d2)
+        if self.distort:
+            x1, x2 = distort(x1, rng), distort(x2, rng)
         same = (c1 == c2).astype(self.dtype)
         return PairBatch(x1, x2, same, c1, c2, ch1, ch2, r1, r2, d1, d2)
 

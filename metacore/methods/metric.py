@@ -53,6 +53,7 @@ DEFAULTS = {
         meta_batch=1,        # episodes per step (the papers' 1); > 1 for protonet only
         queries=None,        # training queries per class
         pairs=None,          # siamese: verification pairs per step
+        distort=None,        # siamese: Koch et al.'s random affine distortions of the pairs
         fce=None,            # matching: Full Context Embeddings
         read_steps=None,     # matching: K of the attention LSTM
         similarity=None,     # matching: support_cosine | cosine | scaled_cosine
@@ -87,7 +88,9 @@ PAPER = {
     # Koch et al. 2015, sec. 3.2: minibatches of 128 pairs (half same-class here). The
     # paper's SGD with momentum, per-layer rates and L2 penalties are replaced by Adam 1e-3
     # constant (see metacore.algorithms.siamese for the other deviations).
-    "siamese": dict(pairs=128, halve_every=0),
+    # Koch et al. 2015: the training pairs get random affine distortions (the ranges:
+    # metacore.algorithms.siamese.DISTORT_RANGES).
+    "siamese": dict(pairs=128, halve_every=0, distort=True),
 }
 
 # Where each default that is a paper setting comes from, per algorithm (`metacore train NAME
@@ -135,6 +138,8 @@ SOURCES = {
     },
     "siamese": {
         "pairs": _KOCH + ", sec. 3.2: minibatches of 128",
+        "distort": _KOCH + ", sec. 4.1 (per issue 16): the training set augmented with small "
+                           "affine distortions, each of 7 components with probability 0.5",
     },
 }
 
@@ -163,9 +168,9 @@ def _pos_int(cfg, key, lo=1):
 # The episode settings each algorithm reads; a value given for another one is ignored, with
 # a warning (ignored_settings)
 MATCHING_KEYS = ("fce", "read_steps", "similarity", "cosine_scale", "learn_scale")
-EPISODE_KEYS = ("n_way", "queries", "pairs") + MATCHING_KEYS
+EPISODE_KEYS = ("n_way", "queries", "pairs", "distort") + MATCHING_KEYS
 USES = {"protonet": ("n_way", "queries"), "matching": ("n_way", "queries") + MATCHING_KEYS,
-        "relation": ("n_way", "queries"), "siamese": ("pairs",)}
+        "relation": ("n_way", "queries"), "siamese": ("pairs", "distort")}
 
 
 def ignored_settings(cfg):
@@ -203,6 +208,9 @@ def check_config(cfg):
         _pos_int(cfg, key)
     if algo == "siamese":
         _pos_int(cfg, "pairs", 2)
+        if not isinstance(cfg["distort"], bool):
+            raise UserError(f"make_config: distort must be true or false, got "
+                            f"{cfg['distort']!r}")
     else:
         _pos_int(cfg, "n_way", 2)
         _pos_int(cfg, "queries")
@@ -304,8 +312,10 @@ class Method(MethodBase):
         chars = split_characters(self.data, "vinyals", "train")
         # the episode stream has its own seed (seed + 1), apart from the initialiser's rng
         if cfg["algorithm"] == "siamese":
+            # a run saved before `distort` existed was trained without distortions
             self.sampler = PairSampler(self.data.images, chars, rotate=True,
-                                       seed=cfg["seed"] + 1, dtype=self.dtype)
+                                       seed=cfg["seed"] + 1, dtype=self.dtype,
+                                       distort=cfg.get("distort") is True)
         else:
             self.sampler = EpisodeSampler(self.data.images, chars, cfg["n_way"], cfg["shots"],
                                           cfg["queries"], rotate=True, seed=cfg["seed"] + 1,
