@@ -252,3 +252,14 @@ def test_omniglot_maml_family_logs_training_accuracy(tmp_path):
     for r in recs:
         assert 0.0 <= r["train_accuracy"] <= 1.0
         assert abs(r["train_accuracy"] * 10 - round(r["train_accuracy"] * 10)) < 1e-9
+
+
+def test_metasgd_show_config_does_not_claim_li_et_al():
+    """Meta-SGD on Omniglot runs Finn's MAML settings: --show-config says so, and its initial
+    inner rate is marked as metacore's choice, not a paper setting."""
+    from metacore.methods import maml_family
+    src = maml_family.sources("metasgd", "omniglot")
+    assert src["inner_lr"].startswith("metacore:")
+    assert all("Li et al. 2017's own schedule was not verified" in v
+               for k, v in src.items() if k != "inner_lr")
+    assert maml_family.sources("maml", "omniglot")["inner_lr"].endswith("--update_lr=0.4")

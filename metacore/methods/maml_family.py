@@ -75,7 +75,15 @@ def sources(algorithm, task):
     if _nichol(algorithm, task):
         from metacore.methods import reptile_omniglot
         return dict(reptile_omniglot.SOURCES)
-    return dict(SOURCES.get(task, {}))
+    src = dict(SOURCES.get(task, {}))
+    if algorithm == "metasgd":                   # Finn's settings; Li et al.'s not verified
+        src = {k: v + " (Finn's MAML setting, used for Meta-SGD: Li et al. 2017's own "
+               "schedule was not verified)" for k, v in src.items()}
+        if "inner_lr" in src:
+            src["inner_lr"] = ("metacore: the initial value of every learned inner rate, "
+                               "Finn's alpha 0.4 (Li et al. 2017's initialisation was not "
+                               "verified)")
+    return src
 
 
 def build_method(cfg):
