@@ -451,19 +451,28 @@ def _algorithm_cases():
                                                d[1])[0]).sum())
         return model, p, data, lg, lo, model.layout
 
-    def metanet():
-        from metacore.algorithms.metanet import MetaNet
-        net = MetaNet(3, image_shape=(6, 6, 1), channels=2, depth=1, key_dim=3, hidden=4,
-                      lstm_hidden=3, mlp_hidden=4, backend="reference")
-        rng = np.random.default_rng(2)
-        p = net.init_params(rng) + 0.1 * rng.standard_normal(net.num_params)
-        for name in ("d.wo", "m.w3"):
-            sl = net.layout.slice(name)
-            p[sl] = rng.standard_normal(sl.stop - sl.start)
-        data = (rng.random((3, 6, 6, 1)), rng.permutation(3), rng.random((6, 6, 6, 1)),
-                np.repeat(np.arange(3), 2))
-        lg = lambda th, d: net.loss_and_grad(th, *d, second_order=True)[:2]   # noqa: E731
-        return net, p, data, lg, lambda th, d: net.loss(th, *d), net.layout
+    def metanet(second_order):
+        def build():
+            from metacore.algorithms.metanet import MetaNet
+            net = MetaNet(3, image_shape=(6, 6, 1), channels=2, depth=1, key_dim=3, hidden=4,
+                          lstm_hidden=3, mlp_hidden=4, backend="reference")
+            rng = np.random.default_rng(2)
+            p = net.init_params(rng) + 0.1 * rng.standard_normal(net.num_params)
+            for name in ("d.wo", "m.w3"):
+                sl = net.layout.slice(name)
+                p[sl] = rng.standard_normal(sl.stop - sl.start)
+            data = (rng.random((3, 6, 6, 1)), rng.permutation(3), rng.random((6, 6, 6, 1)),
+                    np.repeat(np.arange(3), 2))
+            lg = lambda th, d: net.loss_and_grad(th, *d, second_order)[:2]   # noqa: E731
+            if second_order:
+                return net, p, data, lg, lambda th, d: net.loss(th, *d), net.layout
+            # first order (the authors' code): the gradient of the surrogate whose
+            # meta-information, the support-loss gradients g^u, g^b, is held at its value
+            # at the checked point p
+            frozen = net.loss_and_grad(p, *data, second_order=False)[3]
+            lo = lambda th, d: net.loss(th, *d, frozen=frozen)                 # noqa: E731
+            return net, p, data, lg, lo, net.layout
+        return build
 
     def meta_lstm():
         from metacore.algorithms.meta_lstm import MetaLSTM
@@ -516,7 +525,8 @@ def _algorithm_cases():
     cases.append(_episode_case("relation_episode", relation, per_block=3))
     cases.append(_episode_case("siamese_pairs", siamese, per_block=4))
     cases.append(_episode_case("mann_lrua_episode", mann, per_block=4))
-    cases.append(_episode_case("metanet_episode", metanet, per_block=3))
+    cases.append(_episode_case("metanet_episode[second_order]", metanet(True), per_block=3))
+    cases.append(_episode_case("metanet_episode[first_order]", metanet(False), per_block=3))
     cases.append(_episode_case("meta_lstm[second_order]", meta_lstm, per_block=3))
     cases.append(_episode_case("lstm_optimizer[surrogate]", lstm_optimizer, per_block=None))
     return cases

@@ -247,8 +247,8 @@ def _show_config(cfg, flagged, resumed):
             src = "your flag"
         elif k in resumed:
             src = "the resumed run"
-        elif k in sources:
-            src = "paper: " + sources[k]
+        elif k in sources:           # a method's own reasoned choice says "metacore: ..."
+            src = sources[k] if sources[k].startswith("metacore:") else "paper: " + sources[k]
         elif k in common and paper.get(k) == common[k]:
             src = "metacore default (not a paper setting)"
         else:

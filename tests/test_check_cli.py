@@ -30,7 +30,8 @@ def test_list_shows_every_derivation_in_its_group(capsys):
     for group, names in NAMED.items():
         assert names <= listed[group], (group, names - listed[group])
     full = {name for name, _ in lines}
-    assert {"maml[bn_mlp,k=2]", "matching_episode[fce]", "meta_lstm[second_order]"} <= full
+    assert {"maml[bn_mlp,k=2]", "matching_episode[fce]", "meta_lstm[second_order]",
+            "metanet_episode[second_order]", "metanet_episode[first_order]"} <= full
 
 
 def test_group_and_json(tmp_path, capsys):
