@@ -52,8 +52,8 @@ the n least-used slots o_0 .. o_{n-1}, under "shared" the n-hot vector itself.
 Differentiability. w_u reaches the reads only through w_lu (piecewise constant in w_u) and
 the choice of z (an argmin): both are treated as constants, their derivative being 0 almost
 everywhere. Hence d/dgamma = 0 and d/dusage0 = 0 exactly, and the backward returns gradients
-for keys, alpha, memory0 and read0 (and adds, when given) only; every path through those is differentiated exactly
-(the formulas are in docs/DERIVATIONS.md, under lrua_backward).
+for keys, alpha, memory0 and read0 (and adds, when given) only; every path through those is
+differentiated exactly (the formulas are in docs/DERIVATIONS.md, under lrua_backward).
 
 Ops: lrua_forward / lrua_backward run whole episodes (every key known up front; the
 backward recomputes the forward); lrua_forward_tape / lrua_backward_tape are the same pair
