@@ -125,7 +125,8 @@ def _add_train(sub):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("inner_lr", "outer_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "adam"],
+    p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "rmsprop",
+                                          "adam"],
                    default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -42,7 +42,7 @@ from metacore.nonfinite import all_finite, likely_cause
 from metacore.optim import make_optimizer
 from metacore.rundir import open_run_dir, run_files
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 
 
 def make_config(algorithm, task, out, **overrides):
