@@ -129,7 +129,7 @@ def to_host(backend, *arrays):
 WRITE_RULES = ("shared", "per_head")
 
 
-def _check_settings(op, write_rule, adds, name, shape, dtype, backend_mod=None):
+def _check_settings(op, write_rule, adds, name, shape, dtype):
     """write_rule one of WRITE_RULES; adds None or a finite float array of the keys' shape
     and dtype; a device backend given adds -> NotImplementedError."""
     if not isinstance(write_rule, str) or write_rule not in WRITE_RULES:

@@ -249,7 +249,9 @@ def _show_config(cfg, flagged, resumed):
         elif k in resumed:
             src = "the resumed run"
         elif k in sources:
-            src = "paper: " + sources[k]
+            # a default taken from a public reimplementation rather than the paper says so
+            src = sources[k] if sources[k].startswith("reimplementation") else \
+                "paper: " + sources[k]
         elif k in common and paper.get(k) == common[k]:
             src = "metacore default (not a paper setting)"
         else:

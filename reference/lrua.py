@@ -28,9 +28,9 @@ One step t, for each episode b (the heads share the memory and the usage), in th
     1. least-used weights of head h, w_lu_{t-1}^h (S,):
        "shared":   w_lu_{t-1}^h(i) = 1 if w_u_{t-1}(i) <= m else 0 for every head,
                    m = w_u_{t-1}(o_{n-1}) the n-th smallest usage (ties at m: every slot at
-                   or below m is marked, so more than n may be); the form of the paper's
-                   text, "w^lu_t(i) = 0 if w^u_t(i) > m(w^u_t, n), else 1" (Santoro et al.
-                   2016, section 3.2), one n-hot vector that every head writes into
+                   or below m is marked, so more than n may be); the paper's equation for
+                   w^lu_t read literally (Santoro et al. 2016, section "Least Recently Used
+                   Access"): one n-hot vector that every head writes into
        "per_head": w_lu_{t-1}^h = onehot(o_h): head h writes at the h-th least-used slot,
                    each head its own (as tristandeleu/ntm-one-shot, argsort(w_u)[:, :n])
     2. w_w_t^h = sigmoid(alpha^h) w_r_{t-1}^h + (1 - sigmoid(alpha^h)) w_lu_{t-1}^h

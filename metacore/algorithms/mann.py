@@ -25,12 +25,12 @@ Settings of the memory that the paper's text and public reimplementations resolv
 differently (docs/RESULTS_MANN.md):
   * write_rule: "per_head" (default) gives head h its own h-th least-used slot, as
     tristandeleu/ntm-one-shot does (argsort(w_u)[:, :n]); "shared" is the paper's
-    equation read literally (Santoro et al. 2016, section 3.2: one n-hot w^lu_t, marking
-    the n least-used slots, that every head's write weights mix in), so with n = 4 heads
-    every head writes its key into all four slots. Ties: the lower slot index first
+    equation read literally (Santoro et al. 2016, "Least Recently Used Access": one n-hot
+    w^lu_t, marking the n least-used slots, that every head's write weights mix in), so
+    with n = 4 heads every head writes its key into all four slots. Ties: the lower slot index first
     (metacore.reference.lrua).
-  * add_vector: False (default) writes the key k_t, as the paper's text ("memories are
-    encoded ... using the same key k_t"); True writes a separate add vector
+  * add_vector: False (default) writes the key k_t, as the paper's write equation
+    (M_t(i) = M_{t-1}(i) + w^w_t(i) k_t); True writes a separate add vector
     a_t = tanh(h_t W_a + b_a) per head, as tristandeleu/ntm-one-shot (new parameters
     add_W (C, H W), add_b (H W,); host backends only).
 

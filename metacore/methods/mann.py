@@ -71,11 +71,12 @@ SOURCES = {
         ": 4 read heads", slots=_SANTORO + ": memory of 128 slots", width=_SANTORO +
         ": slots of width 40", outer_opt=_SANTORO + ": RMSProp (rho, eps not stated; "
         "metacore.optim.RMSProp's 0.9, 1e-8)", outer_lr=_SANTORO + ": learning rate 1e-4",
-        write_rule="public reimplementation tristandeleu/ntm-one-shot (argsort(w_u)[:, :n]: "
-        "head h writes at the h-th least-used slot); the paper's text reads as one shared "
-        "n-hot vector, write_rule=shared",
-        add_vector=_SANTORO + ", section 3.2: the key k_t is written (ntm-one-shot writes "
-        "a separate tanh(W_a h_t + b_a): add_vector=true)"),
+        write_rule="reimplementation, not the paper's text: tristandeleu/ntm-one-shot "
+        "(argsort(w_u)[:, :n]: head h writes at the h-th least-used slot); the paper's "
+        "equation reads as one shared n-hot vector, write_rule=shared",
+        add_vector=_SANTORO + ", section 'Least Recently Used Access': its write equation "
+        "adds w^w_t(i) k_t, the key (ntm-one-shot writes a separate tanh(W_a h_t + b_a): "
+        "add_vector=true)"),
 }
 
 # Settings added after runs existed, with the value those runs used: a config without the key
