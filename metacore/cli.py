@@ -197,6 +197,9 @@ def _train(args):
         if (saved["algorithm"], saved["task"]) != (args.algorithm, args.task):
             raise UserError(f"train --resume: {args.out} holds a {saved['algorithm']} run on "
                             f"{saved['task']}, not {args.algorithm} on {args.task}")
+        from metacore import methods
+        for k, v in methods.legacy_settings(args.algorithm).items():
+            saved.setdefault(k, v)              # a run from before the setting existed
         for k, v in over.items():
             if v is None and k in saved:
                 over[k] = saved[k]

@@ -268,6 +268,15 @@ def test_a_run_from_before_the_memory_settings_reads_back_as_shared(tmp_path):
     Trainer(cfg2, resume=True, progress=False).train()
     with pytest.raises(ValueError, match=r"differ from the checkpoint's"):
         Trainer(_cfg(out=str(out), iterations=3), resume=True, progress=False)
+    # the command line's --resume reads the run's config.json: without the keys as well
+    from metacore import cli
+    conf = json.loads((out / "config.json").read_text())
+    for k in ("write_rule", "add_vector"):
+        conf.pop(k, None)
+    (out / "config.json").write_text(json.dumps(conf))
+    assert cli.main(["train", "mann", "--task", "omniglot", "--out", str(out), "--resume",
+                     "--iterations", "3", "--no-progress"]) == 0
+    assert load_run(str(out))[1].model.write_rule == "shared"
 
 
 def test_trains_and_resumes_exactly(tmp_path):
