@@ -22,25 +22,43 @@ __device__ void gates(const F* alpha, int per_step, int T, int B, int H, F* g) {
     g[p] = F(0.5) * (F(1) + tanh(F(0.5) * a));
 }
 
-// One step of one episode by the whole block (steps 1-7 of metacore.reference.lrua),
+// The least-used counts of slot i: *below = #{j : wu(j) < wu(i)} ("shared": slot i is marked
+// iff below < n, i.e. wu(i) <= m(wu, n)), *rank = its position in the order of (wu(j), j),
+// the reference's stable sort ("per_head": head h takes the slot of rank h).
+template <typename F>
+__device__ void lu_rank(const F* wu, int S, int i, int* below, int* rank) {
+    int bl = 0, rk = 0;
+    const F v = wu[i];
+    for (int j = 0; j < S; ++j) {
+        if (wu[j] < v) { ++bl; ++rk; }
+        else if (wu[j] == v && j < i) ++rk;
+    }
+    *below = bl;
+    *rank = rk;
+}
+
+// One step of one episode by the whole block (steps 0-7 of metacore.reference.lrua),
 // shared by `forward` (every step of an episode) and `step_forward` / `step_backward` (one
 // step), so that the chained step pair runs the very code of the whole episode.
-// k: (H, W) k_t, gr: (H,) gates, Mp: (S, W) M_{t-1}, wr_prev: (H, S), wu_prev: (S,)
-// -> M: (S, W) M_t (must not alias Mp), wlu: (S,) w_lu_{t-1}, *zout: the zeroed slot,
+// k: (H, W) k_t, gr: (H,) gates, Mp: (S, W) M_{t-1}, wr_prev: (H, S), wu_prev: (S,),
+// per_head: the write rule (1 "per_head", 0 "shared")
+// -> M: (S, W) M_t (must not alias Mp), wlu: (H, S) w_lu_{t-1}, one row per head,
+// *zout: the zeroed slot,
 // ww, wr: (H, S) w_w_t, w_r_t, read: (H, W) r_t, wu: (S,) w_u_t, all overwritten;
 // scratch kn: (H,), mn: (S,), c: (H, S). Returns the zeroed slot to every thread and ends
 // with a __syncthreads, so every output is visible to the whole block.
 template <typename F>
 __device__ int fwd_step(const F* k, const F* gr, const F* Mp, F* M, const F* wr_prev,
-                        const F* wu_prev, F gamma, F eps, int H, int S, int W, F* wlu,
-                        i64* zout, F* ww, F* wr, F* read, F* wu, F* kn, F* mn, F* c) {
+                        const F* wu_prev, F gamma, F eps, int per_head, int H, int S, int W,
+                        F* wlu, i64* zout, F* ww, F* wr, F* read, F* wu, F* kn, F* mn, F* c) {
     const int tid = threadIdx.x, nt = blockDim.x;
     __shared__ int zsh;
-    // 1. least-used indicator: w_lu(i) = 1 iff #{j : w_u(j) < w_u(i)} < n
+    // 1. least-used weights of every head (counting, no sort)
     for (int i = tid; i < S; i += nt) {
-        int below = 0;
-        for (int j = 0; j < S; ++j) below += wu_prev[j] < wu_prev[i];
-        wlu[i] = below < H ? F(1) : F(0);
+        int below, rank;
+        lu_rank<F>(wu_prev, S, i, &below, &rank);
+        for (int h = 0; h < H; ++h)
+            wlu[h * S + i] = (per_head ? rank == h : below < H) ? F(1) : F(0);
     }
     // 3. the slot to zero: first argmin
     if (tid == 0) {
@@ -55,7 +73,7 @@ __device__ int fwd_step(const F* k, const F* gr, const F* Mp, F* M, const F* wr_
     for (int p = tid; p < H * S; p += nt) {
         const int h = p / S, i = p - h * S;
         const F gh = gr[h];
-        ww[p] = gh * wr_prev[p] + (F(1) - gh) * wlu[i];
+        ww[p] = gh * wr_prev[p] + (F(1) - gh) * wlu[p];
     }
     __syncthreads();
     // 3-4. zero slot z, then write every head's key (sum over h in order)
@@ -116,7 +134,7 @@ __device__ int fwd_step(const F* k, const F* gr, const F* Mp, F* M, const F* wr_
 // Reverse of one step of one episode by the whole block (formulas: metacore.reference.
 // lrua.lrua_backward), shared by `backward` and `step_backward`.
 // dr: (H, W) dL/dr_t, k: (H, W), gr: (H,), M: (S, W) M_t, wr, ww: (H, S) w_r_t, w_w_t,
-// wr_prev: (H, S) w_r_{t-1}, wlu: (S,) w_lu_{t-1}, z: the zeroed slot;
+// wr_prev: (H, S) w_r_{t-1}, wlu: (H, S) w_lu_{t-1}, z: the zeroed slot;
 // dM: (S, W) dL/dM_t in, dL/dM_{t-1} out; dwr: (H, S) dL/dw_r_t in, dL/dw_r_{t-1} out;
 // dk: (H, W) dL/dk_t, da: (H,) dL/dalpha_t (per-step gate), overwritten; scratch dc, gi:
 // (H, S), kn, kon, sk: (H,), mn, mon, sm: (S,). The caller synchronises after writing dM
@@ -218,7 +236,7 @@ __device__ void bwd_step(const F* dr, const F* k, const F* gr, const F* M, const
         const F gh = gr[h];
         F acc = 0;
         for (int i = 0; i < S; ++i) {
-            acc += dwr[h * S + i] * (wr_prev[h * S + i] - wlu[i]);
+            acc += dwr[h * S + i] * (wr_prev[h * S + i] - wlu[h * S + i]);
             dwr[h * S + i] *= gh;
         }
         da[h] = gh * (F(1) - gh) * acc;
@@ -229,12 +247,12 @@ __device__ void bwd_step(const F* dr, const F* k, const F* gr, const F* M, const
 // Block b runs episode b over T steps (fwd_step for each).
 // keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S), usage0: (B, S)
 // -> reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), Ms: (B, K, S, W)
-// (M_0 at 0, the memory after step t = 0..T-1 at (t + 1) % K), wlu_prev: (B, T, S),
+// (M_0 at 0, the memory after step t = 0..T-1 at (t + 1) % K), wlu_prev: (B, T, H, S),
 // zs: (B, T), memory: (B, S, W) the last memory; scratch kn: (B, H), mn: (B, S), c: (B, H, S).
 template <typename F>
 __device__ void forward(const F* keys, const F* g, const F* memory0, const F* read0,
-                        const F* usage0, F gamma, F eps, int T, int B, int H, int S, int W,
-                        int K, F* reads, F* w_r, F* w_w, F* w_u, F* w_lu, F* Ms,
+                        const F* usage0, F gamma, F eps, int per_head, int T, int B, int H,
+                        int S, int W, int K, F* reads, F* w_r, F* w_w, F* w_u, F* w_lu, F* Ms,
                         F* wlu_prev, i64* zs, F* memory, F* kn_, F* mn_, F* c_) {
     const i64 b = blockIdx.x;
     if (b >= B) return;
@@ -249,14 +267,16 @@ __device__ void forward(const F* keys, const F* g, const F* memory0, const F* re
         const F* wu_prev = t == 0 ? usage0 + b * S : w_u + (tb - B) * S;    // (S,)
         F* wu = w_u + tb * S;                                               // (S,)
         fwd_step<F>(keys + tb * HW, g + tb * H, Mb + (t % K) * SW, Mb + ((t + 1) % K) * SW,
-                    wr_prev, wu_prev, gamma, eps, H, S, W, wlu_prev + (b * T + t) * S,
+                    wr_prev, wu_prev, gamma, eps, per_head, H, S, W,
+                    wlu_prev + (b * T + t) * HS,
                     zs + b * T + t, w_w + tb * HS, w_r + tb * HS, reads + tb * HW, wu,
                     kn_ + b * H, mn_ + b * S, c_ + b * HS);
-        // the least-used indicator of the new usage (returned; step t + 1 recomputes it)
+        // the least-used slots of the new usage, the union over heads (returned; step
+        // t + 1 recomputes them)
         for (int i = tid; i < S; i += nt) {
-            int below = 0;
-            for (int j = 0; j < S; ++j) below += wu[j] < wu[i];
-            w_lu[tb * S + i] = below < H ? F(1) : F(0);
+            int below, rank;
+            lu_rank<F>(wu, S, i, &below, &rank);
+            w_lu[tb * S + i] = (per_head ? rank : below) < H ? F(1) : F(0);
         }
         __syncthreads();
     }
@@ -288,7 +308,7 @@ __device__ void backward(const F* dreads, const F* keys, const F* g, const F* re
         const F* wr_prev = t == 0 ? read0 + b * HS : w_r + (tb - B) * HS;   // (H, S)
         bwd_step<F>(dreads + tb * HW, keys + tb * HW, g + tb * H,
                     Ms + (b * (T + 1) + t + 1) * SW, w_r + tb * HS, w_w + tb * HS, wr_prev,
-                    wlu_prev + (b * T + t) * S, zs[b * T + t], eps, H, S, W, dM, dwr,
+                    wlu_prev + (b * T + t) * HS, zs[b * T + t], eps, H, S, W, dM, dwr,
                     dkeys + tb * HW, dalpha + tb * H, dc_ + b * HS, gi_ + b * HS,
                     kn_ + b * H, kon_ + b * H, sk_ + b * H, mn_ + b * S, mon_ + b * S,
                     sm_ + b * S);
@@ -299,18 +319,20 @@ __device__ void backward(const F* dreads, const F* keys, const F* g, const F* re
 
 // Block b runs one step of episode b (fwd_step). key: (B, H, W), g: (B, H),
 // memory_prev: (B, S, W), w_r_prev: (B, H, S), w_u_prev: (B, S) -> read: (B, H, W),
-// memory: (B, S, W), w_r, w_w: (B, H, S), w_u: (B, S); scratch wlu: (B, S), zs: (B,),
+// memory: (B, S, W), w_r, w_w: (B, H, S), w_u: (B, S); scratch wlu: (B, H, S), zs: (B,),
 // kn: (B, H), mn: (B, S), c: (B, H, S).
 template <typename F>
 __device__ void step_forward(const F* key, const F* g, const F* memory_prev,
-                             const F* w_r_prev, const F* w_u_prev, F gamma, F eps, int B,
-                             int H, int S, int W, F* read, F* memory, F* w_r, F* w_w, F* w_u,
+                             const F* w_r_prev, const F* w_u_prev, F gamma, F eps,
+                             int per_head, int B, int H, int S, int W, F* read, F* memory,
+                             F* w_r, F* w_w, F* w_u,
                              F* wlu, i64* zs, F* kn, F* mn, F* c) {
     const i64 b = blockIdx.x;
     if (b >= B) return;
     const i64 SW = (i64)S * W, HS = (i64)H * S, HW = (i64)H * W;
     fwd_step<F>(key + b * HW, g + b * H, memory_prev + b * SW, memory + b * SW,
-                w_r_prev + b * HS, w_u_prev + b * S, gamma, eps, H, S, W, wlu + b * S, zs + b,
+                w_r_prev + b * HS, w_u_prev + b * S, gamma, eps, per_head, H, S, W, wlu + b * HS,
+                zs + b,
                 w_w + b * HS, w_r + b * HS, read + b * HW, w_u + b * S, kn + b * H,
                 mn + b * S, c + b * HS);
 }
@@ -318,14 +340,14 @@ __device__ void step_forward(const F* key, const F* g, const F* memory_prev,
 // Block b reruns one step of episode b (fwd_step), then its reverse (bwd_step) from
 // dread, dmemory, dw_r -> dkey: (B, H, W), dalpha: (B, H), dmemory_prev: (B, S, W),
 // dw_r_prev: (B, H, S) overwritten (the last two are bwd_step's running dM and dwr).
-// Scratch M: (B, S, W) M_t, wr, ww, dc, gi: (B, H, S), wu, wlu, mn, mon, sm: (B, S),
+// Scratch M: (B, S, W) M_t, wr, ww, dc, gi, wlu: (B, H, S), wu, mn, mon, sm: (B, S),
 // zs: (B,), kn, kon, sk: (B, H). The forward's read goes to dkey (overwritten by bwd_step)
 // and its cosines to dc (bwd_step's scratch).
 template <typename F>
 __device__ void step_backward(const F* dread, const F* dmemory, const F* dw_r, const F* key,
                               const F* g, const F* memory_prev, const F* w_r_prev,
-                              const F* w_u_prev, F gamma, F eps, int B, int H, int S, int W,
-                              F* dkey, F* dalpha, F* dmemory_prev, F* dw_r_prev, F* M,
+                              const F* w_u_prev, F gamma, F eps, int per_head, int B, int H,
+                              int S, int W, F* dkey, F* dalpha, F* dmemory_prev, F* dw_r_prev, F* M,
                               F* wr, F* ww, F* wu, F* wlu, i64* zs, F* dc, F* gi, F* kn,
                               F* kon, F* sk, F* mn, F* mon, F* sm) {
     const i64 b = blockIdx.x;
@@ -337,11 +359,12 @@ __device__ void step_backward(const F* dread, const F* dmemory, const F* dw_r, c
     for (i64 p = tid; p < SW; p += nt) dM[p] = dmemory[b * SW + p];
     for (i64 p = tid; p < HS; p += nt) dwr[p] = dw_r[b * HS + p];
     const int z = fwd_step<F>(key + b * HW, g + b * H, memory_prev + b * SW, M + b * SW,
-                              w_r_prev + b * HS, w_u_prev + b * S, gamma, eps, H, S, W,
-                              wlu + b * S, zs + b, ww + b * HS, wr + b * HS, dkey + b * HW,
+                              w_r_prev + b * HS, w_u_prev + b * S, gamma, eps, per_head,
+                              H, S, W, wlu + b * HS, zs + b, ww + b * HS, wr + b * HS,
+                              dkey + b * HW,
                               wu + b * S, kn + b * H, mn + b * S, dc + b * HS);
     bwd_step<F>(dread + b * HW, key + b * HW, g + b * H, M + b * SW, wr + b * HS, ww + b * HS,
-                w_r_prev + b * HS, wlu + b * S, z, eps, H, S, W, dM, dwr, dkey + b * HW,
+                w_r_prev + b * HS, wlu + b * HS, z, eps, H, S, W, dM, dwr, dkey + b * HW,
                 dalpha + b * H, dc + b * HS, gi + b * HS, kn + b * H, kon + b * H,
                 sk + b * H, mn + b * S, mon + b * S, sm + b * S);
 }
@@ -363,11 +386,11 @@ extern "C" __global__ void lrua_gates_##S(const F* alpha, int per_step, int T, i
     gates<F>(alpha, per_step, T, B, H, g); }                                                \
 extern "C" __global__ void lrua_forward_##S(                                                \
         const F* keys, const F* g, const F* memory0, const F* read0, const F* usage0,       \
-        F gamma, F eps, int T, int B, int H, int S_, int W, int K, F* reads, F* w_r,        \
-        F* w_w, F* w_u, F* w_lu, F* Ms, F* wlu_prev, i64* zs, F* memory, F* kn, F* mn,      \
-        F* c) {                                                                             \
-    forward<F>(keys, g, memory0, read0, usage0, gamma, eps, T, B, H, S_, W, K, reads, w_r,  \
-               w_w, w_u, w_lu, Ms, wlu_prev, zs, memory, kn, mn, c); }                      \
+        F gamma, F eps, int per_head, int T, int B, int H, int S_, int W, int K, F* reads,  \
+        F* w_r, F* w_w, F* w_u, F* w_lu, F* Ms, F* wlu_prev, i64* zs, F* memory, F* kn,     \
+        F* mn, F* c) {                                                                      \
+    forward<F>(keys, g, memory0, read0, usage0, gamma, eps, per_head, T, B, H, S_, W, K,    \
+               reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory, kn, mn, c); }          \
 extern "C" __global__ void lrua_backward_##S(                                               \
         const F* dreads, const F* keys, const F* g, const F* read0, const F* w_r,           \
         const F* w_w, const F* Ms, const F* wlu_prev, const i64* zs, F eps, int T, int B,   \
@@ -380,19 +403,19 @@ extern "C" __global__ void lrua_sum_tb_##S(const F* dalpha, int T, int B, int H,
     sum_tb<F>(dalpha, T, B, H, out); }                                                      \
 extern "C" __global__ void lrua_step_forward_##S(                                           \
         const F* key, const F* g, const F* memory_prev, const F* w_r_prev,                  \
-        const F* w_u_prev, F gamma, F eps, int B, int H, int S_, int W, F* read, F* memory, \
-        F* w_r, F* w_w, F* w_u, F* wlu, i64* zs, F* kn, F* mn, F* c) {                      \
-    step_forward<F>(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps, B, H, S_, W, read, \
-                    memory, w_r, w_w, w_u, wlu, zs, kn, mn, c); }                           \
+        const F* w_u_prev, F gamma, F eps, int per_head, int B, int H, int S_, int W,       \
+        F* read, F* memory, F* w_r, F* w_w, F* w_u, F* wlu, i64* zs, F* kn, F* mn, F* c) {  \
+    step_forward<F>(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps, per_head, B, H,    \
+                    S_, W, read, memory, w_r, w_w, w_u, wlu, zs, kn, mn, c); }              \
 extern "C" __global__ void lrua_step_backward_##S(                                          \
         const F* dread, const F* dmemory, const F* dw_r, const F* key, const F* g,          \
-        const F* memory_prev, const F* w_r_prev, const F* w_u_prev, F gamma, F eps, int B,  \
-        int H, int S_, int W, F* dkey, F* dalpha, F* dmemory_prev, F* dw_r_prev, F* M,      \
-        F* wr, F* ww, F* wu, F* wlu, i64* zs, F* dc, F* gi, F* kn, F* kon, F* sk, F* mn,    \
-        F* mon, F* sm) {                                                                    \
+        const F* memory_prev, const F* w_r_prev, const F* w_u_prev, F gamma, F eps,         \
+        int per_head, int B, int H, int S_, int W, F* dkey, F* dalpha, F* dmemory_prev,     \
+        F* dw_r_prev, F* M, F* wr, F* ww, F* wu, F* wlu, i64* zs, F* dc, F* gi, F* kn,      \
+        F* kon, F* sk, F* mn, F* mon, F* sm) {                                              \
     step_backward<F>(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev, gamma,  \
-                     eps, B, H, S_, W, dkey, dalpha, dmemory_prev, dw_r_prev, M, wr, ww,    \
-                     wu, wlu, zs, dc, gi, kn, kon, sk, mn, mon, sm); }
+                     eps, per_head, B, H, S_, W, dkey, dalpha, dmemory_prev, dw_r_prev, M,  \
+                     wr, ww, wu, wlu, zs, dc, gi, kn, kon, sk, mn, mon, sm); }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(double, f64)

@@ -3,7 +3,8 @@
 Shape letters (this module):
     T time steps, B episodes, H heads (n = H reads), S memory slots, W slot width.
 
-Ops (each checks its inputs, then calls the chosen backend):
+Ops (each checks its inputs, then calls the chosen backend; every op also takes the keyword
+settings write_rule and adds / add, below):
     lrua_forward(keys, alpha, memory0, read0, usage0, gamma)
         -> reads (T, B, H, W), w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
            w_lu (T, B, S), memory (B, S, W) (M_T)
@@ -26,6 +27,16 @@ alpha (H,) or (B, H), memory_prev (B, S, W) M_{t-1}, w_r_prev (B, H, S), w_u_pre
 the backward takes dL/dr_t, dL/dM_t and dL/dw_r_t (the last two from step t + 1, zero after
 the last step) and returns them one step earlier. Chained, the step pair gives the
 whole-episode results (tests/test_lrua.py checks it).
+Settings (keyword arguments of every op; metacore.reference.lrua has the formulas):
+    write_rule="shared" | "per_head"  which least-used slots head h writes to: "shared" (the
+               ops' default, kept so that existing callers and the benchmarks are unchanged)
+               marks the n = H least-used slots in one n-hot vector that every head writes
+               into; "per_head" gives head h its own h-th least-used slot (MANN's default).
+               Ties in usage go to the lower slot index, in every backend.
+    adds=None | (T, B, H, W) (add=None | (B, H, W) for the step pair)  a separate write
+               content a_t per head instead of the key; the backwards then return its
+               gradient dadds (dadd) last. Host backends only ('reference', 'numba'); the
+               device backends raise NotImplementedError for it.
 with keys (T, B, H, W), alpha (H,) (the paper's scalar gate per head) or (T, B, H) (a gate
 per step from the controller), memory0 (B, S, W), read0 (B, H, S), usage0 (B, S), gamma a
 float in [0, 1], 1 <= H <= S. All but lrua_backward_tape (which runs on the backend that
@@ -115,6 +126,25 @@ def to_host(backend, *arrays):
 
 
 # ---------------------------------------------------------------- input checks
+WRITE_RULES = ("shared", "per_head")
+
+
+def _check_settings(op, write_rule, adds, name, shape, dtype):
+    """write_rule one of WRITE_RULES; adds None or a finite float array of the keys' shape
+    and dtype; a device backend given adds -> NotImplementedError."""
+    if not isinstance(write_rule, str) or write_rule not in WRITE_RULES:
+        raise ValueError(f"{op}: write_rule must be one of {WRITE_RULES}, got {write_rule!r}")
+    if adds is not None:
+        check_float_array(op, name, adds, shape=shape, dtype=dtype)
+
+
+def _no_adds_on_device(op, mod, adds, name):
+    if adds is not None and _backend_name(mod) not in BACKENDS:
+        raise NotImplementedError(
+            f"{op}: backend {_backend_name(mod)!r} does not support a separate add vector "
+            f"({name}); use backend 'numba' or 'reference'")
+
+
 def _check(op, keys, alpha, memory0, read0, usage0, gamma):
     """keys (T, B, H, W), alpha (H,) or (T, B, H), memory0 (B, S, W), read0 (B, H, S),
     usage0 (B, S): one float dtype, finite; gamma a finite float in [0, 1]; 1 <= H <= S."""
@@ -143,15 +173,30 @@ def _check(op, keys, alpha, memory0, read0, usage0, gamma):
 
 
 # ---------------------------------------------------------------- ops
-def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+def _extra(arrays, adds):
+    return arrays if adds is None else arrays + (adds,)
+
+
+def _kw(write_rule, adds, name="adds"):
+    """The settings as a backend's keyword arguments: adds only when given (a device
+    backend has no such argument)."""
+    return {"write_rule": write_rule} if adds is None else {"write_rule": write_rule,
+                                                             name: adds}
+
+
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, backend="auto",
+                 write_rule="shared", adds=None):
     """Run the LRUA memory over T steps of B episodes; see the module docstring.
     -> reads (T, B, H, W), w_r (T, B, H, S), w_w (T, B, H, S), w_u (T, B, S),
        w_lu (T, B, S), memory (B, S, W); fresh arrays in the dtype of keys."""
     op = "lrua_forward"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
-    mod = _backend(op, backend, keys, alpha, memory0, read0, usage0)
+    _check_settings(op, write_rule, adds, "adds", keys.shape, keys.dtype)
+    mod = _backend(op, backend, *_extra((keys, alpha, memory0, read0, usage0), adds))
+    _no_adds_on_device(op, mod, adds, "adds")
     return _host_finite(op, ("reads", "w_r", "w_w", "w_u", "w_lu", "memory"),
-                        mod.lrua_forward(keys, alpha, memory0, read0, usage0, float(gamma)))
+                        mod.lrua_forward(keys, alpha, memory0, read0, usage0, float(gamma),
+                                         **_kw(write_rule, adds)))
 
 
 def _host_finite(op, names, result):
@@ -163,17 +208,22 @@ def _host_finite(op, names, result):
     return result
 
 
-def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, backend="auto",
+                  write_rule="shared", adds=None):
     """Backpropagation through time of dL/dreads = dreads: (T, B, H, W).
-    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
-    fresh arrays. The forward pass is recomputed inside (nothing is kept between calls)."""
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S),
+    and dadds (T, B, H, W) last when adds is given; fresh arrays. The forward pass is
+    recomputed inside (nothing is kept between calls)."""
     op = "lrua_backward"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
+    _check_settings(op, write_rule, adds, "adds", keys.shape, keys.dtype)
     check_float_array(op, "dreads", dreads, shape=keys.shape, dtype=keys.dtype)
-    mod = _backend(op, backend, dreads, keys, alpha, memory0, read0, usage0)
-    return _host_finite(op, ("dkeys", "dalpha", "dmemory0", "dread0"),
+    mod = _backend(op, backend, *_extra((dreads, keys, alpha, memory0, read0, usage0), adds))
+    _no_adds_on_device(op, mod, adds, "adds")
+    return _host_finite(op, _extra(("dkeys", "dalpha", "dmemory0", "dread0"),
+                                   None if adds is None else "dadds"),
                         mod.lrua_backward(dreads, keys, alpha, memory0, read0, usage0,
-                                          float(gamma)))
+                                          float(gamma), **_kw(write_rule, adds)))
 
 
 def _backend_with(op, backend, arrays, lacks):
@@ -232,7 +282,8 @@ def _backend_name(mod):
     return mod.__name__
 
 
-def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto"):
+def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto",
+                      write_rule="shared", adds=None):
     """lrua_forward that also keeps what the backward needs, so that the gradients of the
     same episode cost only the reverse sweep (lrua_backward reruns the forward).
     -> reads, w_r, w_w, w_u, w_lu, memory (exactly lrua_forward's), tape: an LruaTape for
@@ -241,10 +292,12 @@ def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto"
     backends have only lrua_forward / lrua_backward: NotImplementedError)."""
     op = "lrua_forward_tape"
     _check(op, keys, alpha, memory0, read0, usage0, gamma)
-    mod = _backend_with(op, backend, (keys, alpha, memory0, read0, usage0),
+    _check_settings(op, write_rule, adds, "adds", keys.shape, keys.dtype)
+    mod = _backend_with(op, backend, _extra((keys, alpha, memory0, read0, usage0), adds),
                         "implements only lrua_forward / lrua_backward (which recomputes the "
                         "forward); use those")
-    *out, data = mod.lrua_forward_tape(keys, alpha, memory0, read0, usage0, float(gamma))
+    *out, data = mod.lrua_forward_tape(keys, alpha, memory0, read0, usage0, float(gamma),
+                                       **_kw(write_rule, adds))
     _host_finite(op, ("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), out)
     T, B, H, W = keys.shape
     tape = LruaTape(_backend_name(mod), (T, B, H, memory0.shape[1], W), keys.dtype,
@@ -255,8 +308,9 @@ def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, backend="auto"
 def lrua_backward_tape(dreads, tape):
     """Backpropagation through time of dL/dreads = dreads: (T, B, H, W) for the episode that
     lrua_forward_tape ran, on the backend that ran it, without recomputing the forward.
-    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S);
-    fresh arrays, equal to lrua_backward's for the same inputs. The tape is not changed (it
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)
+    (and dadds last when the episode had adds); fresh arrays, equal to lrua_backward's for
+    the same inputs. The tape is not changed (it
     may be used again)."""
     op = "lrua_backward_tape"
     if not isinstance(tape, LruaTape):
@@ -296,28 +350,36 @@ def _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
         raise ValueError(f"{op}: gamma must be a finite number in [0, 1], got {gamma!r}")
 
 
-def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma, backend="auto"):
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma, backend="auto",
+                      write_rule="shared", add=None):
     """One step t of B episodes; see the module docstring.
     -> read (B, H, W), memory (B, S, W), w_r (B, H, S), w_w (B, H, S), w_u (B, S);
     fresh arrays in the dtype of key."""
     op = "lrua_step_forward"
     _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
-    mod = _step_backend(op, backend, key, alpha, memory_prev, w_r_prev, w_u_prev)
-    return mod.lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, float(gamma))
+    _check_settings(op, write_rule, add, "add", key.shape, key.dtype)
+    mod = _step_backend(op, backend, *_extra((key, alpha, memory_prev, w_r_prev, w_u_prev),
+                                             add))
+    _no_adds_on_device(op, mod, add, "add")
+    return mod.lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, float(gamma),
+                                 **_kw(write_rule, add, "add"))
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
-                       gamma, backend="auto"):
+                       gamma, backend="auto", write_rule="shared", add=None):
     """Reverse of one step: dread (B, H, W) dL/dr_t, dmemory (B, S, W) dL/dM_t, dw_r
     (B, H, S) dL/dw_r_t -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W),
-    dw_r_prev (B, H, S); fresh arrays. The step's forward is recomputed inside."""
+    dw_r_prev (B, H, S), and dadd (B, H, W) last when add is given; fresh arrays. The
+    step's forward is recomputed inside."""
     op = "lrua_step_backward"
     _check_step(op, key, alpha, memory_prev, w_r_prev, w_u_prev, gamma)
+    _check_settings(op, write_rule, add, "add", key.shape, key.dtype)
     dt = key.dtype
     check_float_array(op, "dread", dread, shape=key.shape, dtype=dt)
     check_float_array(op, "dmemory", dmemory, shape=memory_prev.shape, dtype=dt)
     check_float_array(op, "dw_r", dw_r, shape=w_r_prev.shape, dtype=dt)
-    mod = _step_backend(op, backend, dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev,
-                        w_u_prev)
+    mod = _step_backend(op, backend, *_extra((dread, dmemory, dw_r, key, alpha, memory_prev,
+                                              w_r_prev, w_u_prev), add))
+    _no_adds_on_device(op, mod, add, "add")
     return mod.lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev,
-                                  w_u_prev, float(gamma))
+                                  w_u_prev, float(gamma), **_kw(write_rule, add, "add"))

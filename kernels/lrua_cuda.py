@@ -15,10 +15,13 @@ How the kernels work (whole episodes fused, not one launch per step):
     reads, usage) is a block-strided loop over its independent outputs, separated by
     __syncthreads. The recurrence is sequential in t, so the parallelism is over the
     H S, S W and H W outputs of a step and over the B episodes.
-  * The least-used indicator needs the n-th smallest usage m(w_u, n): w_lu(i) = 1 iff
-    #{j : w_u(j) < w_u(i)} < n, which equals w_u(i) <= m(w_u, n) exactly (ties included),
-    so each slot counts on its own; no sort. The zeroed slot (first argmin) is one serial
-    scan by thread 0.
+  * The least-used weights need no sort; each slot i counts on its own. "shared" (per_head
+    0): w_lu^h(i) = 1 iff #{j : w_u(j) < w_u(i)} < n, which equals w_u(i) <= m(w_u, n)
+    exactly (ties included), in every head's row. "per_head" (per_head 1): the rank of
+    slot i in the order of (w_u(j), j), #{j : w_u(j) < w_u(i) or (w_u(j) = w_u(i), j < i)},
+    is its position in the reference's stable sort, and head h takes the slot of rank h.
+    The returned w_lu is the union over heads. The zeroed slot (first argmin) is one serial
+    scan by thread 0. A separate add vector is not supported here (the entry point says so).
   * Memories M_t live in global memory, Ms: (B, K, S, W); lrua_forward ping-pongs two
     (K = 2), lrua_backward reruns the forward keeping all T + 1 (K = T + 1), then runs the
     reverse sweep (formulas: metacore.reference.lrua.lrua_backward) with dL/dM and
@@ -69,28 +72,44 @@ def _build(nbt):
             g[t, b, h] = half * (nbt(1) + math.tanh(half * a))
 
     @cuda.jit(device=True)
-    def fwd_step(k, gr, Mp, M, wr_prev, wu_prev, gamma, eps, wlu, zout, zsh, ww, wr, read,
-                 wu, kn, mn, c):
+    def lu_rank(wu, i):
+        """wu: (S,) -> (#{j : wu(j) < wu(i)}, the rank of slot i in the (wu(j), j) order)."""
+        below = 0
+        rank = 0
+        v = wu[i]
+        for j in range(wu.shape[0]):
+            if wu[j] < v:
+                below += 1
+                rank += 1
+            elif wu[j] == v and j < i:
+                rank += 1
+        return below, rank
+
+    @cuda.jit(device=True)
+    def fwd_step(k, gr, Mp, M, wr_prev, wu_prev, gamma, eps, per_head, wlu, zout, zsh, ww,
+                 wr, read, wu, kn, mn, c):
         """One step of one episode by the whole block (steps 1-7 of metacore.reference.lrua),
         shared by `forward` (every step of an episode) and `step_forward` / `step_backward`
         (one step), so that the chained step pair runs the very code of the whole episode.
 
-        k: (H, W) k_t, gr: (H,) gates, Mp: (S, W) M_{t-1}, wr_prev: (H, S), wu_prev: (S,)
-        -> M: (S, W) M_t, wlu: (S,) w_lu_{t-1}, zout: (1,) the zeroed slot, ww, wr: (H, S)
-        w_w_t, w_r_t, read: (H, W) r_t, wu: (S,) w_u_t, all overwritten (M must not alias
+        k: (H, W) k_t, gr: (H,) gates, Mp: (S, W) M_{t-1}, wr_prev: (H, S), wu_prev: (S,),
+        per_head: 1 for the "per_head" write rule, 0 for "shared"
+        -> M: (S, W) M_t, wlu: (H, S) w_lu_{t-1}, one row per head, zout: (1,) the zeroed
+        slot, ww, wr: (H, S) w_w_t, w_r_t, read: (H, W) r_t, wu: (S,) w_u_t, all overwritten (M must not alias
         Mp); scratch zsh: (1,) int64 shared, kn: (H,), mn: (S,), c: (H, S). Ends with a
         __syncthreads, so every output is visible to the whole block."""
         H, W = k.shape
         S = Mp.shape[0]
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
-        # 1. least-used indicator of the previous usage (counting, no sort)
+        # 1. least-used weights of the previous usage (counting, no sort)
         for i in range(tid, S, nt):
-            below = 0
-            for j in range(S):
-                if wu_prev[j] < wu_prev[i]:
-                    below += 1
-            wlu[i] = nbt(1) if below < H else nbt(0)
+            below, rank = lu_rank(wu_prev, i)
+            for h in range(H):
+                if per_head:
+                    wlu[h, i] = nbt(1) if rank == h else nbt(0)
+                else:
+                    wlu[h, i] = nbt(1) if below < H else nbt(0)
         # 3. the slot to zero: first argmin
         if tid == 0:
             z = 0
@@ -106,7 +125,7 @@ def _build(nbt):
             h = p // S
             i = p - h * S
             gh = gr[h]
-            ww[h, i] = gh * wr_prev[h, i] + (nbt(1) - gh) * wlu[i]
+            ww[h, i] = gh * wr_prev[h, i] + (nbt(1) - gh) * wlu[h, i]
         cuda.syncthreads()
         # 3-4. zero slot z, then write every head's key (sum over h in order)
         for p in range(tid, S * W, nt):
@@ -173,7 +192,7 @@ def _build(nbt):
         metacore.reference.lrua.lrua_backward), shared by `backward` and `step_backward`.
 
         dr: (H, W) dL/dr_t, k: (H, W), gr: (H,), M: (S, W) M_t, wr, ww: (H, S) w_r_t, w_w_t,
-        wr_prev: (H, S) w_r_{t-1}, wlu: (S,) w_lu_{t-1}, z: the zeroed slot;
+        wr_prev: (H, S) w_r_{t-1}, wlu: (H, S) w_lu_{t-1}, z: the zeroed slot;
         dM: (S, W) dL/dM_t in, dL/dM_{t-1} out; dwr: (H, S) dL/dw_r_t in, dL/dw_r_{t-1} out;
         dk: (H, W) dL/dk_t, da: (H,) dL/dalpha_t (per-step gate), overwritten;
         scratch dc, gi: (H, S), kn, kon, sk: (H,), mn, mon, sm: (S,). The caller
@@ -281,21 +300,22 @@ def _build(nbt):
             gh = gr[h]
             acc = nbt(0)
             for i in range(S):
-                acc += dwr[h, i] * (wr_prev[h, i] - wlu[i])
+                acc += dwr[h, i] * (wr_prev[h, i] - wlu[h, i])
                 dwr[h, i] *= gh
             da[h] = gh * (nbt(1) - gh) * acc
         cuda.syncthreads()
 
     @cuda.jit
-    def forward(keys, g, memory0, read0, usage0, gamma, eps,
+    def forward(keys, g, memory0, read0, usage0, gamma, eps, per_head,
                 reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory, kn, mn, c):
         """Block b runs episode b over T steps (steps 1-7 of metacore.reference.lrua),
         overwriting reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b], w_lu[:, b],
         wlu_prev[b], zs[b] and Ms[b, (t + 1) % K] with M_t (K = Ms.shape[1]).
 
         keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S),
-        usage0: (B, S); reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S),
-        Ms: (B, K, S, W), wlu_prev: (B, T, S), zs: (B, T) int64, memory: (B, S, W) M_T;
+        usage0: (B, S), per_head: the write rule (fwd_step); reads: (T, B, H, W),
+        w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), Ms: (B, K, S, W),
+        wlu_prev: (B, T, H, S), zs: (B, T) int64, memory: (B, S, W) M_T;
         scratch kn: (B, H), mn: (B, S), c: (B, H, S)."""
         T, B, H, W = keys.shape
         S = memory0.shape[1]
@@ -313,16 +333,15 @@ def _build(nbt):
             wr_prev = read0[b] if t == 0 else w_r[t - 1, b]     # (H, S)
             wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]    # (S,)
             fwd_step(keys[t, b], g[t, b], Ms[b, t % K], Ms[b, (t + 1) % K], wr_prev, wu_prev,
-                     gamma, eps, wlu_prev[b, t], zs[b, t:t + 1], zsh, w_w[t, b], w_r[t, b],
-                     reads[t, b], w_u[t, b], kn[b], mn[b], c[b])
-            # the least-used indicator of the new usage (returned; step t + 1 recomputes it)
+                     gamma, eps, per_head, wlu_prev[b, t], zs[b, t:t + 1], zsh, w_w[t, b],
+                     w_r[t, b], reads[t, b], w_u[t, b], kn[b], mn[b], c[b])
+            # the least-used slots of the new usage, the union over heads (returned; step
+            # t + 1 recomputes them)
             wu = w_u[t, b]                              # (S,)
             for i in range(tid, S, nt):
-                below = 0
-                for j in range(S):
-                    if wu[j] < wu[i]:
-                        below += 1
-                w_lu[t, b, i] = nbt(1) if below < H else nbt(0)
+                below, rank = lu_rank(wu, i)
+                n_lu = rank if per_head else below
+                w_lu[t, b, i] = nbt(1) if n_lu < H else nbt(0)
             cuda.syncthreads()
         MT = Ms[b, T % K]                               # (S, W)  M_T
         for p in range(tid, S * W, nt):
@@ -339,7 +358,7 @@ def _build(nbt):
         dmemory0[b], dread0[b].
 
         dreads, keys: (T, B, H, W), g: (T, B, H), read0: (B, H, S), w_r, w_w: (T, B, H, S),
-        Ms: (B, T + 1, S, W) with M_t at index t, wlu_prev: (B, T, S), zs: (B, T);
+        Ms: (B, T + 1, S, W) with M_t at index t, wlu_prev: (B, T, H, S), zs: (B, T);
         dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S);
         scratch dM: (B, S, W), dwr, dc, gi: (B, H, S), kn, kon, sk: (B, H),
         mn, mon, sm: (B, S)."""
@@ -372,34 +391,36 @@ def _build(nbt):
             dread0[b, h, i] = dwr[b, h, i]
 
     @cuda.jit
-    def step_forward(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
+    def step_forward(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps, per_head,
                      read, memory, w_r, w_w, w_u, wlu, zs, kn, mn, c):
         """Block b runs step t of episode b (fwd_step), overwriting read[b], memory[b],
         w_r[b], w_w[b], w_u[b].
 
         key: (B, H, W), g: (1, B, H), memory_prev: (B, S, W), w_r_prev: (B, H, S),
-        w_u_prev: (B, S); read: (B, H, W), memory: (B, S, W), w_r, w_w: (B, H, S),
-        w_u: (B, S); scratch wlu: (B, S), zs: (B, 1) int64, kn: (B, H), mn: (B, S),
-        c: (B, H, S)."""
+        w_u_prev: (B, S), per_head: the write rule; read: (B, H, W), memory: (B, S, W),
+        w_r, w_w: (B, H, S), w_u: (B, S); scratch wlu: (B, H, S), zs: (B, 1) int64,
+        kn: (B, H), mn: (B, S), c: (B, H, S)."""
         b = cuda.blockIdx.x
         if b >= key.shape[0]:
             return
         zsh = cuda.shared.array(1, int64)
         fwd_step(key[b], g[0, b], memory_prev[b], memory[b], w_r_prev[b], w_u_prev[b], gamma,
-                 eps, wlu[b], zs[b], zsh, w_w[b], w_r[b], read[b], w_u[b], kn[b], mn[b], c[b])
+                 eps, per_head, wlu[b], zs[b], zsh, w_w[b], w_r[b], read[b], w_u[b], kn[b],
+                 mn[b], c[b])
 
     @cuda.jit
     def step_backward(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev, gamma,
-                      eps, dkey, dalpha, dmemory_prev, dw_r_prev, M, wr, ww, wu, wlu, zs,
-                      dc, gi, kn, kon, sk, mn, mon, sm):
+                      eps, per_head, dkey, dalpha, dmemory_prev, dw_r_prev, M, wr, ww, wu, wlu,
+                      zs, dc, gi, kn, kon, sk, mn, mon, sm):
         """Block b reruns step t of episode b (fwd_step), then its reverse (bwd_step) from
         dread[b], dmemory[b], dw_r[b], overwriting dkey[b], dalpha[0, b], dmemory_prev[b],
         dw_r_prev[b] (the last two are bwd_step's running dM and dwr).
 
         dread, key: (B, H, W), dmemory, memory_prev: (B, S, W), dw_r, w_r_prev: (B, H, S),
-        g: (1, B, H), w_u_prev: (B, S); dkey: (B, H, W), dalpha: (1, B, H),
-        dmemory_prev: (B, S, W), dw_r_prev: (B, H, S); scratch M: (B, S, W) M_t,
-        wr, ww, dc, gi: (B, H, S), wu, wlu, mn, mon, sm: (B, S), zs: (B, 1) int64,
+        g: (1, B, H), w_u_prev: (B, S), per_head: the write rule; dkey: (B, H, W),
+        dalpha: (1, B, H), dmemory_prev: (B, S, W), dw_r_prev: (B, H, S); scratch M:
+        (B, S, W) M_t, wr, ww, dc, gi, wlu: (B, H, S), wu, mn, mon, sm: (B, S),
+        zs: (B, 1) int64,
         kn, kon, sk: (B, H). The forward's read goes to dkey (overwritten by bwd_step) and
         its cosines to dc (bwd_step's scratch)."""
         H, S = wr.shape[1], wr.shape[2]
@@ -419,7 +440,8 @@ def _build(nbt):
             i = p - h * S
             dw_r_prev[b, h, i] = dw_r[b, h, i]
         fwd_step(key[b], g[0, b], memory_prev[b], M[b], w_r_prev[b], w_u_prev[b], gamma, eps,
-                 wlu[b], zs[b], zsh, ww[b], wr[b], dkey[b], wu[b], kn[b], mn[b], dc[b])
+                 per_head, wlu[b], zs[b], zsh, ww[b], wr[b], dkey[b], wu[b], kn[b], mn[b],
+                 dc[b])
         bwd_step(dread[b], key[b], g[0, b], M[b], wr[b], ww[b], w_r_prev[b], wlu[b],
                  zsh[0], eps, dmemory_prev[b], dw_r_prev[b], dkey[b], dalpha[0, b], dc[b],
                  gi[b], kn[b], kon[b], sk[b], mn[b], mon[b], sm[b])
@@ -455,14 +477,15 @@ def kernel_signatures(dtype):
     i2 = int64[:, ::1]
     sigs = {
         "gates": (a1, int64, a3),
-        "forward": (a4, a3, a3, a3, a2, f, f, a4, a4, a4, a3, a3, a4, a3, i2, a3,
+        "forward": (a4, a3, a3, a3, a2, f, f, int64, a4, a4, a4, a3, a3, a4, a4, i2, a3,
                     a2, a2, a3),
-        "backward": (a4, a4, a3, a3, a4, a4, a4, a3, i2, f, a4, a3, a3, a3,
+        "backward": (a4, a4, a3, a3, a4, a4, a4, a4, i2, f, a4, a3, a3, a3,
                      a3, a3, a3, a3, a2, a2, a2, a2, a2, a2),
         "sum_tb": (a3, a1),
-        "step_forward": (a3, a3, a3, a3, a2, f, f, a3, a3, a3, a3, a2, a2, i2, a2, a2, a3),
-        "step_backward": (a3, a3, a3, a3, a3, a3, a3, a2, f, f, a3, a3, a3, a3,
-                          a3, a3, a3, a2, a2, i2, a3, a3, a2, a2, a2, a2, a2, a2),
+        "step_forward": (a3, a3, a3, a3, a2, f, f, int64, a3, a3, a3, a3, a2, a3, i2, a2,
+                         a2, a3),
+        "step_backward": (a3, a3, a3, a3, a3, a3, a3, a2, f, f, int64, a3, a3, a3, a3,
+                          a3, a3, a3, a2, a3, i2, a3, a3, a2, a2, a2, a2, a2, a2),
     }
     ks = kernels(dtype)
     return [(name, ks[name], sig) for name, sig in sigs.items()]
@@ -512,7 +535,14 @@ def to_host(x):
     return x.copy_to_host()
 
 
-def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
+def _per_head(op, write_rule):
+    if write_rule not in ("shared", "per_head"):
+        raise ValueError(f"{op}: write_rule must be 'shared' or 'per_head', got "
+                         f"{write_rule!r}")
+    return 1 if write_rule == "per_head" else 0
+
+
+def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep, write_rule):
     """-> host flag, kernels and the device arrays of one forward run (see `forward`)."""
     host = not any(_is_device(a) for a in (keys, alpha, memory0, read0, usage0))
     dt = np.dtype(keys.dtype)
@@ -533,29 +563,31 @@ def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
     reads, w_r, w_w = e((T, B, H, W), dt), e((T, B, H, S), dt), e((T, B, H, S), dt)
     w_u, w_lu = e((T, B, S), dt), e((T, B, S), dt)
     Ms = e((B, T + 1 if keep else 2, S, W), dt)
-    wlu_prev, zs, memory = e((B, T, S), dt), e((B, T), np.int64), e((B, S, W), dt)
+    wlu_prev, zs, memory = e((B, T, H, S), dt), e((B, T), np.int64), e((B, S, W), dt)
     ks["forward"][B, THREADS](keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
-                              reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory,
+                              _per_head(op, write_rule), reads, w_r, w_w, w_u, w_lu, Ms,
+                              wlu_prev, zs, memory,
                               e((B, H), dt), e((B, S), dt), e((B, H, S), dt))
     return (host, ks, keys, alpha, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs,
             memory)
 
 
-def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
-    """Same contract as metacore.reference.lrua.lrua_forward:
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_forward (no add vector):
     -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W)."""
-    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False)
+    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False,
+                       write_rule)
     host, _, _, _, _, _, reads, w_r, w_w, w_u, w_lu, _, _, _, memory = out
     res = (reads, w_r, w_w, w_u, w_lu, memory)
     return tuple(a.copy_to_host() for a in res) if host else res
 
 
-def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
-    """Same contract as metacore.reference.lrua.lrua_backward:
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_backward (no add vector):
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
     op = "lrua_backward"
     host = not _is_device(dreads)
-    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True)
+    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True, write_rule)
     host_f, ks, keys, alpha, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs, _ = out
     host = host and host_f
     dt = keys.dtype
@@ -598,8 +630,9 @@ def _step_inputs(op, key, alpha, memory_prev, w_r_prev, w_u_prev):
     return host, dt, ks, key, alpha, memory_prev, w_r_prev, w_u_prev, g
 
 
-def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
-    """Same contract as metacore.reference.lrua.lrua_step_forward:
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma,
+                      write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_step_forward (no add vector):
     -> read (B, H, W), memory (B, S, W), w_r (B, H, S), w_w (B, H, S), w_u (B, S).
     One launch of `step_forward` (one block per episode) after the gates."""
     op = "lrua_step_forward"
@@ -611,7 +644,8 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
     read, memory = e((B, H, W), dt), e((B, S, W), dt)
     w_r, w_w, w_u = e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt)
     ks["step_forward"][B, THREADS](key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-                                   dt.type(EPS), read, memory, w_r, w_w, w_u, e((B, S), dt),
+                                   dt.type(EPS), _per_head(op, write_rule), read, memory,
+                                   w_r, w_w, w_u, e((B, H, S), dt),
                                    e((B, 1), np.int64), e((B, H), dt), e((B, S), dt),
                                    e((B, H, S), dt))
     res = (read, memory, w_r, w_w, w_u)
@@ -619,8 +653,8 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
-                       gamma):
-    """Same contract as metacore.reference.lrua.lrua_step_backward:
+                       gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_step_backward (no add vector):
     -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S).
     One launch of `step_backward` (the step's forward rerun, then its reverse, in one
     block per episode), and `sum_tb` over the episodes when alpha is (H,)."""
@@ -638,8 +672,9 @@ def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, 
     dmemory_prev, dw_r_prev = e((B, S, W), dt), e((B, H, S), dt)
     ks["step_backward"][B, THREADS](
         dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-        dt.type(EPS), dkey, dalpha, dmemory_prev, dw_r_prev,
-        e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt), e((B, S), dt),
+        dt.type(EPS), _per_head(op, write_rule), dkey, dalpha, dmemory_prev, dw_r_prev,
+        e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt),
+        e((B, H, S), dt),
         e((B, 1), np.int64), e((B, H, S), dt), e((B, H, S), dt),
         e((B, H), dt), e((B, H), dt), e((B, H), dt), e((B, S), dt), e((B, S), dt),
         e((B, S), dt))

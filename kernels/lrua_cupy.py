@@ -64,7 +64,14 @@ def to_host(x):
     return cp.asnumpy(x)
 
 
-def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
+def _per_head(op, write_rule):
+    if write_rule not in ("shared", "per_head"):
+        raise ValueError(f"{op}: write_rule must be 'shared' or 'per_head', got "
+                         f"{write_rule!r}")
+    return np.int32(write_rule == "per_head")
+
+
+def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep, write_rule):
     host = all(isinstance(a, np.ndarray) for a in (keys, alpha, memory0, read0, usage0))
     dt = np.dtype(keys.dtype)
     if dt not in _SUFFIX:
@@ -85,30 +92,32 @@ def _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, keep):
         cp.empty((T, B, H, S), dt)
     w_u, w_lu = cp.empty((T, B, S), dt), cp.empty((T, B, S), dt)
     Ms = cp.empty((B, K, S, W), dt)
-    wlu_prev, zs, memory = cp.empty((B, T, S), dt), cp.empty((B, T), cp.int64), \
+    wlu_prev, zs, memory = cp.empty((B, T, H, S), dt), cp.empty((B, T), cp.int64), \
         cp.empty((B, S, W), dt)
     _fn("lrua_forward", dt)((B,), (THREADS,),
                             (keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
-                             i32(T), i32(B), i32(H), i32(S), i32(W), i32(K), reads, w_r, w_w,
+                             _per_head(op, write_rule), i32(T), i32(B), i32(H), i32(S),
+                             i32(W), i32(K), reads, w_r, w_w,
                              w_u, w_lu, Ms, wlu_prev, zs, memory, cp.empty((B, H), dt),
                              cp.empty((B, S), dt), cp.empty((B, H, S), dt)))
     return host, keys, alpha, read0, g, reads, w_r, w_w, w_u, w_lu, Ms, wlu_prev, zs, memory
 
 
-def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
-    """Same contract as metacore.reference.lrua.lrua_forward:
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_forward (no add vector):
     -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W)."""
-    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False)
+    out = _run_forward("lrua_forward", keys, alpha, memory0, read0, usage0, gamma, False,
+                       write_rule)
     host, _, _, _, _, reads, w_r, w_w, w_u, w_lu, _, _, _, memory = out
     res = (reads, w_r, w_w, w_u, w_lu, memory)
     return tuple(cp.asnumpy(a) for a in res) if host else res
 
 
-def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
-    """Same contract as metacore.reference.lrua.lrua_backward:
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_backward (no add vector):
     -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
     op = "lrua_backward"
-    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True)
+    out = _run_forward(op, keys, alpha, memory0, read0, usage0, gamma, True, write_rule)
     host, keys, alpha, read0, g, _, w_r, w_w, _, _, Ms, wlu_prev, zs, _ = out
     host = host and isinstance(dreads, np.ndarray)
     dt = keys.dtype
@@ -172,8 +181,9 @@ def _step_inputs(op, key, alpha, memory_prev, w_r_prev, w_u_prev):
     return host, dt, key, alpha, memory_prev, w_r_prev, w_u_prev, g
 
 
-def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
-    """Same contract as metacore.reference.lrua.lrua_step_forward:
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma,
+                      write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_step_forward (no add vector):
     -> read (B, H, W), memory (B, S, W), w_r (B, H, S), w_w (B, H, S), w_u (B, S).
     One launch of lrua_step_forward (one block per episode) after the gates."""
     op = "lrua_step_forward"
@@ -187,16 +197,17 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
     w_r, w_w, w_u = e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt)
     _fn("lrua_step_forward", dt)((B,), (THREADS,),
                                  (key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-                                  dt.type(EPS), i32(B), i32(H), i32(S), i32(W), read, memory,
-                                  w_r, w_w, w_u, e((B, S), dt), e((B,), cp.int64),
+                                  dt.type(EPS), _per_head(op, write_rule), i32(B), i32(H),
+                                  i32(S), i32(W), read, memory, w_r, w_w, w_u,
+                                  e((B, H, S), dt), e((B,), cp.int64),
                                   e((B, H), dt), e((B, S), dt), e((B, H, S), dt)))
     res = (read, memory, w_r, w_w, w_u)
     return tuple(cp.asnumpy(a) for a in res) if host else res
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
-                       gamma):
-    """Same contract as metacore.reference.lrua.lrua_step_backward:
+                       gamma, write_rule="shared"):
+    """Same contract as metacore.reference.lrua.lrua_step_backward (no add vector):
     -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S).
     One launch of lrua_step_backward (the step's forward rerun, then its reverse, one block
     per episode), and lrua_sum_tb over the episodes when alpha is (H,)."""
@@ -216,8 +227,9 @@ def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, 
     _fn("lrua_step_backward", dt)(
         (B,), (THREADS,),
         (dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-         dt.type(EPS), i32(B), i32(H), i32(S), i32(W), dkey, dalpha, dmemory_prev, dw_r_prev,
-         e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt), e((B, S), dt),
+         dt.type(EPS), _per_head(op, write_rule), i32(B), i32(H), i32(S), i32(W), dkey, dalpha,
+         dmemory_prev, dw_r_prev,
+         e((B, S, W), dt), e((B, H, S), dt), e((B, H, S), dt), e((B, S), dt), e((B, H, S), dt),
          e((B,), cp.int64), e((B, H, S), dt), e((B, H, S), dt), e((B, H), dt), e((B, H), dt),
          e((B, H), dt), e((B, S), dt), e((B, S), dt), e((B, S), dt)))
     if alpha.ndim == 1:

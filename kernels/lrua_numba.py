@@ -21,9 +21,15 @@ How the kernels differ from the reference:
     from the reference, within tests/test_lrua.py's bounds in both dtypes.
   * Everything accumulates in the input dtype (float32 stays float32); cosines and the
     softmax are bounded, and tests/test_lrua.py bounds the float32 error of a whole episode.
-  * The least-used threshold m(w_u, n) comes from a running list of the n smallest values
-    (n = H, no sort); step t computes w_lu_t and the slot step t + 1 zeroes once, for its
-    output and for step t + 1.
+  * The least-used slots come from a running list of the n smallest (usage, index) pairs
+    (n = H, no sort; a later slot never passes an equal earlier one, so ties go to the lower
+    index as in the reference's stable sort); it gives the n-th smallest m(w_u, n) for the
+    "shared" rule, the h-th least-used slot of head h for "per_head", and the zeroed slot.
+    Step t computes w_lu_t (H, S), one row per head, and the slot step t + 1 zeroes once,
+    for its output (the union over heads) and for step t + 1.
+  * The write content a_t (the add vector, or the keys themselves) is a separate argument
+    of every kernel, and the reverse returns the key gradient through the reads and the
+    write content's gradient apart; without an add vector the wrapper sums the two.
   * lrua_forward_tape keeps what the reverse sweep needs: M_t^T for every t, the cosines,
     the clamped norms, w_r, w_w, w_lu_{t-1} and the zeroed slots; lrua_backward_tape then
     runs only the reverse sweep. lrua_backward is the same forward (keeping) followed by
@@ -45,28 +51,39 @@ FM = {"reassoc", "contract"}
 
 # ---------------------------------------------------------------- least-used selection
 @njit(fastmath=FM, cache=True)
-def _select(wu, n, wlu, buf):
-    """wu: (S,) -> z, the first argmin; writes wlu: (S,) 1 where wu <= m(wu, n), the n-th
-    smallest, else 0 (ties: every slot at or below m). buf: (n,) scratch, left holding the
-    n smallest values in ascending order."""
+def _select(wu, n, per_head, wlu, buf, ibuf):
+    """wu: (S,) -> z = o_0, the first argmin; writes wlu: (n, S), row h the least-used
+    weights of head h: per_head 1: one-hot at o_h, the h-th least-used slot; 0 ("shared"):
+    1 where wu <= m(wu, n), the n-th smallest, else 0, in every row (ties: every slot at or
+    below m). The order o sorts (wu(i), i) ascending (metacore.reference.lrua, step 0).
+    Scratch buf: (n,), ibuf: (n,) int64, left holding the n smallest values and their
+    slots in that order."""
     S = wu.shape[0]
     for j in range(n):
         buf[j] = np.inf
-    z = 0
+        ibuf[j] = 0
     for i in range(S):
         v = wu[i]
-        if v < wu[z]:
-            z = i
-        if v < buf[n - 1]:
+        if v < buf[n - 1]:                  # an equal value ranks after the earlier slot
             j = n - 1
             while j > 0 and buf[j - 1] > v:
                 buf[j] = buf[j - 1]
+                ibuf[j] = ibuf[j - 1]
                 j -= 1
             buf[j] = v
-    m = buf[n - 1]
-    for i in range(S):
-        wlu[i] = 1 if wu[i] <= m else 0
-    return z
+            ibuf[j] = i
+    if per_head:
+        for h in range(n):
+            for i in range(S):
+                wlu[h, i] = 0
+            wlu[h, ibuf[h]] = 1
+    else:
+        m = buf[n - 1]
+        for i in range(S):
+            f = 1 if wu[i] <= m else 0
+            for h in range(n):
+                wlu[h, i] = f
+    return ibuf[0]
 
 
 # ---------------------------------------------------------------- small products
@@ -282,7 +299,7 @@ def _softmax_row(c, out, h, ex):
 @njit(fastmath=FM, cache=True)
 def _write(MTp, z, k, ww, MT):
     """Steps 3-4: MT (W, S) = M_t^T = M'^T + k^T w_w, M' = M_{t-1} with slot z zeroed;
-    MTp: (W, S) M_{t-1}^T, k: (H, W), ww: (H, S). The reverse sweep recomputes M_t with
+    MTp: (W, S) M_{t-1}^T, k: (H, W) the write content a_t, ww: (H, S). The reverse sweep recomputes M_t with
     this same function from the kept checkpoints, so it gets the forward's values."""
     W, S = MTp.shape
     for x in range(W):
@@ -293,13 +310,13 @@ def _write(MTp, z, k, ww, MT):
 
 
 @njit(fastmath=FM, cache=True)
-def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
+def _fwd_step(k, a, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
               MT, wr, ww, wu, r, c, kn, mn, ex):
     """One step of one episode (steps 2-7 of metacore.reference.lrua; step 1 and the slot z
     come from _select of wu_prev).
 
-    k: (H, W), g: (H,) gates, MTp: (W, S) M_{t-1}^T, wr_prev: (H, S), wu_prev: (S,),
-    wlu_prev: (S,) w_lu_{t-1}, z: the slot to zero; writes MT: (W, S) M_t^T, wr, ww: (H, S),
+    k: (H, W) keys, a: (H, W) write content, g: (H,) gates, MTp: (W, S) M_{t-1}^T,
+    wr_prev: (H, S), wu_prev: (S,), wlu_prev: (H, S) w_lu_{t-1}, z: the slot to zero; writes MT: (W, S) M_t^T, wr, ww: (H, S),
     wu: (S,), r: (H, W), c: (H, S) the cosines, kn: (H,), mn: (S,) the clamped norms;
     scratch ex: (2, S)."""
     H, W = k.shape
@@ -310,9 +327,9 @@ def _fwd_step(k, g, MTp, wr_prev, wu_prev, wlu_prev, z, gamma, eps,
     for h in range(H):
         gh = g[h]
         for i in range(S):
-            ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu_prev[i]
-    # 3-4. zero slot z, write every head's key
-    _write(MTp, z, k, ww, MT)
+            ww[h, i] = gh * wr_prev[h, i] + (one - gh) * wlu_prev[h, i]
+    # 3-4. zero slot z, write every head's content
+    _write(MTp, z, a, ww, MT)
     # 5. cosines with clamped norms, softmax over slots
     for h in range(H):
         acc = dt.type(0)
@@ -354,7 +371,7 @@ def _copy2(a, out):
 
 
 @njit(fastmath=FM, cache=True)
-def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
+def _episode_forward(b, keys, adds, per_head, g, memory0, read0, usage0, gamma, eps,
                      reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs):
     """Run episode b over T steps, overwriting reads[:, b], w_r[:, b], w_w[:, b], w_u[:, b],
     w_lu[:, b], MTs[b] (two memories, ping-pong; M_T^T ends in MTs[b, T % 2]), and what the
@@ -364,60 +381,71 @@ def _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
     and clamped norms cs[b, t], kns[b, t], mns[b, t] of step t, copies wrs[b, t], wws[b, t]
     of w_r_t, w_w_t, wlus[b, t] = w_lu_{t-1} and zs[b, t], the slot step t zeroes.
 
-    keys: (T, B, H, W), g: (T, B, H), memory0: (B, S, W), read0: (B, H, S), usage0: (B, S);
+    keys, adds: (T, B, H, W) (adds: the write content, keys again without an add vector),
+    per_head: 1 for the "per_head" write rule, 0 for "shared", g: (T, B, H),
+    memory0: (B, S, W), read0: (B, H, S), usage0: (B, S);
     reads: (T, B, H, W), w_r, w_w: (T, B, H, S), w_u, w_lu: (T, B, S), MTs: (B, 2, W, S),
     MTc: (B, C, W, S), cs: (B, T or 1, H, S), kns: (B, T or 1, H), mns: (B, T or 1, S),
-    wrs, wws: (B, T, H, S) or (B, 0, H, S), wlus: (B, T, S), zs: (B, T) int64."""
+    wrs, wws: (B, T, H, S) or (B, 0, H, S), wlus: (B, T, H, S), zs: (B, T) int64."""
     T, _, H, W = keys.shape
     S = memory0.shape[1]
     C = MTc.shape[1]
     K = (T + C - 1) // C if C > 0 else T + 1
     L = cs.shape[1]
     buf = np.empty(H, dtype=keys.dtype)
+    ibuf = np.empty(H, dtype=np.int64)
+    wlast = np.empty((H, S), dtype=keys.dtype)          # w_lu_{T-1}: returned only
     ex = np.empty((2, S), dtype=keys.dtype)
     for i in range(S):
         for x in range(W):
             MTs[b, 0, x, i] = memory0[b, i, x]
-    z = _select(usage0[b], H, wlus[b, 0], buf)
+    z = _select(usage0[b], H, per_head, wlus[b, 0], buf, ibuf)
     for t in range(T):
         wr_prev = read0[b] if t == 0 else w_r[t - 1, b]  # (H, S)
         wu_prev = usage0[b] if t == 0 else w_u[t - 1, b]  # (S,)
         if C > 0 and t % K == 0:
             _copy2(MTs[b, t % 2], MTc[b, t // K])
         zs[b, t] = z
-        _fwd_step(keys[t, b], g[t, b], MTs[b, t % 2], wr_prev, wu_prev, wlus[b, t], z,
+        _fwd_step(keys[t, b], adds[t, b], g[t, b], MTs[b, t % 2], wr_prev, wu_prev,
+                  wlus[b, t], z,
                   gamma, eps, MTs[b, (t + 1) % 2], w_r[t, b], w_w[t, b], w_u[t, b],
                   reads[t, b], cs[b, t % L], kns[b, t % L], mns[b, t % L], ex)
         if C > 0:
             _copy2(w_r[t, b], wrs[b, t])
             _copy2(w_w[t, b], wws[b, t])
-        # the least-used weights w_u_t implies: returned, and step t + 1's w_lu_{t-1}
-        z = _select(w_u[t, b], H, w_lu[t, b], buf)
-        if t + 1 < T:
-            wlus[b, t + 1] = w_lu[t, b]
+        # the least-used weights w_u_t implies: step t + 1's w_lu_{t-1}, and returned as
+        # their union over heads
+        wl = wlus[b, t + 1] if t + 1 < T else wlast
+        z = _select(w_u[t, b], H, per_head, wl, buf, ibuf)
+        for i in range(S):
+            v = wl[0, i]
+            for h in range(1, H):
+                v = max(v, wl[h, i])
+            w_lu[t, b, i] = v
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def _forward(keys, g, memory0, read0, usage0, gamma, eps,
+def _forward(keys, adds, per_head, g, memory0, read0, usage0, gamma, eps,
              reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs):
     """Every episode in parallel; see _episode_forward for the arguments."""
     for b in prange(keys.shape[1]):
-        _episode_forward(b, keys, g, memory0, read0, usage0, gamma, eps,
+        _episode_forward(b, keys, adds, per_head, g, memory0, read0, usage0, gamma, eps,
                          reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus,
                          zs)
 
 
 # ---------------------------------------------------------------- one step, reverse
 @njit(fastmath=FM, cache=True)
-def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
-              dMT, dwr, dk, dalpha, gi, f, sm):
+def _bwd_step(dr, k, a, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
+              dMT, dwr, dk, da, dalpha, gi, f, sm):
     """Reverse of one step of one episode (formulas: metacore.reference.lrua.lrua_backward).
 
-    dr: (H, W) dL/dr_t, k: (H, W), g: (H,), MT: (W, S) M_t^T, wr, ww: (H, S) w_r_t, w_w_t,
-    wr_prev: (H, S) w_r_{t-1}, wlu: (S,) w_lu_{t-1}, z: the zeroed slot, c: (H, S) the
-    cosines, kn: (H,), mn: (S,) the clamped norms, all of step t.
+    dr: (H, W) dL/dr_t, k: (H, W) keys, a: (H, W) write content, g: (H,), MT: (W, S) M_t^T,
+    wr, ww: (H, S) w_r_t, w_w_t, wr_prev: (H, S) w_r_{t-1}, wlu: (H, S) w_lu_{t-1}, z: the
+    zeroed slot, c: (H, S) the cosines, kn: (H,), mn: (S,) the clamped norms, all of step t.
     In place: dMT: (W, S) holds dL/dM_t^T on entry, dL/dM_{t-1}^T on exit; dwr: (H, S)
-    holds dL/dw_r_t on entry, dL/dw_r_{t-1} on exit. Overwrites dk: (H, W), dalpha: (H,).
+    holds dL/dw_r_t on entry, dL/dw_r_{t-1} on exit. Overwrites dk: (H, W) (through the
+    reads only), da: (H, W) (dL/da_t, through the write), dalpha: (H,).
     Scratch: gi: (H, S), f: (H,), sm: (S,)."""
     H, W = k.shape
     S = MT.shape[1]
@@ -449,18 +477,19 @@ def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
             dMT[x, i] -= sm[i] * MT[x, i]
     _acc_xh(dMT, dr, wr)
     _acc_xh(dMT, k, gi)
-    # dL/dk: cosine (gi M_t - f k) and write (w_w dL/dM_t) parts
+    # dL/dk: cosine (gi M_t - f k); dL/da: write (w_w dL/dM_t)
     for h in range(H):
         fh = f[h]
         for x in range(W):
             dk[h, x] = -fh * k[h, x]
+            da[h, x] = 0
     _dot_hx(dk, gi, MT)
-    _dot_hx(dk, ww, dMT)
-    # write M_t = M' + w_w^T k: dL/dw_w = k dL/dM_t^T (into dwr until the gate)
+    _dot_hx(da, ww, dMT)
+    # write M_t = M' + w_w^T a: dL/dw_w = a dL/dM_t^T (into dwr until the gate)
     for h in range(H):
         for i in range(S):
             dwr[h, i] = 0
-    _acc_hx(dwr, k, dMT)
+    _acc_hx(dwr, a, dMT)
     # zeroing of the least-used slot
     for x in range(W):
         dMT[x, z] = 0
@@ -469,22 +498,22 @@ def _bwd_step(dr, k, g, MT, wr, ww, wr_prev, wlu, z, c, kn, mn, eps,
         gh = g[h]
         acc = dt.type(0)
         for i in range(S):
-            acc += dwr[h, i] * (wr_prev[h, i] - wlu[i])
+            acc += dwr[h, i] * (wr_prev[h, i] - wlu[h, i])
             dwr[h, i] *= gh
         dalpha[h] = gh * (1 - gh) * acc
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def _backward(dreads, keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs, eps,
-              dkeys, dalpha, dmemory0, dread0):
+def _backward(dreads, keys, adds, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs, eps,
+              dkeys, dadds, dalpha, dmemory0, dread0):
     """BPTT for every episode in parallel (formulas: metacore.reference.lrua.lrua_backward),
-    over what _episode_forward kept: dreads, keys: (T, B, H, W), g: (T, B, H), read0:
+    over what _episode_forward kept: dreads, keys, adds: (T, B, H, W), g: (T, B, H), read0:
     (B, H, S), MTc: (B, C, W, S) the checkpoints M_{jK}^T, cs: (B, T, H, S), kns: (B, T, H),
-    mns: (B, T, S), wrs, wws: (B, T, H, S), wlus: (B, T, S), zs: (B, T). Segment by segment
+    mns: (B, T, S), wrs, wws: (B, T, H, S), wlus: (B, T, H, S), zs: (B, T). Segment by segment
     from the last, M_{jK + 1} .. M_{jK + K} are recomputed from the checkpoint (the write
     only, into a ring of K memories) and the segment's steps run in reverse
-    -> dkeys: (T, B, H, W), dalpha: (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S),
-    all overwritten."""
+    -> dkeys (through the reads), dadds (through the write): (T, B, H, W), dalpha:
+    (T, B, H), dmemory0: (B, S, W), dread0: (B, H, S), all overwritten."""
     T, B, H, W = keys.shape
     S = MTc.shape[3]
     C = MTc.shape[1]
@@ -501,13 +530,14 @@ def _backward(dreads, keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs, eps
             t0 = j * K
             t1 = min(T, t0 + K)
             for t in range(t0, t1):
-                _write(MTc[b, j] if t == t0 else ring[t - t0 - 1], zs[b, t], keys[t, b],
+                _write(MTc[b, j] if t == t0 else ring[t - t0 - 1], zs[b, t], adds[t, b],
                        wws[b, t], ring[t - t0])
             for t in range(t1 - 1, t0 - 1, -1):
                 wr_prev = read0[b] if t == 0 else wrs[b, t - 1]
-                _bwd_step(dreads[t, b], keys[t, b], g[t, b], ring[t - t0], wrs[b, t],
-                          wws[b, t], wr_prev, wlus[b, t], zs[b, t], cs[b, t], kns[b, t],
-                          mns[b, t], eps, dMT, dwr, dkeys[t, b], dalpha[t, b], gi, f, sm)
+                _bwd_step(dreads[t, b], keys[t, b], adds[t, b], g[t, b], ring[t - t0],
+                          wrs[b, t], wws[b, t], wr_prev, wlus[b, t], zs[b, t], cs[b, t],
+                          kns[b, t], mns[b, t], eps, dMT, dwr, dkeys[t, b], dadds[t, b],
+                          dalpha[t, b], gi, f, sm)
         for i in range(S):
             for x in range(W):
                 dmemory0[b, i, x] = dMT[x, i]
@@ -527,23 +557,24 @@ def _transpose(a, out):
 
 
 @njit(fastmath=FM, cache=True)
-def _one_step(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
+def _one_step(key, add, per_head, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
               read, w_r, w_w, w_u, MTp, MT, wlu, c, kn, mn, ex):
     """lrua_step_forward of one episode, its memory transposed in and left in MT: (W, S);
-    -> z. Scratch and kept values: MTp (W, S), wlu (S,), c (H, S), kn (H,), mn (S,),
+    -> z. Scratch and kept values: MTp (W, S), wlu (H, S), c (H, S), kn (H,), mn (S,),
     ex (2, S)."""
     H = key.shape[0]
     _transpose(memory_prev, MTp)
-    z = _select(w_u_prev, H, wlu, np.empty(H, dtype=key.dtype))
-    _fwd_step(key, g, MTp, w_r_prev, w_u_prev, wlu, z, gamma, eps, MT, w_r, w_w, w_u, read,
+    z = _select(w_u_prev, H, per_head, wlu, np.empty(H, dtype=key.dtype),
+                np.empty(H, dtype=np.int64))
+    _fwd_step(key, add, g, MTp, w_r_prev, w_u_prev, wlu, z, gamma, eps, MT, w_r, w_w, w_u, read,
               c, kn, mn, ex)
     return z
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
+def _step_forward_batch(key, add, per_head, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
                         read, memory, w_r, w_w, w_u):
-    """lrua_step_forward for every episode in parallel. key: (B, H, W), g: (B, H),
+    """lrua_step_forward for every episode in parallel. key, add: (B, H, W), g: (B, H),
     memory_prev: (B, S, W), w_r_prev: (B, H, S), w_u_prev: (B, S); overwrites read: (B, H, W),
     memory: (B, S, W), w_r, w_w: (B, H, S), w_u: (B, S)."""
     B, H, W = key.shape
@@ -551,19 +582,19 @@ def _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, gamma, eps,
     for b in prange(B):
         dt = key.dtype
         MT = np.empty((W, S), dt)
-        _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
-                  read[b], w_r[b], w_w[b], w_u[b], np.empty((W, S), dt), MT,
-                  np.empty(S, dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(S, dt),
+        _one_step(key[b], add[b], per_head, g[b], memory_prev[b], w_r_prev[b], w_u_prev[b],
+                  gamma, eps, read[b], w_r[b], w_w[b], w_u[b], np.empty((W, S), dt), MT,
+                  np.empty((H, S), dt), np.empty((H, S), dt), np.empty(H, dt), np.empty(S, dt),
                   np.empty((2, S), dt))
         _transpose(MT, memory[b])
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def _step_backward_batch(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_u_prev,
-                         gamma, eps, dkey, dalpha, dmemory_prev, dw_r_prev):
+def _step_backward_batch(dread, dmemory, dw_r, key, add, per_head, g, memory_prev, w_r_prev,
+                         w_u_prev, gamma, eps, dkey, dadd, dalpha, dmemory_prev, dw_r_prev):
     """lrua_step_backward for every episode in parallel: recompute the step, then reverse it.
-    Overwrites dkey: (B, H, W), dalpha: (B, H), dmemory_prev: (B, S, W),
-    dw_r_prev: (B, H, S)."""
+    Overwrites dkey (through the reads), dadd (through the write): (B, H, W), dalpha:
+    (B, H), dmemory_prev: (B, S, W), dw_r_prev: (B, H, S)."""
     B, H, W = key.shape
     S = memory_prev.shape[1]
     for b in prange(B):
@@ -571,20 +602,20 @@ def _step_backward_batch(dread, dmemory, dw_r, key, g, memory_prev, w_r_prev, w_
         MT = np.empty((W, S), dt)
         wr = np.empty((H, S), dt)
         ww = np.empty((H, S), dt)
-        wlu = np.empty(S, dt)
+        wlu = np.empty((H, S), dt)
         c = np.empty((H, S), dt)
         kn = np.empty(H, dt)
         mn = np.empty(S, dt)
         dMT = np.empty((W, S), dt)              # also the scratch M_{t-1}^T of the recompute
-        z = _one_step(key[b], g[b], memory_prev[b], w_r_prev[b], w_u_prev[b], gamma, eps,
-                      np.empty((H, W), dt), wr, ww, np.empty(S, dt), dMT, MT, wlu, c, kn, mn,
+        z = _one_step(key[b], add[b], per_head, g[b], memory_prev[b], w_r_prev[b],
+                      w_u_prev[b], gamma, eps, np.empty((H, W), dt), wr, ww, np.empty(S, dt), dMT, MT, wlu, c, kn, mn,
                       np.empty((2, S), dt))
         _transpose(dmemory[b], dMT)
         for h in range(H):
             for i in range(S):
                 dw_r_prev[b, h, i] = dw_r[b, h, i]
-        _bwd_step(dread[b], key[b], g[b], MT, wr, ww, w_r_prev[b], wlu, z, c, kn, mn, eps,
-                  dMT, dw_r_prev[b], dkey[b], dalpha[b], np.empty((H, S), dt),
+        _bwd_step(dread[b], key[b], add[b], g[b], MT, wr, ww, w_r_prev[b], wlu, z, c, kn, mn,
+                  eps, dMT, dw_r_prev[b], dkey[b], dadd[b], dalpha[b], np.empty((H, S), dt),
                   np.empty(H, dt), np.empty(S, dt))
         _transpose(dMT, dmemory_prev[b])
 
@@ -627,17 +658,26 @@ def _tape_buffers(T, B, H, S, W, dt):
         C = (T + SEGMENT - 1) // SEGMENT
         bufs = (np.empty((B, C, W, S), dt), np.empty((B, T, H, S), dt),
                 np.empty((B, T, H), dt), np.empty((B, T, S), dt), np.empty((B, T, H, S), dt),
-                np.empty((B, T, H, S), dt), np.empty((B, T, S), dt),
+                np.empty((B, T, H, S), dt), np.empty((B, T, H, S), dt),
                 np.empty((B, T), np.int64))
     return key, bufs
 
 
-def _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs=None):
+def _per_head(write_rule):
+    if write_rule not in ("shared", "per_head"):
+        raise ValueError(f"lrua (numba): write_rule must be 'shared' or 'per_head', got "
+                         f"{write_rule!r}")
+    return 1 if write_rule == "per_head" else 0
+
+
+def _run_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule, adds, bufs=None):
     """The forward kernel; bufs (from _tape_buffers): also keep what the reverse sweep needs
-    in them. -> outputs (reads, w_r, w_w, w_u, w_lu, memory) and the kept arrays (keys, g,
-    read0, MTc, cs, kns, mns, wrs, wws, wlus, zs), keys and read0 contiguous (not
-    copied)."""
+    in them. -> outputs (reads, w_r, w_w, w_u, w_lu, memory) and the kept arrays (keys,
+    adds (None without an add vector), g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs),
+    keys, adds and read0 contiguous (not copied)."""
     keys, memory0, read0, usage0 = _c(keys), _c(memory0), _c(read0), _c(usage0)
+    if adds is not None:
+        adds = _c(adds)
     T, B, H, W = keys.shape
     S = memory0.shape[1]
     dt = keys.dtype
@@ -652,37 +692,43 @@ def _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs=None):
         bufs = (np.empty((B, 0, W, S), dt), np.empty((B, 1, H, S), dt),
                 np.empty((B, 1, H), dt), np.empty((B, 1, S), dt),
                 np.empty((B, 0, H, S), dt), np.empty((B, 0, H, S), dt),
-                np.empty((B, T, S), dt), np.empty((B, T), np.int64))
+                np.empty((B, T, H, S), dt), np.empty((B, T), np.int64))
     MTc, cs, kns, mns, wrs, wws, wlus, zs = bufs
-    _forward(keys, g, memory0, read0, usage0, dt.type(gamma), dt.type(EPS),
+    _forward(keys, keys if adds is None else adds, _per_head(write_rule), g, memory0, read0,
+             usage0, dt.type(gamma), dt.type(EPS),
              reads, w_r, w_w, w_u, w_lu, MTs, MTc, cs, kns, mns, wrs, wws, wlus, zs)
     memory = np.ascontiguousarray(MTs[:, T % 2].transpose(0, 2, 1))     # (B, S, W)
     return ((reads, w_r, w_w, w_u, w_lu, memory),
-            (keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs))
+            (keys, adds, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs))
 
 
 def _sweep(dreads, alpha_ndim, kept):
-    """The reverse sweep over what _run_forward kept -> dkeys, dalpha, dmemory0, dread0."""
-    keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs = kept
+    """The reverse sweep over what _run_forward kept -> dkeys, dalpha, dmemory0, dread0,
+    and dadds last when the forward had an add vector."""
+    keys, adds, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs = kept
     T, B, H, W = keys.shape
     S = MTc.shape[3]
     dt = keys.dtype
     dkeys = np.empty((T, B, H, W), dt)
+    dadds = np.empty((T, B, H, W), dt)
     dalpha = np.empty((T, B, H), dt)
     dmemory0 = np.empty((B, S, W), dt)
     dread0 = np.empty((B, H, S), dt)
-    _backward(_c(dreads), keys, g, read0, MTc, cs, kns, mns, wrs, wws, wlus, zs,
-              dt.type(EPS), dkeys, dalpha, dmemory0, dread0)
+    _backward(_c(dreads), keys, keys if adds is None else adds, g, read0, MTc, cs, kns, mns,
+              wrs, wws, wlus, zs, dt.type(EPS), dkeys, dadds, dalpha, dmemory0, dread0)
     if alpha_ndim == 1:
         dalpha = dalpha.sum(axis=(0, 1))                # (H,)
-    return dkeys, dalpha, dmemory0, dread0
+    if adds is None:
+        dkeys += dadds                                  # the key was also the write content
+        return dkeys, dalpha, dmemory0, dread0
+    return dkeys, dalpha, dmemory0, dread0, dadds
 
 
-def lrua_forward(keys, alpha, memory0, read0, usage0, gamma):
+def lrua_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule="shared", adds=None):
     """Same contract as metacore.reference.lrua.lrua_forward:
     -> reads (T, B, H, W), w_r, w_w (T, B, H, S), w_u, w_lu (T, B, S), memory (B, S, W);
     fresh arrays in the input dtype."""
-    return _run_forward(keys, alpha, memory0, read0, usage0, gamma)[0]
+    return _run_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule, adds)[0]
 
 
 def _shape(keys, memory0):
@@ -690,11 +736,13 @@ def _shape(keys, memory0):
     return T, B, H, memory0.shape[1], W, np.dtype(keys.dtype)
 
 
-def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma):
+def lrua_backward(dreads, keys, alpha, memory0, read0, usage0, gamma, write_rule="shared",
+                  adds=None):
     """Same contract as metacore.reference.lrua.lrua_backward (reruns the forward, keeping):
-    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)."""
+    -> dkeys (T, B, H, W), dalpha (shape of alpha), dmemory0 (B, S, W), dread0 (B, H, S)
+    (and dadds last when adds is given)."""
     key, bufs = _tape_buffers(*_shape(keys, memory0))
-    _, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs)
+    _, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule, adds, bufs)
     grads = _sweep(dreads, np.ndim(alpha), kept)
     _SPARE[key] = bufs
     return grads
@@ -710,20 +758,24 @@ class _Tape:
         self.kept = kept
 
 
-def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma):
+def lrua_forward_tape(keys, alpha, memory0, read0, usage0, gamma, write_rule="shared",
+                      adds=None):
     """Same contract as metacore.reference.lrua.lrua_forward_tape:
     -> reads, w_r, w_w, w_u, w_lu, memory (as lrua_forward), tape. The tape (this
     backend's own; opaque) holds private copies of everything lrua_backward_tape reads (the
     kernel writes w_r and w_w twice), so changing the inputs or the returned arrays
     afterwards does not change the gradients."""
     key, bufs = _tape_buffers(*_shape(keys, memory0))
-    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, bufs)
-    keys_, g, read0_, *rest = kept
+    out, kept = _run_forward(keys, alpha, memory0, read0, usage0, gamma, write_rule, adds,
+                             bufs)
+    keys_, adds_, g, read0_, *rest = kept
     if keys_ is keys:
         keys_ = keys_.copy()
+    if adds_ is not None and adds_ is adds:
+        adds_ = adds_.copy()
     if read0_ is read0:
         read0_ = read0_.copy()
-    tape = _Tape(np.ndim(alpha), (keys_, g, read0_, *rest))
+    tape = _Tape(np.ndim(alpha), (keys_, adds_, g, read0_, *rest))
     weakref.finalize(tape, _SPARE.__setitem__, key, bufs)
     return out + (tape,)
 
@@ -742,7 +794,8 @@ def _run_step(key, alpha, memory_prev, w_r_prev, w_u_prev):
     return key, memory_prev, w_r_prev, w_u_prev, _gates(alpha, (B,), key.dtype)
 
 
-def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
+def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma,
+                      write_rule="shared", add=None):
     """Same contract as metacore.reference.lrua.lrua_step_forward:
     -> read (B, H, W), memory (B, S, W), w_r, w_w (B, H, S), w_u (B, S)."""
     key, memory_prev, w_r_prev, w_u_prev, g = _run_step(key, alpha, memory_prev, w_r_prev,
@@ -755,27 +808,34 @@ def lrua_step_forward(key, alpha, memory_prev, w_r_prev, w_u_prev, gamma):
     w_r = np.empty((B, H, S), dt)
     w_w = np.empty((B, H, S), dt)
     w_u = np.empty((B, S), dt)
-    _step_forward_batch(key, g, memory_prev, w_r_prev, w_u_prev, dt.type(gamma),
-                        dt.type(EPS), read, memory, w_r, w_w, w_u)
+    _step_forward_batch(key, key if add is None else _c(add), _per_head(write_rule), g,
+                        memory_prev, w_r_prev, w_u_prev, dt.type(gamma), dt.type(EPS), read,
+                        memory, w_r, w_w, w_u)
     return read, memory, w_r, w_w, w_u
 
 
 def lrua_step_backward(dread, dmemory, dw_r, key, alpha, memory_prev, w_r_prev, w_u_prev,
-                       gamma):
+                       gamma, write_rule="shared", add=None):
     """Same contract as metacore.reference.lrua.lrua_step_backward (recomputes the step):
-    -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S)."""
+    -> dkey (B, H, W), dalpha (shape of alpha), dmemory_prev (B, S, W), dw_r_prev (B, H, S)
+    (and dadd last when add is given)."""
     key, memory_prev, w_r_prev, w_u_prev, g = _run_step(key, alpha, memory_prev, w_r_prev,
                                                         w_u_prev)
     B, H, W = key.shape
     S = memory_prev.shape[1]
     dt = key.dtype
     dkey = np.empty((B, H, W), dt)
+    dadd = np.empty((B, H, W), dt)
     dalpha = np.empty((B, H), dt)
     dmemory_prev = np.empty((B, S, W), dt)
     dw_r_prev = np.empty((B, H, S), dt)
-    _step_backward_batch(_c(dread), _c(dmemory), _c(dw_r), key, g, memory_prev, w_r_prev,
-                         w_u_prev, dt.type(gamma), dt.type(EPS), dkey, dalpha, dmemory_prev,
-                         dw_r_prev)
+    _step_backward_batch(_c(dread), _c(dmemory), _c(dw_r), key,
+                         key if add is None else _c(add), _per_head(write_rule), g,
+                         memory_prev, w_r_prev, w_u_prev, dt.type(gamma), dt.type(EPS), dkey,
+                         dadd, dalpha, dmemory_prev, dw_r_prev)
     if np.ndim(alpha) == 1:
         dalpha = dalpha.sum(axis=0)                     # (H,)
-    return dkey, dalpha, dmemory_prev, dw_r_prev
+    if add is None:
+        dkey += dadd                                    # the key was also the write content
+        return dkey, dalpha, dmemory_prev, dw_r_prev
+    return dkey, dalpha, dmemory_prev, dw_r_prev, dadd

@@ -322,46 +322,66 @@ def _distance_cases():
     return cases
 
 
-def _lrua_case():
+def _lrua_case(write_rule="shared", with_adds=False):
+    """The LRUA episode pair (kernels/lrua.py) under one write rule, with or without a
+    separate add vector (then an input 'adds' whose gradient is checked too); rows
+    lrua_episode (the ops' default, shared), lrua_episode[per_head], [per_head,add]."""
     from metacore.kernels import lrua as K
     gamma = 0.9
     T, B, H, S, W = 4, 2, 2, 5, 3
+    tag = "" if write_rule == "shared" and not with_adds else \
+        f"[{write_rule}{',add' if with_adds else ''}]"
 
     def make(rng):
         r = np.random.default_rng(1)
         keys, alpha = r.standard_normal((T, B, H, W)), r.standard_normal((H,))
         memory0 = r.standard_normal((B, S, W))
         e = np.exp(r.standard_normal((B, H, S)))
-        return {"keys": keys, "alpha": alpha, "memory0": memory0,
-                "read0": e / e.sum(axis=-1, keepdims=True)}
+        out = {"keys": keys, "alpha": alpha, "memory0": memory0,
+               "read0": e / e.sum(axis=-1, keepdims=True)}
+        if with_adds:
+            out["adds"] = np.random.default_rng(4).standard_normal((T, B, H, W))
+        return out
 
     usage0_64 = 0.3 * np.stack([np.random.default_rng(2).permutation(S) for _ in range(B)])
 
+    def split(i):
+        """inputs -> the four positional arrays and the settings as keywords."""
+        args = [i["keys"], i["alpha"], i["memory0"], i["read0"]]
+        return args, dict(write_rule=write_rule, adds=i.get("adds"))
+
     def fwd(i):
         u = usage0_64.astype(i["keys"].dtype)
-        reads = K.lrua_forward(*i.values(), u, gamma, backend="auto")[0]
+        args, kw = split(i)
+        reads = K.lrua_forward(*args, u, gamma, backend="auto", **kw)[0]
         return (reads,), None
 
     def bwd(d, cache, i):
         u = usage0_64.astype(i["keys"].dtype)
-        return K.lrua_backward(d[0], *i.values(), u, gamma, backend="auto")
+        args, kw = split(i)
+        return K.lrua_backward(d[0], *args, u, gamma, backend="auto", **kw)
 
     def backends(inputs, dtype):
         from metacore.gradcheck import rel_error
-        args = [a.astype(dtype) for a in inputs.values()] + [usage0_64.astype(dtype), gamma]
+        cast = {k: a.astype(dtype) for k, a in inputs.items()}
+        args, kw = split(cast)
+        args = args + [usage0_64.astype(dtype), gamma]
         dr = np.random.default_rng(3).standard_normal((T, B, H, W)).astype(dtype)
-        ref = K.lrua_forward(*args, backend="reference")[:1] + tuple(
-            K.lrua_backward(dr, *args, backend="reference"))
+        ref = K.lrua_forward(*args, backend="reference", **kw)[:1] + tuple(
+            K.lrua_backward(dr, *args, backend="reference", **kw))
         rows = []
         for name in _host_backends(K):
-            if name != "reference":
-                got = _call(K.lrua_forward, name, *args)[:1] + tuple(
-                    _call(K.lrua_backward, name, dr, *args))
+            # the device backends have no add vector (NotImplementedError)
+            if name != "reference" and not (with_adds and K.is_device_backend(name)):
+                if not with_adds:
+                    kw.pop("adds", None)
+                got = _call(K.lrua_forward, name, *args, **kw)[:1] + tuple(
+                    _call(K.lrua_backward, name, dr, *args, **kw))
                 rows.append((f"{name} vs reference",
                              max(rel_error(a, r) for a, r in zip(got, ref))))
         return rows
 
-    return vjp_case("lrua_episode", "kernels", make, fwd, bwd, F32["kernel"],
+    return vjp_case("lrua_episode" + tag, "kernels", make, fwd, bwd, F32["kernel"],
                     backends=backends)
 
 
@@ -435,9 +455,10 @@ def _algorithm_cases():
         lg = lambda th, d: sn.episode_loss_and_grad(th, *d)[:2]           # noqa: E731
         return sn, p, data, lg, lambda th, d: lg(th, d)[0], sn.layout
 
-    def mann():
+    def mann(write_rule="per_head", add_vector=False):
         from metacore.algorithms.mann import MANN
-        model = MANN(d_in=6, n_way=3, hidden=4, heads=2, slots=5, width=3, gamma=0.9)
+        model = MANN(d_in=6, n_way=3, hidden=4, heads=2, slots=5, width=3, gamma=0.9,
+                     write_rule=write_rule, add_vector=add_vector)
         rng = np.random.default_rng(0)
         p = model.init_params(rng, np.float64) + 0.3 * rng.standard_normal(model.num_params)
         data = (rng.standard_normal((5, 2, 6)), rng.integers(0, 3, (5, 2)))
@@ -451,19 +472,28 @@ def _algorithm_cases():
                                                d[1])[0]).sum())
         return model, p, data, lg, lo, model.layout
 
-    def metanet():
-        from metacore.algorithms.metanet import MetaNet
-        net = MetaNet(3, image_shape=(6, 6, 1), channels=2, depth=1, key_dim=3, hidden=4,
-                      lstm_hidden=3, mlp_hidden=4, backend="reference")
-        rng = np.random.default_rng(2)
-        p = net.init_params(rng) + 0.1 * rng.standard_normal(net.num_params)
-        for name in ("d.wo", "m.w3"):
-            sl = net.layout.slice(name)
-            p[sl] = rng.standard_normal(sl.stop - sl.start)
-        data = (rng.random((3, 6, 6, 1)), rng.permutation(3), rng.random((6, 6, 6, 1)),
-                np.repeat(np.arange(3), 2))
-        lg = lambda th, d: net.loss_and_grad(th, *d, second_order=True)[:2]   # noqa: E731
-        return net, p, data, lg, lambda th, d: net.loss(th, *d), net.layout
+    def metanet(second_order):
+        def build():
+            from metacore.algorithms.metanet import MetaNet
+            net = MetaNet(3, image_shape=(6, 6, 1), channels=2, depth=1, key_dim=3, hidden=4,
+                          lstm_hidden=3, mlp_hidden=4, backend="reference")
+            rng = np.random.default_rng(2)
+            p = net.init_params(rng) + 0.1 * rng.standard_normal(net.num_params)
+            for name in ("d.wo", "m.w3"):
+                sl = net.layout.slice(name)
+                p[sl] = rng.standard_normal(sl.stop - sl.start)
+            data = (rng.random((3, 6, 6, 1)), rng.permutation(3), rng.random((6, 6, 6, 1)),
+                    np.repeat(np.arange(3), 2))
+            lg = lambda th, d: net.loss_and_grad(th, *d, second_order)[:2]   # noqa: E731
+            if second_order:
+                return net, p, data, lg, lambda th, d: net.loss(th, *d), net.layout
+            # first order (the authors' code): the gradient of the surrogate whose
+            # meta-information, the support-loss gradients g^u, g^b, is held at its value
+            # at the checked point p
+            frozen = net.loss_and_grad(p, *data, second_order=False)[3]
+            lo = lambda th, d: net.loss(th, *d, frozen=frozen)                 # noqa: E731
+            return net, p, data, lg, lo, net.layout
+        return build
 
     def meta_lstm():
         from metacore.algorithms.meta_lstm import MetaLSTM
@@ -525,8 +555,13 @@ def _algorithm_cases():
                                        per_block=3))
     cases.append(_episode_case("relation_episode", relation, per_block=3))
     cases.append(_episode_case("siamese_pairs", siamese, per_block=4))
-    cases.append(_episode_case("mann_lrua_episode", mann, per_block=4))
-    cases.append(_episode_case("metanet_episode", metanet, per_block=3))
+    cases.append(_episode_case("mann_lrua_episode", mann, per_block=4))       # per_head
+    cases.append(_episode_case("mann_lrua_episode[shared]",
+                               lambda: mann(write_rule="shared"), per_block=4))
+    cases.append(_episode_case("mann_lrua_episode[add_vector]",
+                               lambda: mann(add_vector=True), per_block=4))
+    cases.append(_episode_case("metanet_episode[second_order]", metanet(True), per_block=3))
+    cases.append(_episode_case("metanet_episode[first_order]", metanet(False), per_block=3))
     cases.append(_episode_case("meta_lstm[second_order]", meta_lstm, per_block=3))
     cases.append(_episode_case("lstm_optimizer[surrogate]", lstm_optimizer, per_block=None))
     return cases
@@ -581,5 +616,6 @@ def _mlp_maml_cases():
 
 
 def more_cases():
-    return (_lstm_cases() + _meta_cases() + _distance_cases() + [_lrua_case()]
+    lrua = [_lrua_case(), _lrua_case("per_head"), _lrua_case("per_head", with_adds=True)]
+    return (_lstm_cases() + _meta_cases() + _distance_cases() + lrua
             + _mlp_maml_cases() + _algorithm_cases())

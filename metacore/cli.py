@@ -125,7 +125,8 @@ def _add_train(sub):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("inner_lr", "outer_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "adam"],
+    p.add_argument("--outer-opt", choices=["sgd", "momentum", "nesterov", "adagrad", "rmsprop",
+                                          "adam"],
                    default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -196,6 +197,9 @@ def _train(args):
         if (saved["algorithm"], saved["task"]) != (args.algorithm, args.task):
             raise UserError(f"train --resume: {args.out} holds a {saved['algorithm']} run on "
                             f"{saved['task']}, not {args.algorithm} on {args.task}")
+        from metacore import methods
+        for k, v in methods.legacy_settings(args.algorithm).items():
+            saved.setdefault(k, v)              # a run from before the setting existed
         for k, v in over.items():
             if v is None and k in saved:
                 over[k] = saved[k]
@@ -248,7 +252,10 @@ def _show_config(cfg, flagged, resumed):
         elif k in resumed:
             src = "the resumed run"
         elif k in sources:
-            src = "paper: " + sources[k]
+            # a method's own reasoned choice says "metacore: ...", a default taken from a
+            # public reimplementation rather than the paper says "reimplementation ..."
+            src = sources[k] if sources[k].startswith(("metacore:", "reimplementation")) \
+                else "paper: " + sources[k]
         elif k in common and paper.get(k) == common[k]:
             src = "metacore default (not a paper setting)"
         else:

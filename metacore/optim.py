@@ -16,6 +16,10 @@ handful of whole-vector operations and a checkpoint holds the state as plain arr
                (the stored theta is then the look-ahead point theta_true + mu * v).
     AdaGrad    diagonal AdaGrad (Duchi, Hazan & Singer 2011):
                    G <- G + g * g;   theta <- theta - lr * g / (sqrt(G) + eps)
+    RMSProp    Tieleman & Hinton (2012, Coursera "Neural Networks for Machine Learning",
+               lecture 6e): a running mean of squared gradients scales each coordinate,
+                   v <- rho * v + (1 - rho) * g * g;   theta <- theta - lr * g / (sqrt(v) + eps)
+               (no momentum, no centring, no bias correction; v starts at 0)
     Adam       Kingma & Ba (2015), Algorithm 1, with bias correction and eps outside the sqrt:
                    m <- b1 * m + (1 - b1) * g;   v <- b2 * v + (1 - b2) * g * g
                    mhat = m / (1 - b1**t);        vhat = v / (1 - b2**t)
@@ -285,12 +289,44 @@ class Adam(_FlatOptimizer):
         params -= self.lr * mhat / (np.sqrt(vhat) + self.eps)
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
+class RMSProp(_FlatOptimizer):
+    """RMSProp (Tieleman & Hinton 2012, lecture 6e of "Neural Networks for Machine
+    Learning"): divide the gradient by a running root mean square of recent gradients.
+    State: the mean square v (P,), starting at 0.
+
+        v <- rho * v + (1 - rho) * g * g
+        theta <- theta - lr * g / (sqrt(v) + eps)
+
+    rho = 0.9 is the lecture's suggestion. eps sits outside the sqrt, as in AdaGrad and
+    Adam here; the lecture gives no eps, and libraries differ in its value and place
+    (TensorFlow 1: 1e-10 inside the sqrt; PyTorch: 1e-8 outside), so 1e-8 outside is this
+    module's choice. With v starting at 0 and no bias correction the first step moves each
+    coordinate by lr * g / (sqrt(1 - rho) |g| + eps) ~= 3.16 lr sign(g) for rho = 0.9.
+    """
+    name = "rmsprop"
+    _hyper = {"lr": _lr,
+              "rho": lambda op, x: _check_hyper(op, "rho", x, low=0.0, high=1.0),
+              "eps": _eps}
+    _vectors = ("mean_sq",)
+
+    def __init__(self, size, dtype, *, lr, rho=0.9, eps=1e-8):
+        super().__init__(size, dtype)
+        self._set_hyper(lr=lr, rho=rho, eps=eps)
+
+    def _update(self, params, grad):
+        v = self.mean_sq                                      # (P,)
+        v *= self.rho
+        v += (1.0 - self.rho) * (grad * grad)
+        params -= self.lr * grad / (np.sqrt(v) + self.eps)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "rmsprop": RMSProp,
+              "adam": Adam}
 
 
 def make_optimizer(name, size, dtype, **hyper):
     """Build an optimizer by name: "sgd", "momentum", "nesterov" (= momentum with
-    nesterov=True), "adagrad" or "adam", for a flat (size,) parameter vector of `dtype`.
+    nesterov=True), "adagrad", "rmsprop" or "adam", for a flat (size,) parameter vector of `dtype`.
     `hyper` goes to the class (lr is required except for adam, whose defaults are the paper's)."""
     if not isinstance(name, str):
         raise TypeError(f"make_optimizer: name must be a str, got {type(name).__name__}")

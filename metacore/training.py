@@ -42,7 +42,7 @@ from metacore.nonfinite import all_finite, likely_cause
 from metacore.optim import make_optimizer
 from metacore.rundir import open_run_dir, run_files
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 
 
 def make_config(algorithm, task, out, **overrides):
@@ -234,8 +234,11 @@ class Trainer:
         # a setting added to the method after this checkpoint was written, at its default
         # (which must reproduce the old behaviour), is no difference
         defaults = methods.paper_defaults(self.cfg["algorithm"], self.cfg["task"])
+        legacy = methods.legacy_settings(self.cfg["algorithm"])
         for k in set(mine) - set(old):
-            if k in defaults and mine[k] == defaults[k]:
+            if k in legacy:                      # its default changed: the run had this
+                old[k] = legacy[k]
+            elif k in defaults and mine[k] == defaults[k]:
                 old[k] = mine[k]
         if old != mine:
             diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
@@ -503,6 +506,8 @@ def load_run(run_dir):
     arrays, meta = load_checkpoint(path)
     try:
         cfg = dict(meta["config"], out=os.fspath(run_dir))
+        for k, v in methods.legacy_settings(cfg["algorithm"]).items():
+            cfg.setdefault(k, v)                 # a run from before the setting existed
         method = build_method(cfg)
         check_params(path, arrays["params"], method.init_params(np.random.default_rng(0)))
         method.load_buffers({k[4:]: v for k, v in arrays.items() if k.startswith("buf.")})

@@ -223,6 +223,49 @@ def test_lrua_ties_mark_every_slot_at_the_threshold():
         np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-12 * np.abs(r).max())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lrua_per_head_rule_with_ties(dtype):
+    """write_rule='per_head': head h writes at the slot of rank h in the (usage, index)
+    order; a three-way tie at the minimum must go to the lower indices, as in the
+    reference's stable sort. Whole episode and step pair, both dtypes (bound of
+    test_lrua_forward_backward); w_lu (the union over heads) exactly."""
+    T, B, H, S, W = 3, 2, 3, 9, 5
+    keys, alpha, memory0, read0, usage0, dreads = ldata((T, B, H, S, W), dtype, 24, True)
+    usage0[0] = np.array([0.5, 0.2, 0.2, 0.9, 0.2, 0.7, 0.3, 0.8, 0.1], dtype)
+    a64 = [x.astype(np.float64) for x in (keys, alpha, memory0, read0, usage0)]
+    c = 4 * T * (S + W + H)
+    got = LC.lrua_forward(keys, alpha, memory0, read0, usage0, 0.9, write_rule="per_head")
+    ref = RL.lrua_forward(*a64, 0.9, write_rule="per_head")
+    np.testing.assert_array_equal(got[4], ref[4])
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), got, ref):
+        lassert(name, a, r, dtype, c)
+    got = LC.lrua_backward(dreads, keys, alpha, memory0, read0, usage0, 0.9,
+                           write_rule="per_head")
+    ref = RL.lrua_backward(dreads.astype(np.float64), *a64, 0.9, write_rule="per_head")
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"), got, ref):
+        lassert(name, a, r, dtype, c)
+    step = [keys[0], alpha[0], memory0, read0, usage0]
+    s64 = [x.astype(np.float64) for x in step]
+    grads = [dreads[0], memory0[::-1].copy(), read0[:, ::-1].copy()]
+    g64 = [x.astype(np.float64) for x in grads]
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"),
+                          LC.lrua_step_forward(*step, 0.9, write_rule="per_head"),
+                          RL.lrua_step_forward(*s64, 0.9, write_rule="per_head")):
+        lassert(name, a, r, dtype, c)
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"),
+                          LC.lrua_step_backward(*grads, *step, 0.9, write_rule="per_head"),
+                          RL.lrua_step_backward(*g64, *s64, 0.9, write_rule="per_head")):
+        lassert(name, a, r, dtype, c)
+
+
+def test_lrua_add_vector_is_refused_on_the_device():
+    from metacore.kernels import lrua as KL
+    args = ldata((2, 1, 2, 4, 3), np.float64, 25, False)
+    dev = [cuda.to_device(a) for a in args[:5]]
+    with pytest.raises(NotImplementedError, match="does not support a separate add vector"):
+        KL.lrua_forward(*dev, 0.9, adds=cuda.to_device(args[0]))
+
+
 def test_lrua_device_arrays_stay_on_the_device():
     args = ldata((2, 2, 2, 5, 3), np.float64, 23, False)
     dev = [cuda.to_device(x) for x in args]

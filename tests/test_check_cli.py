@@ -30,7 +30,8 @@ def test_list_shows_every_derivation_in_its_group(capsys):
     for group, names in NAMED.items():
         assert names <= listed[group], (group, names - listed[group])
     full = {name for name, _ in lines}
-    assert {"maml[bn_mlp,k=2]", "matching_episode[fce]", "meta_lstm[second_order]"} <= full
+    assert {"maml[bn_mlp,k=2]", "matching_episode[fce]", "meta_lstm[second_order]",
+            "metanet_episode[second_order]", "metanet_episode[first_order]"} <= full
 
 
 def test_group_and_json(tmp_path, capsys):
@@ -100,6 +101,8 @@ def test_cuda_simulator_rows(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
     sim = [x for x in rows if x["quantity"] == "backend:numba-cuda vs reference"]
+    # lrua_episode[per_head,add] has no device row: the device backends have no add vector
     assert {x["name"] for x in sim} == {"distance[sqeuclidean]", "distance[cosine]",
-                                        "distance[l1]", "lrua_episode"}
+                                        "distance[l1]", "lrua_episode",
+                                        "lrua_episode[per_head]"}
     assert {x["dtype"] for x in sim} == {"float64", "float32"} and all(x["pass"] for x in sim)

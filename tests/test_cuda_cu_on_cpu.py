@@ -264,6 +264,35 @@ def test_lrua_cu(lcu, shape, per_step, dtype):
         lassert(name, a, r, dtype, c)
 
 
+def test_lrua_cu_per_head_rule_with_ties(lcu):
+    """write_rule='per_head' through lrua.cu: the rank of each slot in the (usage, index)
+    order, a three-way tie at the minimum going to the lower indices, as the reference's
+    stable sort; whole episode and step pair, float64."""
+    T, B, H, S, W = 3, 2, 3, 9, 5
+    *args, dreads = ldata((T, B, H, S, W), np.float64, 36, True)
+    args[4][0] = [0.5, 0.2, 0.2, 0.9, 0.2, 0.7, 0.3, 0.8, 0.1]
+    c = 4 * T * (S + W + H)
+    got = lcu.lrua_forward(*args, 0.9, write_rule="per_head")
+    ref = RL.lrua_forward(*args, 0.9, write_rule="per_head")
+    np.testing.assert_array_equal(got[4], ref[4])
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), got, ref):
+        lassert(name, a, r, np.float64, c)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0"),
+                          lcu.lrua_backward(dreads, *args, 0.9, write_rule="per_head"),
+                          RL.lrua_backward(dreads, *args, 0.9, write_rule="per_head")):
+        lassert(name, a, r, np.float64, c)
+    step = [args[0][0], args[1][0], args[2], args[3], args[4]]
+    grads = [dreads[0], args[2][::-1].copy(), args[3][:, ::-1].copy()]
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"),
+                          lcu.lrua_step_forward(*step, 0.9, write_rule="per_head"),
+                          RL.lrua_step_forward(*step, 0.9, write_rule="per_head")):
+        lassert(name, a, r, np.float64, c)
+    for name, a, r in zip(("dkey", "dalpha", "dmemory_prev", "dw_r_prev"),
+                          lcu.lrua_step_backward(*grads, *step, 0.9, write_rule="per_head"),
+                          RL.lrua_step_backward(*grads, *step, 0.9, write_rule="per_head")):
+        lassert(name, a, r, np.float64, c)
+
+
 # (B, H, S, W): S = 130 and W = 129 cross the 128-thread stride; H = S; S = W = 1
 STEP_SHAPES = [((2, 3, 130, 5), False), ((1, 1, 1, 1), True), ((2, 2, 2, 129), True),
                ((3, 2, 5, 1), False)]

@@ -647,3 +647,143 @@ def test_live_tapes_do_not_share_buffers(backend):
     for tape, e, w in ((t1, eps[1], want[1]), (t2, eps[2], want[2])):
         for a, b in zip(K.lrua_backward_tape(e[5], tape), w):
             np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- write rules, add vector
+def per_head_margin(usage0, w_u, H):
+    """Smallest gap between consecutive sorted usages at positions 0..H (each head's own
+    slot under "per_head" switches when any of them swaps) over every selecting usage."""
+    us = np.concatenate([usage0[None], w_u], axis=0).astype(np.float64)  # (T + 1, B, S)
+    s = np.sort(us, axis=-1)
+    top = min(H, s.shape[-1] - 1)
+    return float(np.diff(s[..., :top + 1], axis=-1).min()) if top > 0 else np.inf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("write_rule, with_adds", [("per_head", False), ("per_head", True),
+                                                   ("shared", True)])
+def test_write_rule_and_add_vector_match_finite_differences(backend, write_rule, with_adds):
+    """Whole episode, the tape pair and the chained step pair under each setting: every
+    gradient (dadds too) against float64 central differences, rel_error <= 1e-7."""
+    shape = (5, 2, 3, 7, 3)
+    keys, alpha, memory0, read0, usage0, c = data(shape, np.float64, seed=5, per_step=True)
+    adds = np.random.default_rng(6).standard_normal(keys.shape) if with_adds else None
+    kw = dict(backend=backend, write_rule=write_rule, adds=adds)
+    out = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, **kw)
+    margin = per_head_margin if write_rule == "per_head" else selection_margin
+    assert margin(usage0, out[3], shape[2]) > MARGIN
+    grads = K.lrua_backward(c, keys, alpha, memory0, read0, usage0, GAMMA, **kw)
+    assert len(grads) == (5 if with_adds else 4)
+    *_, tape = K.lrua_forward_tape(keys, alpha, memory0, read0, usage0, GAMMA, **kw)
+    for a, b in zip(K.lrua_backward_tape(c, tape), grads):
+        np.testing.assert_array_equal(a, b)
+
+    def f():
+        reads = K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, **kw)[0]
+        return float((reads * c).sum())
+
+    names = ("keys", "alpha", "memory0", "read0") + (("adds",) if with_adds else ())
+    xs = (keys, alpha, memory0, read0) + ((adds,) if with_adds else ())
+    for name, x, dx in zip(names, xs, grads):
+        assert dx.shape == x.shape, name
+        assert np.abs(dx).max() > 1e-3, f"d{name} is ~0: a comparison that cannot fail"
+        err = gradcheck.rel_error(dx, gradcheck.numerical_gradient(f, x))
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+    # the step pair chained over the episode gives the same reads and gradients
+    M, wr, wu = memory0, read0, usage0
+    saved = []
+    for t in range(shape[0]):
+        a_t = None if adds is None else adds[t]
+        saved.append((M, wr, wu))
+        r, M, wr, _, wu = K.lrua_step_forward(keys[t], alpha[t], M, wr, wu, GAMMA,
+                                              backend=backend, write_rule=write_rule,
+                                              add=a_t)
+        np.testing.assert_allclose(r, out[0][t], rtol=1e-12, atol=1e-14)
+    dM, dwr = np.zeros_like(memory0), np.zeros_like(read0)
+    for t in range(shape[0] - 1, -1, -1):
+        a_t = None if adds is None else adds[t]
+        res = K.lrua_step_backward(c[t], dM, dwr, keys[t], alpha[t], *saved[t], GAMMA,
+                                   backend=backend, write_rule=write_rule, add=a_t)
+        dk, da, dM, dwr = res[:4]
+        np.testing.assert_allclose(dk, grads[0][t], rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(da, grads[1][t], rtol=1e-11, atol=1e-13)
+        if with_adds:
+            np.testing.assert_allclose(res[4], grads[4][t], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(dM, grads[2], rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_head_rule_closed_form_and_ties(backend):
+    """One step, gates forced to 0 (alpha = -50: w_w = w_lu): under "per_head" head h's
+    write weights are one-hot at the h-th slot of the (usage, index) order, a three-way tie
+    at the minimum going to the lower indices 1, 2, 4; under "shared" every head's row marks
+    the n = 3 least-used slots (the same three here); the zeroed slot is 1 under both."""
+    keys, alpha, memory0, read0, _, _ = data((1, 1, 3, 6, 2), np.float64, seed=7)
+    usage0 = np.array([[0.5, 0.2, 0.2, 0.9, 0.2, 0.7]])
+    alpha = np.full(3, -50.0)
+    per = K.lrua_forward(keys, alpha, memory0, read0, usage0, 1.0, backend=backend,
+                         write_rule="per_head")
+    np.testing.assert_allclose(per[2][0, 0], np.eye(6)[[1, 2, 4]], atol=1e-20)
+    shared = K.lrua_forward(keys, alpha, memory0, read0, usage0, 1.0, backend=backend,
+                            write_rule="shared")
+    np.testing.assert_allclose(shared[2][0, 0], np.tile([0, 1, 1, 0, 1, 0], (3, 1)),
+                               atol=1e-20)
+    # M_1 = M_0 with slot 1 zeroed, plus each head's key in its own slot (per_head) or the
+    # sum of the keys in all three (shared)
+    M = memory0[0].copy()
+    M[1] = 0
+    Mp, Ms = M.copy(), M.copy()
+    for h, i in enumerate((1, 2, 4)):
+        Mp[i] += keys[0, 0, h]
+        Ms[[1, 2, 4]] += keys[0, 0, h]
+    np.testing.assert_allclose(per[5][0], Mp, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(shared[5][0], Ms, rtol=1e-14, atol=1e-14)
+    # the returned w_lu: the union over heads (usage now differs per slot)
+    np.testing.assert_array_equal(per[4].sum(axis=-1), [[3.0]])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_matches_reference_per_head_and_add_vector(dtype):
+    """Numba against the float64 reference under write_rule='per_head' with an add vector,
+    whole episode (forward, backward, tape) and step pair; ties in usage0 included."""
+    shape = (4, 3, 3, 9, 5)
+    T, B, H, S, W = shape
+    keys, alpha, memory0, read0, usage0, c = data(shape, dtype, seed=9, per_step=False)
+    usage0[1, :4] = usage0[1, 4]                  # a five-way tie in episode 1
+    adds = np.random.default_rng(10).standard_normal(keys.shape).astype(dtype)
+    args = (keys, alpha, memory0, read0, usage0)
+    a64 = [x.astype(np.float64) for x in args]
+    kw = dict(write_rule="per_head")
+    bound = 4 * T * (S + W + H)
+    got = K.lrua_forward(*args, GAMMA, backend="numba", adds=adds, **kw)
+    ref = K.lrua_forward(*a64, GAMMA, backend="reference", adds=adds.astype(np.float64), **kw)
+    np.testing.assert_array_equal(got[4], ref[4])
+    for name, a, r in zip(("reads", "w_r", "w_w", "w_u", "w_lu", "memory"), got, ref):
+        assert_close(name, a, r, dtype, bound)
+    got = K.lrua_backward(c, *args, GAMMA, backend="numba", adds=adds, **kw)
+    ref = K.lrua_backward(c.astype(np.float64), *a64, GAMMA, backend="reference",
+                          adds=adds.astype(np.float64), **kw)
+    for name, a, r in zip(("dkeys", "dalpha", "dmemory0", "dread0", "dadds"), got, ref):
+        assert a.dtype == dtype
+        assert_close(name, a, r, dtype, bound)
+    s_args = (keys[0], alpha, memory0, read0, usage0)
+    s64 = [x.astype(np.float64) for x in s_args]
+    for name, a, r in zip(("read", "memory", "w_r", "w_w", "w_u"),
+                          K.lrua_step_forward(*s_args, GAMMA, backend="numba", add=adds[0],
+                                              **kw),
+                          K.lrua_step_forward(*s64, GAMMA, backend="reference",
+                                              add=adds[0].astype(np.float64), **kw)):
+        assert_close(name, a, r, dtype, bound)
+
+
+def test_settings_bad_input():
+    keys, alpha, memory0, read0, usage0, _ = data((2, 1, 2, 4, 3), np.float64, seed=11)
+    with pytest.raises(ValueError, match=r"lrua_forward: write_rule must be one of "
+                                         r"\('shared', 'per_head'\), got 'lru'"):
+        K.lrua_forward(keys, alpha, memory0, read0, usage0, GAMMA, write_rule="lru")
+    with pytest.raises(ValueError, match=r"lrua_backward: adds must have shape \(2, 1, 2, 3\)"):
+        K.lrua_backward(keys, keys, alpha, memory0, read0, usage0, GAMMA, adds=keys[:, :, :1])
+    with pytest.raises(TypeError, match="lrua_step_forward: add has dtype float32"):
+        K.lrua_step_forward(keys[0], alpha, memory0, read0, usage0, GAMMA,
+                            add=keys[0].astype(np.float32))

@@ -190,3 +190,22 @@ def test_bad_input_is_refused():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         maml_gradient(model, theta, sx, sy, qx, bad, alpha)
+
+
+def test_query_accuracy_is_the_post_update_accuracy():
+    """The logged training accuracy: argmax of the adapted model's query logits against the
+    labels, per task; None for a regression loss; the same with the tasks split in blocks."""
+    rng = np.random.default_rng(11)
+    model, theta, (sx, sy, qx, qy), alpha = _bn_mlp_case(rng, T=4, n_q=6)
+    r = maml_gradient(model, theta, sx, sy, qx, qy, alpha, steps=2)
+    theta_k = adapt(model, theta, sx, sy, alpha, steps=2)[-1]        # (T, P)
+    out, _ = model.forward(theta_k, qx)
+    want = (out.argmax(axis=-1) == qy).mean(axis=1)
+    assert r.query_accuracy.shape == (4,)
+    assert np.array_equal(r.query_accuracy, want)
+    blocks = maml_gradient(model, theta, sx, sy, qx, qy, alpha, steps=2, workers=2)
+    assert np.array_equal(blocks.query_accuracy, want)
+    fo = fomaml_gradient(model, theta, sx, sy, qx, qy, alpha, steps=2)
+    assert np.array_equal(fo.query_accuracy, want)
+    smodel, stheta, sdata, salpha = _sinusoid_case(rng)
+    assert maml_gradient(smodel, stheta, *sdata, salpha).query_accuracy is None

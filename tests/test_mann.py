@@ -34,14 +34,13 @@ def tiny_problem(seed, T=7, B=2, dtype=np.float64, **sizes):
 
 
 def margin(model, cache):
-    """Smallest gap at a switch of the argmin or of the n-th smallest, over every usage
-    vector that selects something (w_u_{t-1} of every step)."""
+    """Smallest gap between consecutive sorted usages at the positions 0..n that select
+    something (the argmin, each head's own slot under "per_head", the n-th smallest under
+    "shared"), over every usage vector w_u_{t-1} of the forward pass."""
     us = np.stack([s[4][2] for s in cache[3]]).astype(np.float64)    # (T, B, S)
     s = np.sort(us, axis=-1)
-    gaps = [(s[..., 1] - s[..., 0]).min()]
-    if model.heads < model.slots:
-        gaps.append((s[..., model.heads] - s[..., model.heads - 1]).min())
-    return float(min(gaps))
+    top = min(model.heads, model.slots - 1)
+    return float(np.diff(s[..., :top + 1], axis=-1).min())
 
 
 # ---------------------------------------------------------------- gradients
@@ -70,6 +69,57 @@ def test_episode_gradient_matches_finite_differences(backend, seed, sizes):
         assert np.abs(num).max() > 1e-6, f"{name}: the sampled entries have ~0 gradient"
         err = gradcheck.rel_error(grad[idx], num)
         assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+@pytest.mark.parametrize("write_rule, add_vector", [("shared", False), ("per_head", True),
+                                                    ("shared", True)])
+def test_memory_settings_gradient_matches_finite_differences(write_rule, add_vector):
+    """The other write rule and the separate add vector (the default per_head without it is
+    above): every parameter block, 10 sampled entries each, float64, rel_error <= 1e-7."""
+    model, theta, x, y = tiny_problem(8, heads=3, slots=6, write_rule=write_rule,
+                                      add_vector=add_vector)
+    assert ("add_W" in model.layout.names) == add_vector
+    logits, cache = model.forward(theta, x, y, "reference")
+    assert margin(model, cache) > 1e-4
+    grad = model.loss_grad(theta, x, y, "reference")[2]
+
+    def f():
+        return model.loss(model.forward(theta, x, y, "reference")[0], y)[0]
+
+    rng = np.random.default_rng(8)
+    for name in model.layout.names:
+        sl = model.layout.slice(name)
+        idx = np.arange(sl.start, sl.stop)
+        if idx.size > 10:
+            idx = np.sort(rng.choice(idx, 10, replace=False))
+        num = gradcheck.numerical_gradient_at(f, theta, idx)
+        assert np.abs(num).max() > 1e-6, f"{name}: the sampled entries have ~0 gradient"
+        err = gradcheck.rel_error(grad[idx], num)
+        assert err <= 1e-7, f"d{name}: rel_error {err:.3g}"
+
+
+def test_write_rules_differ_and_default_is_per_head():
+    """With 3 heads the two rules write different memories (shared: every head into all 3
+    least-used slots), so the logits differ; the default is per_head, no add vector."""
+    assert MANN(d_in=4).write_rule == "per_head" and MANN(d_in=4).add_vector is False
+    model, theta, x, y = tiny_problem(9, heads=3, slots=6)
+    other = MANN(**{**TINY, "heads": 3, "slots": 6, "write_rule": "shared"})
+    a = model.forward(theta, x, y, "reference")[0]
+    b = other.forward(theta, x, y, "reference")[0]
+    assert np.abs(a - b).max() > 1e-3
+    with pytest.raises(ValueError, match="MANN: write_rule must be one of"):
+        MANN(d_in=4, write_rule="per-head")
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="numba not installed")
+def test_backends_agree_with_add_vector_and_both_rules():
+    for rule in ("shared", "per_head"):
+        model, theta, x, y = tiny_problem(10, T=6, B=3, heads=3, slots=7, width=4,
+                                          write_rule=rule, add_vector=True)
+        ref = model.loss_grad(theta, x, y, "reference")
+        got = model.loss_grad(theta, x, y, "numba")
+        assert abs(ref[0] - got[0]) <= 1e-13 * abs(ref[0])
+        assert gradcheck.rel_error(got[2], ref[2]) <= 1e-12
 
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="numba not installed")
@@ -166,6 +216,12 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match=r"make_config: backend must be 'auto' or one of "
                                          r"\['cupy', 'numba', 'numba-cuda', 'reference'\]"):
         _cfg(backend="gpu")
+    with pytest.raises(ValueError, match="make_config: write_rule must be one of"):
+        _cfg(write_rule="lru")
+    with pytest.raises(ValueError, match="make_config: add_vector must be true or false"):
+        _cfg(add_vector=1)
+    with pytest.raises(ValueError, match="backend 'cupy' does not support add_vector=true"):
+        _cfg(backend="cupy", add_vector=True)
 
 
 @pytest.mark.parametrize("name", ["numba-cuda", "cupy"])
@@ -184,6 +240,45 @@ def test_device_backend_is_a_setting_and_fails_clearly_without_a_gpu(name):
 
 
 # ---------------------------------------------------------------- trainer
+def test_paper_protocol_defaults_and_sources():
+    from metacore import methods
+    cfg = _cfg()
+    assert cfg["outer_opt"] == "rmsprop" and cfg["outer_lr"] == 1e-4
+    assert cfg["write_rule"] == "per_head" and cfg["add_vector"] is False
+    src = methods.default_sources("mann", "omniglot")
+    assert "RMSProp" in src["outer_opt"] and "ntm-one-shot" in src["write_rule"]
+
+
+def test_a_run_from_before_the_memory_settings_reads_back_as_shared(tmp_path):
+    """A checkpoint whose config lacks write_rule / add_vector (written before they existed)
+    is loaded with the rule it ran, "shared", and resumes without a settings mismatch."""
+    from metacore.checkpoint import load_checkpoint, save_checkpoint
+    from metacore.training import Trainer, load_run
+    out = tmp_path / "old"
+    cfg = _cfg(out=str(out), iterations=1, write_rule="shared")
+    Trainer(cfg, progress=False).train()
+    path = out / "checkpoint.npz"
+    arrays, meta = load_checkpoint(str(path))
+    for k in ("write_rule", "add_vector"):
+        del meta["config"][k]
+    save_checkpoint(str(path), arrays, meta)
+    cfg_l, method, _, _ = load_run(str(out))
+    assert cfg_l["write_rule"] == "shared" and method.model.write_rule == "shared"
+    cfg2 = _cfg(out=str(out), iterations=2, write_rule="shared")
+    Trainer(cfg2, resume=True, progress=False).train()
+    with pytest.raises(ValueError, match=r"differ from the checkpoint's"):
+        Trainer(_cfg(out=str(out), iterations=3), resume=True, progress=False)
+    # the command line's --resume reads the run's config.json: without the keys as well
+    from metacore import cli
+    conf = json.loads((out / "config.json").read_text())
+    for k in ("write_rule", "add_vector"):
+        conf.pop(k, None)
+    (out / "config.json").write_text(json.dumps(conf))
+    assert cli.main(["train", "mann", "--task", "omniglot", "--out", str(out), "--resume",
+                     "--iterations", "3", "--no-progress"]) == 0
+    assert load_run(str(out))[1].model.write_rule == "shared"
+
+
 def test_trains_and_resumes_exactly(tmp_path):
     from metacore.training import Trainer
     a = Trainer(_cfg(out=str(tmp_path / "a"), iterations=3), progress=False)

@@ -64,13 +64,24 @@ def test_second_order_gradient_matches_finite_differences(seed):
         assert rel_error(g @ v, numerical_directional(f, p, v)) < 1e-6, name
 
 
-def test_first_order_variant_is_the_gradient_with_support_gradients_frozen():
-    net, p, sx, sy, qx, qy = _setup(3)
+@pytest.mark.parametrize("seed", [2, 3])
+def test_first_order_variant_is_the_gradient_with_support_gradients_frozen(seed):
+    """First order (the default, the authors' code): at p, the gradient of the surrogate
+    theta -> L(theta; g^u(p), g^b(p)), the meta-information held at its value at p."""
+    net, p, sx, sy, qx, qy = _setup(seed)
     _, g2, _, _ = net.loss_and_grad(p, sx, sy, qx, qy, second_order=True)
-    _, g1, _, frozen = net.loss_and_grad(p, sx, sy, qx, qy, second_order=False)
+    _, g1, _, frozen = net.loss_and_grad(p, sx, sy, qx, qy)
+    assert np.array_equal(g1, net.loss_and_grad(p, sx, sy, qx, qy, second_order=False)[1])
     f1 = lambda: net.loss(p, sx, sy, qx, qy, frozen=frozen)         # noqa: E731
     f2 = lambda: net.loss(p, sx, sy, qx, qy)                        # noqa: E731
-    rng = np.random.default_rng(0)
+    assert f1() == f2()                  # at p the surrogate is the loss itself
+    rng = np.random.default_rng(seed)
+    idx = []
+    for name in net.layout.names:                                   # 6 coordinates per block
+        sl = net.layout.slice(name)
+        n = sl.stop - sl.start
+        idx += list(sl.start + rng.choice(n, min(6, n), replace=False))
+    assert rel_error(g1[idx], numerical_gradient_at(f1, p, idx)) < 1e-7
     for name in net.layout.names:
         sl = net.layout.slice(name)
         v = np.zeros_like(p)
@@ -86,7 +97,7 @@ def test_first_order_variant_is_the_gradient_with_support_gradients_frozen():
 def test_steps_group_supports_and_the_gradient_still_matches():
     net = _net(steps=1)
     _, p, sx, sy, qx, qy = _setup(2, net)
-    _, g, _, (gQ, _) = net.loss_and_grad(p, sx, sy, qx, qy)
+    _, g, _, (gQ, _) = net.loss_and_grad(p, sx, sy, qx, qy, second_order=True)
     assert gQ.shape == (1, len(net.u_idx))                          # one chunk of 3 supports
     rng = np.random.default_rng(1)
     v = rng.standard_normal(p.shape)
@@ -255,7 +266,8 @@ def test_method_gradient_averages_episodes_and_clips_the_norm(tmp_path):
     params = m.init_params(m.rng)
     batch = m.sample()
     g, info = m.gradient(params, batch)
-    parts = [m.net.loss_and_grad(params, *(a[t] for a in batch))[1] for t in range(2)]
+    L = batch[3].shape[1]                 # query_loss "sum": L times the mean's gradient
+    parts = [L * m.net.loss_and_grad(params, *(a[t] for a in batch))[1] for t in range(2)]
     want = (parts[0] + parts[1]) / 2
     assert info["grad_norm"] == pytest.approx(np.linalg.norm(want), rel=1e-12)
     if info["grad_norm"] > 10.0:
@@ -265,3 +277,98 @@ def test_method_gradient_averages_episodes_and_clips_the_norm(tmp_path):
     g2, info2 = small.gradient(params, batch)
     assert info2["grad_norm"] == pytest.approx(info["grad_norm"], rel=1e-12)
     assert np.linalg.norm(g2) == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_query_loss_mean_is_the_sum_over_the_number_of_queries(tmp_path):
+    from metacore.training import build_method
+    m_sum = build_method(_cfg(tmp_path / "s", dtype="float64", clip_norm=0.0, queries=2))
+    m_mean = build_method(_cfg(tmp_path / "m", dtype="float64", clip_norm=0.0, queries=2,
+                               query_loss="mean"))
+    params = m_sum.init_params(m_sum.rng)
+    batch = m_sum.sample()
+    gs, info_s = m_sum.gradient(params, batch)
+    gm, info_m = m_mean.gradient(params, batch)
+    assert np.allclose(gs, 5 * 2 * gm, rtol=1e-12, atol=0)          # 5 classes x 2 queries
+    assert info_s["loss"] == info_m["loss"]                         # logged: the mean
+    with pytest.raises(ValueError, match="query_loss must be 'sum' or 'mean'"):
+        _cfg(tmp_path / "x", query_loss="avg")
+
+
+def test_supports_come_in_a_random_order_with_their_labels(tmp_path):
+    """The sampler groups supports by label; sample() shuffles each episode's supports (as the
+    authors' generator does) and keeps every image with its label."""
+    from metacore.training import build_method
+    m = build_method(_cfg(tmp_path, meta_batch=6, dtype="float64"))
+    state = m.sampler.rng.bit_generator.state
+    ep = m.sampler.sample(6)
+    m.sampler.rng.bit_generator.state = state
+    sx, sy, qx, qy = m.sample()
+    assert np.array_equal(qx, ep.query_x) and np.array_equal(qy, ep.query_y)
+    assert any(not np.array_equal(sy[t], np.sort(sy[t])) for t in range(6))
+    for t in range(6):
+        for i in range(sy.shape[1]):
+            j = int(np.flatnonzero(ep.support_y[t] == sy[t, i])[0])   # 1-shot: one per label
+            assert np.array_equal(sx[t, i], ep.support_x[t, j])
+
+
+# ------------------------------------------------------------------ defaults and their sources
+AUTHORS_SETTINGS = {   # setting: (value, words its source must contain)
+    "n_way": (5, "n_outputs_train = n_outputs_test = 5"),
+    "shots": (1, "nb_samples_per_class = 1"),
+    "queries": (10, "nb_samples_per_class_train = nb_samples_per_class_test = 10"),
+    "meta_batch": (1, "batch_size = 1"),
+    "channels": (64, "Block(64, 3)"),
+    "key_dim": (64, "key_fc1 = Linear(64, 64)"),
+    "hidden": (64, "fc1 = Linear(64, 64)"),
+    "lstm_hidden": (20, "LSTM(2, 20)"),
+    "mlp_hidden": (20, "m_ll1 = Linear(20, 20)"),
+    "steps": (5, "IT = 5"),
+    "preproc_k": (7.0, "k=7"),
+    "second_order": (False, "first order"),
+    "query_loss": ("sum", "x_loss +="),
+    "clip_norm": (10.0, "GradientClipping(10)"),
+    "outer_opt": ("adam", "optimizers.Adam(alpha=0.001, beta1=0.9, beta2=0.999"),
+    "outer_lr": (1e-3, "alpha=0.001"),
+    "dtype": ("float32", "float32"),
+}
+METACORE_CHOICES = {   # not the paper's or the authors' value: the source says why
+    "depth": (4, "not the paper's and MetaNetFull.py's 5"),
+    "iterations": (40000, "not stated in the paper"),
+    "eval_every": (500, "not stated in the paper"),
+    "eval_tasks": (100, "not stated in the paper"),
+    "seed": (0, "not stated in the paper"),
+    "lr_halve_every": (0, "no schedule"),
+    "outer_lr_final": (None, "no schedule"),
+    "log_every": (50, "metacore:"),
+    "ckpt_every": (100, "metacore:"),
+    "backend": ("auto", "metacore:"),
+}
+
+
+def test_every_default_is_pinned_to_its_source(tmp_path):
+    from metacore.methods import default_sources, paper_defaults
+    from metacore.methods.metanet import SOURCES
+    cfg = paper_defaults("metanet", "omniglot")
+    src = default_sources("metanet", "omniglot")
+    assert src == SOURCES["omniglot"]
+    for key, (value, words) in AUTHORS_SETTINGS.items():
+        assert cfg[key] == value, (key, cfg[key])
+        assert words in src[key] and not src[key].startswith("metacore:"), (key, src[key])
+        assert "tsendeemts/metanet" in src[key], key
+    for key, (value, words) in METACORE_CHOICES.items():
+        assert cfg[key] == value, (key, cfg[key])
+        assert src[key].startswith("metacore:") and words in src[key], (key, src[key])
+    assert set(cfg) == set(AUTHORS_SETTINGS) | set(METACORE_CHOICES)   # none left unsourced
+    assert "98.95" in src["n_way"]
+
+
+def test_show_config_prints_the_sources(tmp_path, capsys):
+    from metacore.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "metanet", "--task", "omniglot", "--out", str(out),
+                 "--show-config"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert not out.exists()
+    assert "paper: " in lines["second_order"] and " false " in lines["second_order"]
+    assert "GradientClipping(10)" in lines["clip_norm"]
+    assert "paper: " not in lines["depth"] and "metacore: 4 conv blocks" in lines["depth"]

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from metacore.optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
+from metacore.optim import SGD, AdaGrad, Adam, Momentum, RMSProp, make_optimizer
 
 SIZES = [1, 7, 13]          # size 1, odd, prime
 STEPS = 6
@@ -72,6 +72,19 @@ def textbook_adagrad(theta0, grads, lr, eps, g0):
     return out
 
 
+def textbook_rmsprop(theta0, grads, lr, rho, eps):
+    theta = [float(x) for x in theta0]
+    ms = [0.0] * len(theta)
+    out = []
+    for g in grads:
+        for i in range(len(theta)):
+            gi = float(g[i])
+            ms[i] = rho * ms[i] + (1 - rho) * (gi * gi)
+            theta[i] = theta[i] - lr * gi / (math.sqrt(ms[i]) + eps)
+        out.append(list(theta))
+    return out
+
+
 def textbook_adam(theta0, grads, lr, b1, b2, eps):
     theta = [float(x) for x in theta0]
     m = [0.0] * len(theta)
@@ -99,6 +112,9 @@ CASES = [
      lambda th, gs: textbook_adagrad(th, gs, 0.29, 1e-10, 0.0)),
     ("adagrad", dict(lr=0.29, eps=1e-7, initial_accumulator=0.1),
      lambda th, gs: textbook_adagrad(th, gs, 0.29, 1e-7, 0.1)),
+    ("rmsprop", dict(lr=0.021, rho=0.83, eps=1e-6),
+     lambda th, gs: textbook_rmsprop(th, gs, 0.021, 0.83, 1e-6)),
+    ("rmsprop", dict(lr=1e-4), lambda th, gs: textbook_rmsprop(th, gs, 1e-4, 0.9, 1e-8)),
     ("adam", dict(lr=0.013, beta1=0.87, beta2=0.995, eps=1e-6),
      lambda th, gs: textbook_adam(th, gs, 0.013, 0.87, 0.995, 1e-6)),
     ("adam", dict(), lambda th, gs: textbook_adam(th, gs, 1e-3, 0.9, 0.999, 1e-8)),
@@ -175,6 +191,28 @@ def test_adam_first_step_is_lr_times_sign(dtype):
     assert np.all(dev <= eps / np.abs(g[nz].astype(np.float64)) + slack + 1e-12)
 
 
+def test_rmsprop_two_steps_by_hand():
+    """Two steps on one coordinate, worked out on paper: lr = 0.1, rho = 0.5, eps = 0.25,
+    theta0 = 1, g = 2 then -4:
+        v1 = 0.5 * 4 = 2,            theta1 = 1 - 0.1 * 2 / (sqrt(2) + 0.25)
+        v2 = 0.5 * 2 + 0.5 * 16 = 9, theta2 = theta1 + 0.1 * 4 / (3 + 0.25)."""
+    opt = RMSProp(1, np.float64, lr=0.1, rho=0.5, eps=0.25)
+    theta = np.array([1.0])
+    opt.step(theta, np.array([2.0]))
+    theta1 = 1.0 - 0.2 / (math.sqrt(2.0) + 0.25)
+    assert opt.mean_sq[0] == 2.0
+    _assert_close(theta, [theta1], rel=2e-16)
+    opt.step(theta, np.array([-4.0]))
+    assert opt.mean_sq[0] == 9.0
+    _assert_close(theta, [theta1 + 0.4 / 3.25], rel=2e-16)
+    state = opt.state_dict()
+    assert set(state) == {"lr", "rho", "eps", "mean_sq"} and state["rho"] == 0.5
+    with pytest.raises(ValueError, match="RMSProp: rho must be < 1.0, got 1.0"):
+        RMSProp(1, np.float64, lr=0.1, rho=1.0)
+    with pytest.raises(TypeError, match="RMSProp.__init__.. missing 1 required keyword"):
+        make_optimizer("rmsprop", 1, np.float64)
+
+
 def test_adam_first_step_independent_of_gradient_scale():
     size = 9
     g = _grads(5, size, 2)[0]                                 # (P,) no zero entries
@@ -232,7 +270,8 @@ def test_state_dict_is_a_snapshot_and_load_copies():
 
 def test_state_dict_scalars_are_plain_python():
     for opt in (SGD(3, np.float32, lr=np.float32(0.1)), Momentum(3, np.float64, lr=1),
-                AdaGrad(3, np.float64, lr=0.1), Adam(3, np.float32)):
+                AdaGrad(3, np.float64, lr=0.1), RMSProp(3, np.float32, lr=0.1),
+                Adam(3, np.float32)):
         for key, value in opt.state_dict().items():
             assert isinstance(value, (np.ndarray, float, int, bool)), key
             if not isinstance(value, np.ndarray):
@@ -292,7 +331,7 @@ def test_step_rejects_bad_input():
     assert opt.t == 0 and not opt.m.any() and not p.any()
 
 
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "rmsprop"])
 def test_step_error_names_each_optimizer(name):
     opt = make_optimizer(name, 3, np.float64, lr=0.1)
     with pytest.raises(ValueError, match=rf"{type(opt).__name__}.step: grad contains 1 non-f"):
@@ -325,8 +364,8 @@ def test_constructor_rejects_bad_hyperparameters():
 
 
 def test_make_optimizer_rejects_bad_names_and_keywords():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'rmsprop'; expected one of"):
-        make_optimizer("rmsprop", 3, np.float64, lr=0.1)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamw'; expected one of"):
+        make_optimizer("adamw", 3, np.float64, lr=0.1)
     with pytest.raises(TypeError, match="SGD.__init__.. missing 1 required keyword-only"):
         make_optimizer("sgd", 3, np.float64)
     with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):

@@ -237,3 +237,29 @@ def test_cli_set_refuses_unknown_settings(tmp_path):
                         "--out", str(tmp_path / "r")], env=_env(), cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "task must be one of ('sinusoid', 'omniglot')" in r.stderr
+
+
+def test_omniglot_maml_family_logs_training_accuracy(tmp_path):
+    """The curves need a training accuracy: each train record carries the mean post-update
+    query accuracy over its interval (fractions of 1, a multiple of 1 / (5 queries x 2 tasks)
+    per step)."""
+    cfg = make_config("maml", "omniglot", tmp_path, iterations=2, meta_batch=2,
+                      eval_every=100, eval_tasks=2, log_every=1, ckpt_every=100, seed=3)
+    Trainer(cfg, progress=False).train()
+    with open(tmp_path / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if '"train"' in line]
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert 0.0 <= r["train_accuracy"] <= 1.0
+        assert abs(r["train_accuracy"] * 10 - round(r["train_accuracy"] * 10)) < 1e-9
+
+
+def test_metasgd_show_config_does_not_claim_li_et_al():
+    """Meta-SGD on Omniglot runs Finn's MAML settings: --show-config says so, and its initial
+    inner rate is marked as metacore's choice, not a paper setting."""
+    from metacore.methods import maml_family
+    src = maml_family.sources("metasgd", "omniglot")
+    assert src["inner_lr"].startswith("metacore:")
+    assert all("Li et al. 2017's own schedule was not verified" in v
+               for k, v in src.items() if k != "inner_lr")
+    assert maml_family.sources("maml", "omniglot")["inner_lr"].endswith("--update_lr=0.4")

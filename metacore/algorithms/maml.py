@@ -54,11 +54,13 @@ class MetaGradient:
     support_loss (T,)  L_0,t(theta), the pre-update losses on the first support batch
     grad        (P,)   dF/dtheta
     alpha_grad  float or (P,): dF/dalpha, shaped like alpha
+    query_accuracy (T,) post-update query accuracy for a classifier (softmax_ce), else None
     """
     query_loss: np.ndarray
     support_loss: np.ndarray
     grad: np.ndarray
     alpha_grad: object
+    query_accuracy: object = None
 
 
 # ----------------------------------------------------------------------- unchecked passes
@@ -71,12 +73,17 @@ def _loss(model, theta, x, y):
     return LOSSES[model.loss_name][0](out, y)[0]
 
 
-def _loss_grad(model, theta, x, y):
-    """-> loss (T,), grad (T, P)."""
+def _loss_grad(model, theta, x, y, accuracy=False):
+    """-> loss (T,), grad (T, P)[, accuracy (T,) or None]."""
     lfwd, lbwd, _ = LOSSES[model.loss_name]
     out, caches = model.forward(theta, x, _checked=True)
     loss, lcache = lfwd(out, y)
-    return loss, model.backward(lbwd(lcache), caches, theta.shape[0])
+    grad = model.backward(lbwd(lcache), caches, theta.shape[0])
+    if not accuracy:
+        return loss, grad
+    # out (T, N, K) logits, y (T, N) labels: a by-product of the pass, for the training log
+    acc = (out.argmax(axis=-1) == y).mean(axis=1) if model.loss_name == "softmax_ce" else None
+    return loss, grad, acc
 
 
 def _hvp(model, theta, x, y, u):
@@ -291,7 +298,7 @@ def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, w
     scalar_alpha = not isinstance(alpha, np.ndarray)
     theta_k, iterates, loss0, gsum = _inner_loop(model, tile_tasks(theta, T), xs, ys, alpha,
                                                  keep=not first_order)
-    qloss, v = _loss_grad(model, theta_k, query_x, query_y)            # v: (T, P)
+    qloss, v, qacc = _loss_grad(model, theta_k, query_x, query_y, accuracy=True)  # v: (T, P)
     if first_order:
         dalpha = -v * gsum                                             # (T, P)
     else:
@@ -303,7 +310,7 @@ def _maml_gradient(model, theta, xs, ys, query_x, query_y, alpha, first_order, w
     grad = v.mean(axis=0)                                              # (P,)
     dalpha_mean = dalpha.mean(axis=0)                                  # (P,)
     alpha_grad = float(dalpha_mean.sum()) if scalar_alpha else dalpha_mean
-    return MetaGradient(qloss, loss0, grad, alpha_grad)
+    return MetaGradient(qloss, loss0, grad, alpha_grad, qacc)
 
 
 def _maml_gradient_by_blocks(model, theta, xs, ys, query_x, query_y, alpha, first_order,
@@ -321,9 +328,11 @@ def _maml_gradient_by_blocks(model, theta, xs, ys, query_x, query_y, alpha, firs
     alpha_grad = sum(((hi - lo) / T) * r.alpha_grad for lo, hi, r in parts)
     if not isinstance(alpha, np.ndarray):
         alpha_grad = float(alpha_grad)
+    accs = [r.query_accuracy for _, _, r in parts]
+    qacc = None if accs[0] is None else np.concatenate(accs)
     return MetaGradient(np.concatenate([r.query_loss for _, _, r in parts]),
                         np.concatenate([r.support_loss for _, _, r in parts]),
-                        grad.astype(theta.dtype, copy=False), alpha_grad)
+                        grad.astype(theta.dtype, copy=False), alpha_grad, qacc)
 
 
 def fomaml_gradient(model, theta, support_x, support_y, query_x, query_y, alpha, steps=1,

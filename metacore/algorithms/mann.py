@@ -12,12 +12,27 @@ until its label shows up):
     u_t = [x_t, onehot(y_{t-1}), r_{t-1}]               (B, D + N + H W), y_{-1}: zeros
     h_t, c_t = LSTM(u_t, h_{t-1}, c_{t-1})              (B, C)  metacore.layers.lstm
     k_t = tanh(h_t W_k + b_k)                           (B, H, W) one key per head
-    r_t, M_t, w_r_t, w_w_t, w_u_t = LRUA step(k_t, alpha, M_{t-1}, w_r_{t-1}, w_u_{t-1})
+    a_t = tanh(h_t W_a + b_a)                           (B, H, W) only with add_vector=True
+    r_t, M_t, w_r_t, w_w_t, w_u_t = LRUA step(k_t, alpha, M_{t-1}, w_r_{t-1}, w_u_{t-1},
+                                              write_rule, add = a_t or None)
                                                         metacore.kernels.lrua (step pair)
     z_t = [h_t, r_t] W_o + b_o                          (B, N) logits, p_t = softmax(z_t)
     L = -(1 / (T B)) sum_{t, b} log p_t[y_t]            cross-entropy over the episode
 The previous read r_{t-1} enters the controller (as in the NTM the paper builds on), so the
 key k_t depends on r_{t-1}: the memory runs one step at a time.
+
+Settings of the memory that the paper's text and public reimplementations resolve
+differently (docs/RESULTS_MANN.md):
+  * write_rule: "per_head" (default) gives head h its own h-th least-used slot, as
+    tristandeleu/ntm-one-shot does (argsort(w_u)[:, :n]); "shared" is the paper's
+    equation read literally (Santoro et al. 2016, "Least Recently Used Access": one n-hot
+    w^lu_t, marking the n least-used slots, that every head's write weights mix in), so
+    with n = 4 heads every head writes its key into all four slots. Ties: the lower slot index first
+    (metacore.reference.lrua).
+  * add_vector: False (default) writes the key k_t, as the paper's write equation
+    (M_t(i) = M_{t-1}(i) + w^w_t(i) k_t); True writes a separate add vector
+    a_t = tanh(h_t W_a + b_a) per head, as tristandeleu/ntm-one-shot (new parameters
+    add_W (C, H W), add_b (H W,); host backends only).
 
 Choices the paper leaves open (stated here so that a run is reproducible):
   * keys pass through tanh (bounded writes); alpha is the paper's one learned scalar gate
@@ -34,8 +49,9 @@ Choices the paper leaves open (stated here so that a run is reproducible):
 Backward (t = T-1..0), carrying dh, dc (LSTM state), dr_next = dL/dr_t through u_{t+1},
 dM = dL/dM_t and dwr = dL/dw_r_t from step t + 1:
     dz_t = (p_t - onehot(y_t)) / (T B);  dW_o += [h_t, r_t]^T dz_t;  [dh_o, dr_o] = dz_t W_o^T
-    dk_t, dalpha_t, dM, dwr = LRUA step backward(dr_o + dr_next, dM, dwr)
-    da_t = dk_t (1 - k_t^2);  dW_k += h_t^T da_t;  dh_t = dh + dh_o + da_t W_k^T
+    dk_t, dalpha_t, dM, dwr (, dadd_t) = LRUA step backward(dr_o + dr_next, dM, dwr)
+    dq_t = dk_t (1 - k_t^2);  dW_k += h_t^T dq_t;  dh_t = dh + dh_o + dq_t W_k^T
+    (add_vector: dp_t = dadd_t (1 - a_t^2);  dW_a += h_t^T dp_t;  dh_t += dp_t W_a^T)
     dg_t, dc = LSTM step backward(dh_t, dc);  [dr_next, dh] = dg_t [W_r; W_h]^T
     dW_lstm = sum_t [x_t, onehot(y_{t-1}), r_{t-1}, h_{t-1}]^T dg_t    (one product at the end)
 (docs/DERIVATIONS.md, section MANN).
@@ -55,7 +71,9 @@ from metacore.validate import check_float_array, check_int_array
 @dataclass(frozen=True)
 class MANN:
     """Sizes of one MANN; the parameters live in one flat (P,) vector (see `layout`).
-    d_in: D, n_way: N, hidden: C, heads: H, slots: S, width: W, gamma: usage decay."""
+    d_in: D, n_way: N, hidden: C, heads: H, slots: S, width: W, gamma: usage decay,
+    write_rule: "per_head" | "shared", add_vector: write a_t = tanh(h_t W_a + b_a) instead
+    of the key (module docstring)."""
     d_in: int
     n_way: int = 5
     hidden: int = 200
@@ -63,6 +81,8 @@ class MANN:
     slots: int = 128
     width: int = 40
     gamma: float = 0.95
+    write_rule: str = "per_head"
+    add_vector: bool = False
 
     def __post_init__(self):
         for name in ("d_in", "n_way", "hidden", "heads", "slots", "width"):
@@ -75,17 +95,24 @@ class MANN:
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
             raise ValueError(f"MANN: gamma must be a number in [0, 1], got {g!r}")
+        if self.write_rule not in lrua.WRITE_RULES:
+            raise ValueError(f"MANN: write_rule must be one of {lrua.WRITE_RULES}, got "
+                             f"{self.write_rule!r}")
+        if not isinstance(self.add_vector, (bool, np.bool_)):
+            raise ValueError(f"MANN: add_vector must be a bool, got {self.add_vector!r}")
 
     # ------------------------------------------------------------------ parameters
     @property
     def layout(self):
         """lstm_W (D + N + H W + C, 4C), lstm_b (4C,), key_W (C, H W), key_b (H W,),
-        alpha (H,), out_W (C + H W, N), out_b (N,)."""
+        [add_W (C, H W), add_b (H W,) with add_vector], alpha (H,), out_W (C + H W, N),
+        out_b (N,)."""
         HW, C = self.heads * self.width, self.hidden
+        add = [("add_W", (C, HW)), ("add_b", (HW,))] if self.add_vector else []
         return ParamLayout([("lstm_W", (self.d_in + self.n_way + HW + C, 4 * C)),
                             ("lstm_b", (4 * C,)),
-                            ("key_W", (C, HW)), ("key_b", (HW,)),
-                            ("alpha", (self.heads,)),
+                            ("key_W", (C, HW)), ("key_b", (HW,))] + add +
+                           [("alpha", (self.heads,)),
                             ("out_W", (C + HW, self.n_way)), ("out_b", (self.n_way,))])
 
     @property
@@ -93,7 +120,7 @@ class MANN:
         return self.layout.size
 
     def init_params(self, rng, dtype=np.float32):
-        """LSTM: metacore.layers.lstm.lstm_init (forget bias 1); key and output layers
+        """LSTM: metacore.layers.lstm.lstm_init (forget bias 1); key, add and output layers
         uniform in +-1/sqrt(fan_in), zero biases; alpha = 0 (gate 1/2). -> (P,)."""
         lay = self.layout
         theta = np.zeros(lay.size, dtype)
@@ -101,7 +128,7 @@ class MANN:
         Din = self.d_in + self.n_way + self.heads * self.width
         W, b = lstm_init(rng, Din, self.hidden, dtype)
         v["lstm_W"][0], v["lstm_b"][0] = W, b
-        for name in ("key_W", "out_W"):
+        for name in ("key_W", "add_W", "out_W") if self.add_vector else ("key_W", "out_W"):
             fan_in = lay.shapes[lay.names.index(name)][0]
             a = 1.0 / np.sqrt(fan_in)
             v[name][0] = rng.uniform(-a, a, v[name].shape[1:])
@@ -162,15 +189,17 @@ class MANN:
             c_prev = c
             h, c, gates = _step_forward(zx[t] + r @ Wr, h, c, Wh)
             k = np.tanh(h @ p["key_W"] + p["key_b"])                   # (B, H W)
+            a = np.tanh(h @ p["add_W"] + p["add_b"]) if self.add_vector else None
             mem_prev = (M, wr, wu)
             read, M, wr, _, wu = lrua.lrua_step_forward(
-                k.reshape(B, H, W), p["alpha"], M, wr, wu, self.gamma, backend=backend)
+                k.reshape(B, H, W), p["alpha"], M, wr, wu, self.gamma, backend=backend,
+                write_rule=self.write_rule, add=None if a is None else a.reshape(B, H, W))
             if on_device:
                 (read,) = lrua.to_host(backend, read)
             r = read.reshape(B, H * W)                                 # (B, H W)
             hr = np.concatenate([h, r], axis=1)                        # (B, C + H W)
             logits[t] = hr @ p["out_W"] + p["out_b"]
-            steps.append((rh_prev, c_prev, gates, k, mem_prev, hr, wu))
+            steps.append((rh_prev, c_prev, gates, k, mem_prev, hr, a))
         return logits, (theta, p, xy, steps, backend)
 
     def loss(self, logits, y):
@@ -208,22 +237,28 @@ class MANN:
         Wrh = p["lstm_W"][DN:]                                         # (H W + C, G)
         dzs = np.empty((T, B, 4 * C), dt)                              # (T, B, G)
         for t in range(T - 1, -1, -1):
-            rh_prev, c_prev, gates, k, (M_prev, wr_prev, wu_prev), hr, _ = steps[t]
+            rh_prev, c_prev, gates, k, (M_prev, wr_prev, wu_prev), hr, a = steps[t]
             dz = dlogits[t]                                            # (B, N)
             g["out_W"] += hr.T @ dz
             g["out_b"] += dz.sum(axis=0)
             dhr = dz @ Wo.T                                            # (B, C + H W)
             dr = (dhr[:, C:] + dr_next).reshape(B, H, W)
-            dk, dalpha, dM, dwr = lrua.lrua_step_backward(
+            dk, dalpha, dM, dwr, *dadd = lrua.lrua_step_backward(
                 dr, dM, dwr, k.reshape(B, H, W), p["alpha"], M_prev, wr_prev, wu_prev,
-                self.gamma, backend=backend)
+                self.gamma, backend=backend, write_rule=self.write_rule,
+                add=None if a is None else a.reshape(B, H, W))
             if on_device:
                 dk, dalpha = lrua.to_host(backend, dk, dalpha)
             g["alpha"] += dalpha
-            da = dk.reshape(B, H * W) * (1 - k * k)                    # (B, H W)
-            g["key_W"] += hr[:, :C].T @ da
-            g["key_b"] += da.sum(axis=0)
-            dh_t = dh + dhr[:, :C] + da @ Wk.T                         # (B, C)
+            dq = dk.reshape(B, H * W) * (1 - k * k)                    # (B, H W)
+            g["key_W"] += hr[:, :C].T @ dq
+            g["key_b"] += dq.sum(axis=0)
+            dh_t = dh + dhr[:, :C] + dq @ Wk.T                         # (B, C)
+            if a is not None:
+                dp = dadd[0].reshape(B, H * W) * (1 - a * a)           # (B, H W)
+                g["add_W"] += hr[:, :C].T @ dp
+                g["add_b"] += dp.sum(axis=0)
+                dh_t += dp @ p["add_W"].T
             dzs[t], dc = _step_backward(dh_t, dc, c_prev, gates)
             drh = dzs[t] @ Wrh.T                                       # (B, H W + C)
             dr_next, dh = drh[:, :H * W], drh[:, H * W:]

@@ -23,12 +23,17 @@ code. Layer augmentation: a hidden layer with a fast weight gives relu(slow) + r
 an output layer (u's key layer, b's logit layer) gives slow + fast, as the authors' code does.
 The fast branches have no bias.
 
-The outer gradient flows through g^u and g^b (they depend on Q and W), so it needs
-Hessian-vector products of the support losses: second_order=True (default) adds
-sum_s H^u_s v^u_s to dQ and sum_i H^b_i v^b_i to dW, with v = dL/dg from the generators'
-backward passes (metacore.network.Model.hvp, exact, by the R-operator). second_order=False
-treats g^u, g^b as constants, as the authors' Chainer code does (it reads .grad arrays and
-preprocesses them in NumPy, which cuts the graph).
+The meta-information g^u, g^b depends on Q and W. Write the episode loss as F(theta) =
+L(theta; g^u(theta), g^b(theta)), L the loss with the meta-information as an input.
+  second_order=False (default; the authors' Chainer code, which reads the .grad arrays and
+    preprocesses them in NumPy, cutting the graph there): the gradient at theta0 of the
+    surrogate theta -> L(theta; g^u(theta0), g^b(theta0)), the meta-information held at its
+    value at theta0. The generators' parameters get their exact gradient; Q and W miss the
+    terms through g.
+  second_order=True: the exact gradient of F, which adds sum_s H^u_s v^u_s to dQ and
+    sum_i H^b_i v^b_i to dW, with v = dL/dg from the generators' backward passes
+    (metacore.network.Model.hvp, exact, by the R-operator): two HVP passes more.
+Both are in `metacore check` (metanet_episode[first_order], [second_order]).
 
 Shape letters: N supports, L queries, S embedding chunks (LSTM steps), Fu / Fb fast
 coordinates of u / b, Pu / Pb slow parameters of u / b, H LSTM units, Hm MLP units,
@@ -299,9 +304,10 @@ class MetaNet:
         z, _ = self._forward(params, sx, sy, qx, frozen)
         return float(sce.softmax_ce_forward(z[None], qy[None])[0][0])
 
-    def loss_and_grad(self, params, sx, sy, qx, qy, second_order=True):
+    def loss_and_grad(self, params, sx, sy, qx, qy, second_order=False):
         """-> loss (mean query cross-entropy), grad (P,), logits (L, K), support gradients
-        (g^u, g^b) (for the first-order variant's test)."""
+        (g^u, g^b) (for the first-order variant's test). second_order: see the module
+        docstring (False: the authors' first-order gradient)."""
         self._check(params, sx, sy, qx, qy)
         z, c = self._forward(params, sx, sy, qx)
         v, L, N = c["v"], qx.shape[0], sx.shape[0]

@@ -17,6 +17,9 @@ A method module is `metacore/methods/<module>.py`. It defines
                         whose methods differ on a task: their defaults (instead of
                         DEFAULTS[task]), where each default comes from (`--show-config`;
                         else SOURCES[task] if defined), and the Method object to build
+    LEGACY    optional {config key: value}: settings added after runs existed whose default
+              differs from what those runs did; a saved config without the key is read
+              (resume, eval) with this value (legacy_settings)
 
 and nothing else is needed: `registry()` finds every module in this folder that has NAMES.
 
@@ -135,6 +138,11 @@ def paper_defaults(name, task):
     cfg = dict(COMMON)
     cfg.update(mod.defaults(name, task) if hasattr(mod, "defaults") else mod.DEFAULTS[task])
     return cfg
+
+
+def legacy_settings(name):
+    """{setting: value a saved config without it ran with} (the module's LEGACY)."""
+    return dict(getattr(get(name), "LEGACY", {}))
 
 
 def default_sources(name, task):

@@ -75,7 +75,15 @@ def sources(algorithm, task):
     if _nichol(algorithm, task):
         from metacore.methods import reptile_omniglot
         return dict(reptile_omniglot.SOURCES)
-    return dict(SOURCES.get(task, {}))
+    src = dict(SOURCES.get(task, {}))
+    if algorithm == "metasgd":                   # Finn's settings; Li et al.'s not verified
+        src = {k: v + " (Finn's MAML setting, used for Meta-SGD: Li et al. 2017's own "
+               "schedule was not verified)" for k, v in src.items()}
+        if "inner_lr" in src:
+            src["inner_lr"] = ("metacore: the initial value of every learned inner rate, "
+                               "Finn's alpha 0.4 (Li et al. 2017's initialisation was not "
+                               "verified)")
+    return src
 
 
 def build_method(cfg):
@@ -197,25 +205,26 @@ class OmniglotSource:
 
 # ------------------------------------------------------------------------------ one step
 def meta_step_gradient(cfg, model, params, batch):
-    """(query_loss (T,), support_loss (T,), grad like params) for one meta-batch.
-    params: (P,) or, for metasgd, (2P,) = [theta, alpha]."""
+    """(query_loss (T,), support_loss (T,), grad like params, query_accuracy (T,) or None)
+    for one meta-batch. params: (P,) or, for metasgd, (2P,) = [theta, alpha]."""
     sx, sy, qx, qy = batch
     algo, k, P = cfg["algorithm"], cfg["inner_steps"], model.num_params
     if algo in ("maml", "fomaml"):
         r = _maml_gradient(model, params, [sx] * k, [sy] * k, qx, qy, cfg["inner_lr"],
                            first_order=algo == "fomaml", workers=cfg["workers"])
-        return r.query_loss, r.support_loss, r.grad
+        return r.query_loss, r.support_loss, r.grad, r.query_accuracy
     if algo == "metasgd":
         r = _maml_gradient(model, params[:P], [sx] * k, [sy] * k, qx, qy, params[P:],
                            first_order=False, workers=cfg["workers"])
-        return r.query_loss, r.support_loss, np.concatenate([r.grad, r.alpha_grad])
+        return (r.query_loss, r.support_loss, np.concatenate([r.grad, r.alpha_grad]),
+                r.query_accuracy)
     if algo == "reptile":
         loss0, d = _reptile(model, params, [sx] * k, [sy] * k, cfg["inner_lr"], sx.shape[0])
-        return _loss(model, tile_tasks(params, sx.shape[0]), qx, qy), loss0, d
+        return _loss(model, tile_tasks(params, sx.shape[0]), qx, qy), loss0, d, None
     # pretrain: one model on all points of every task
     x, y = np.concatenate([sx, qx], axis=1), np.concatenate([sy, qy], axis=1)
     loss, g = _loss_grad(model, tile_tasks(params, x.shape[0]), x, y)
-    return loss, loss, g.mean(axis=0)
+    return loss, loss, g.mean(axis=0), None
 
 
 def split_params(cfg, model, params):
@@ -250,8 +259,11 @@ class Method(MethodBase):
         return self.source.sample(self.cfg["meta_batch"])
 
     def gradient(self, params, batch):
-        qloss, sloss, grad = meta_step_gradient(self.cfg, self.model, params, batch)
-        return grad, {"query_loss": float(qloss.mean()), "support_loss": float(sloss.mean())}
+        qloss, sloss, grad, qacc = meta_step_gradient(self.cfg, self.model, params, batch)
+        rec = {"query_loss": float(qloss.mean()), "support_loss": float(sloss.mean())}
+        if qacc is not None:                     # post-update query accuracy, for the curves
+            rec["train_accuracy"] = float(qacc.mean())
+        return grad, rec
 
     def batch_size(self, batch):
         return batch[0].shape[0]

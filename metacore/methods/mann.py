@@ -16,9 +16,16 @@ Data, as the paper describes it (section 4.1) and where it differs:
   * each episode: 5 distinct classes with random labels 0..4, 10 distinct drawings per
     class, the 50 (image, label) pairs shuffled.
 
-Optimizer: the paper trains with RMSProp at 1e-4; metacore.optim has no RMSProp, so the
-default is its closest relative there, Adam (RMSProp's second-moment scaling plus momentum
-and bias correction) at the same 1e-4. A run may set outer_lr.
+Optimizer: RMSProp at 1e-4, as the paper states (metacore.optim.RMSProp: rho 0.9 and eps
+1e-8 outside the sqrt, values the paper does not give; see that class). Runs before this
+default used Adam at 1e-4 (their config says so, and resuming keeps it).
+
+Memory (docs/RESULTS_MANN.md): write_rule="per_head" (default; head h writes at its own
+h-th least-used slot, as tristandeleu/ntm-one-shot) or "shared" (the paper's one n-hot
+least-used vector, read literally, which every head writes into); add_vector=False
+(default: the key is written, as the paper's text) or True (a separate add vector
+a_t = tanh(h_t W_a + b_a), as ntm-one-shot; host backends only). A run from before these
+settings existed ran write_rule="shared", add_vector=False, and is read back so (LEGACY).
 
 Accuracy by instance (the paper's Table 1): the accuracy of the prediction at the steps
 that show a class for the 1st, 2nd, ..., 10th time, per episode, then the mean and 95%
@@ -44,14 +51,37 @@ TASKS = ("omniglot",)
 SIDE = 20                          # the paper's image side
 
 # Santoro et al. 2016: LSTM controller of 200 units, 4 read heads, memory 128 x 40, 5-way
-# episodes of 10 instances per class, batch 16, RMSProp 1e-4 (here Adam, see above).
+# episodes of 10 instances per class, batch 16, RMSProp 1e-4.
 # iterations: the paper's Figure 2 runs to 100,000 episodes; here a step is a batch of 16.
 DEFAULTS = {
     "omniglot": dict(n_way=5, instances=10, batch=16, hidden=200, heads=4, slots=128,
-                     width=40, gamma=0.95, outer_opt="adam", outer_lr=1e-4,
+                     width=40, gamma=0.95, write_rule="per_head", add_vector=False,
+                     outer_opt="rmsprop", outer_lr=1e-4,
                      iterations=100000 // 16, eval_every=100, eval_tasks=160, log_every=10,
                      ckpt_every=100, backend="auto"),
 }
+
+# Where each default comes from (`metacore train mann omniglot --show-config`).
+_SANTORO = "Santoro et al. 2016"
+SOURCES = {
+    "omniglot": dict(
+        n_way=_SANTORO + ", section 4.1: 5-way episodes", instances=_SANTORO +
+        ", section 4.1: 10 instances of each class", batch=_SANTORO + ": batch of 16 episodes",
+        hidden=_SANTORO + ": LSTM controller of 200 hidden units", heads=_SANTORO +
+        ": 4 read heads", slots=_SANTORO + ": memory of 128 slots", width=_SANTORO +
+        ": slots of width 40", outer_opt=_SANTORO + ": RMSProp (rho, eps not stated; "
+        "metacore.optim.RMSProp's 0.9, 1e-8)", outer_lr=_SANTORO + ": learning rate 1e-4",
+        write_rule="reimplementation, not the paper's text: tristandeleu/ntm-one-shot "
+        "(argsort(w_u)[:, :n]: head h writes at the h-th least-used slot); the paper's "
+        "equation reads as one shared n-hot vector, write_rule=shared",
+        add_vector=_SANTORO + ", section 'Least Recently Used Access': its write equation "
+        "adds w^w_t(i) k_t, the key (ntm-one-shot writes a separate tanh(W_a h_t + b_a): "
+        "add_vector=true)"),
+}
+
+# Settings added after runs existed, with the value those runs used: a config without the key
+# is read (eval, resume) with this value, not the new default.
+LEGACY = {"write_rule": "shared", "add_vector": False}
 
 _INT_KEYS = ("n_way", "instances", "batch", "hidden", "heads", "slots", "width", "eval_tasks")
 
@@ -69,7 +99,17 @@ def check_config(cfg):
         raise UserError(f"make_config: gamma must be a number in [0, 1], got {g!r}")
     cfg["gamma"] = float(g)
     from metacore.kernels import lrua
+    if cfg["write_rule"] not in lrua.WRITE_RULES:
+        raise UserError(f"make_config: write_rule must be one of {lrua.WRITE_RULES}, got "
+                        f"{cfg['write_rule']!r}")
+    if not isinstance(cfg["add_vector"], bool):
+        raise UserError(f"make_config: add_vector must be true or false, got "
+                        f"{cfg['add_vector']!r}")
     name = cfg["backend"]
+    if cfg["add_vector"] and lrua.is_device_backend(name):
+        raise UserError(f"make_config: backend {name!r} does not support add_vector=true "
+                        f"(the separate add vector runs on the host backends 'numba' and "
+                        f"'reference' only)")
     if name != "auto" and name not in lrua.backend_names():
         raise UserError(f"make_config: backend must be 'auto' or one of "
                          f"{lrua.backend_names()}, got {name!r}")
@@ -139,7 +179,8 @@ class EpisodeSource:
 def build_model(cfg):
     return MANN(d_in=SIDE * SIDE, n_way=cfg["n_way"], hidden=cfg["hidden"],
                 heads=cfg["heads"], slots=cfg["slots"], width=cfg["width"],
-                gamma=cfg["gamma"])
+                gamma=cfg["gamma"], write_rule=cfg.get("write_rule", LEGACY["write_rule"]),
+                add_vector=cfg.get("add_vector", LEGACY["add_vector"]))
 
 
 def score(model, params, source, n_episodes, batch, backend):

@@ -22,18 +22,68 @@ from metacore.stats import mean_ci
 NAMES = ("metanet",)
 TASKS = ("omniglot",)
 
-# Paper / authors' code settings where they exist: 5-way 1-shot; 64 filters per conv block;
-# fc1 64 units; LSTM d with 20 units and MLP m 2 -> 20 -> 20 -> 1, coordinate-wise on
-# gradients preprocessed with k = 7; Adam 1e-3 with the gradient norm clipped at 10; one
-# episode per update; one support per LSTM step (steps = N). Our choices: 4 conv blocks (the
-# floor-mode 2x2 pool takes 28 -> 1 in 4), 3 queries per class.
+# Every default and where it comes from (SOURCES, printed by `metacore train metanet --task
+# omniglot --out X --show-config`). The authors' code is Munkhdalai's Chainer implementation
+# (bitbucket.org/tsendeemts/metanet: train_omniglot.py, MetaNetFull.py, utilsf.py,
+# generators.py). A source starting with "metacore:" is a setting the paper and the authors'
+# code do not fix (or fix differently), with the reason for the value.
+AUTHORS = "Munkhdalai's Chainer code (tsendeemts/metanet)"
+SCRIPT = AUTHORS + " train_omniglot.py"
+MODEL = AUTHORS + " MetaNetFull.py"
+
 DEFAULTS = {
-    "omniglot": dict(n_way=5, shots=1, queries=3, meta_batch=1, channels=64, depth=4,
-                     key_dim=64, hidden=64, lstm_hidden=20, mlp_hidden=20, steps=None,
-                     preproc_k=7.0, second_order=True, clip_norm=10.0, outer_opt="adam",
-                     outer_lr=1e-3, iterations=40000, eval_every=500, eval_tasks=100,
-                     log_every=50, ckpt_every=100, backend="auto"),
+    "omniglot": dict(n_way=5, shots=1, queries=10, meta_batch=1, channels=64, depth=4,
+                     key_dim=64, hidden=64, lstm_hidden=20, mlp_hidden=20, steps=5,
+                     preproc_k=7.0, second_order=False, query_loss="sum", clip_norm=10.0,
+                     outer_opt="adam", outer_lr=1e-3, iterations=40000, eval_every=500,
+                     eval_tasks=100, log_every=50, ckpt_every=100, backend="auto"),
 }
+
+SOURCES = {"omniglot": {
+    "n_way": SCRIPT + ": n_outputs_train = n_outputs_test = 5; the paper's 5-way one-shot "
+             "Omniglot figure, 98.95 %",
+    "shots": SCRIPT + ": nb_samples_per_class = 1 (one-shot)",
+    "queries": SCRIPT + ": nb_samples_per_class_train = nb_samples_per_class_test = 10 "
+               "(query images per class, training and test)",
+    "meta_batch": SCRIPT + ": batch_size = 1; MetaNetFull.train() updates after each episode",
+    "channels": MODEL + ": Block(64, 3), 64 filters of 3x3 (pad 1, no bias) per conv layer",
+    "depth": "metacore: 4 conv blocks, not the paper's and MetaNetFull.py's 5 (block1_1.."
+             "block1_5, key_1..key_5). Chainer's max_pooling_2d rounds up (cover_all): 28 -> 14 "
+             "-> 7 -> 4 -> 2 -> 1; metacore's pool rounds down and reaches 1x1 after 4 "
+             "(28 -> 14 -> 7 -> 3 -> 1), the same 64 features into fc1",
+    "key_dim": MODEL + ": key_fc1 = Linear(64, 64); the key is its layer-augmented output",
+    "hidden": MODEL + ": fc1 = Linear(64, 64)",
+    "lstm_hidden": MODEL + ": meta_lstm_l1 = LSTM(2, 20) with read-out Linear(20, 1)",
+    "mlp_hidden": MODEL + ": m_l1 = Linear(2, 20), m_ll1 = Linear(20, 20), read-out "
+                  "Linear(20, 1), ReLU between",
+    "steps": MODEL + ": embed_key() takes the support set in IT = 5 chunks",
+    "preproc_k": MODEL + ": logAndSign(meta_in, k=7), Andrychowicz et al. 2016's "
+                 "preprocessing",
+    "second_order": MODEL + ": the .grad arrays go through cuda.to_cpu and NumPy logAndSign "
+                    "into new Variables, so the outer gradient does not flow through the "
+                    "meta-information (first order)",
+    "query_loss": MODEL + ": x_loss += softmax_cross_entropy(y, lbl) per query (a sum, as "
+                  "L_task in the paper's Algorithm 1)",
+    "clip_norm": MODEL + ": GradientClipping(10), the global L2 norm",
+    "outer_opt": MODEL + ": optimizers.Adam(alpha=0.001, beta1=0.9, beta2=0.999, eps=1e-08)",
+    "outer_lr": MODEL + ": Adam alpha=0.001",
+    "dtype": MODEL + ": float32 arrays (np.float32), Chainer's default",
+    "iterations": "metacore: not stated in the paper; train_omniglot.py loops n_epoch = "
+                  "100000 epochs of n_eposide_tr = 100 episodes (10^7 updates) with no "
+                  "stopping rule. 40,000 episodes is this project's budget (MAML's Omniglot "
+                  "iteration count); resume a run to go further",
+    "eval_every": "metacore: not stated in the paper (train_omniglot.py prints 10 test "
+                  "episodes after every 100 training episodes); a validation point every "
+                  "500 episodes on the validation characters",
+    "eval_tasks": "metacore: not stated in the paper; 100 fixed validation episodes",
+    "log_every": "metacore: logging only",
+    "ckpt_every": "metacore: checkpoints only",
+    "seed": "metacore: not stated in the paper",
+    "lr_halve_every": "metacore: 0, no schedule; MetaNetFull.py keeps Adam's alpha constant",
+    "outer_lr_final": "metacore: none, no schedule; MetaNetFull.py keeps Adam's alpha "
+                      "constant",
+    "backend": "metacore: the distance kernels' dispatch (results equal up to rounding)",
+}}
 
 _INT_KEYS = ("n_way", "shots", "queries", "meta_batch", "channels", "depth", "key_dim",
              "hidden", "lstm_hidden", "mlp_hidden", "eval_tasks")
@@ -49,6 +99,9 @@ def check_config(cfg):
                           or (cfg["n_way"] * cfg["shots"]) % s):
         raise UserError(f"make_config: steps must be None or a positive divisor of "
                         f"n_way * shots = {cfg['n_way'] * cfg['shots']}, got {s!r}")
+    if cfg["query_loss"] not in ("sum", "mean"):
+        raise UserError(f"make_config: query_loss must be 'sum' or 'mean', "
+                        f"got {cfg['query_loss']!r}")
     if not isinstance(cfg["second_order"], bool):
         raise UserError(f"make_config: second_order must be true or false, "
                         f"got {cfg['second_order']!r}")
@@ -92,7 +145,10 @@ def eval_options(cfg):
 
 class Method(MethodBase):
     """One step = meta_batch episodes from the training characters; validation on a fixed
-    set of eval_tasks episodes from the validation characters."""
+    set of eval_tasks episodes from the validation characters. The gradient is that of the
+    query loss summed over an episode's queries (query_loss="sum", the authors') or of its
+    mean, averaged over the meta_batch episodes, then clipped to norm clip_norm; the logged
+    "loss" is always the mean query cross-entropy, "grad_norm" the norm before clipping."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -104,8 +160,15 @@ class Method(MethodBase):
         return self.net.init_params(rng, self.dtype)
 
     def sample(self):
+        """Supports in a random order per episode (the sampler groups them by label), as the
+        authors' generator shuffles them: the order decides which supports share a chunk of
+        the embedding loss and the order the LSTM d reads the chunks in."""
         ep = self.sampler.sample(self.cfg["meta_batch"])
-        return ep.support_x, ep.support_y, ep.query_x, ep.query_y
+        T, N = ep.support_y.shape
+        perm = np.argsort(self.sampler.rng.random((T, N)), axis=1)        # (T, N)
+        sx = np.take_along_axis(ep.support_x, perm.reshape(T, N, 1, 1, 1), axis=1)
+        sy = np.take_along_axis(ep.support_y, perm, axis=1)
+        return sx, sy, ep.query_x, ep.query_y
 
     def gradient(self, params, batch):
         sx, sy, qx, qy = batch
@@ -115,6 +178,8 @@ class Method(MethodBase):
         for t in range(T):
             lt, gt, z, _ = self.net.loss_and_grad(params, sx[t], sy[t], qx[t], qy[t],
                                                   self.cfg["second_order"])
+            if self.cfg["query_loss"] == "sum":          # the authors' objective: the sum
+                gt *= qy.shape[1]                        # over queries (loss_and_grad: mean)
             grad += gt
             loss += lt
             acc += float((z.argmax(axis=-1) == qy[t]).mean())
