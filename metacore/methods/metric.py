@@ -118,10 +118,10 @@ SOURCES = {
         "shots": _VINYALS + ", sec. 2.2: training episodes match the test task (1-shot)",
         "channels": _VINYALS + ", sec. 4.1: modules of 3x3 conv with 64 filters, BN, ReLU, "
                                "2x2 max-pool",
-        "similarity": _VINYALS + " as implemented: c = f.g/|g| (support side normalised; "
-                                 "zergylord/oneshot issue 2, AntreasAntoniou/"
-                                 "MatchingNetworks issues 15 and 21); the text's sec. 2.1.1 "
-                                 "cosine is similarity=cosine",
+        "similarity": "reimplementation, not the paper's text: c = f.g/|g| (support side "
+                      "normalised; zergylord/oneshot issue 2, AntreasAntoniou/"
+                      "MatchingNetworks issues 15 and 21); " + _VINYALS + ", sec. 2.1.1's "
+                      "cosine is similarity=cosine",
     },
     "relation": {
         "n_way": _SUNG + ", sec. 4.1: 5-way training episodes for the 5-way results",
