@@ -38,7 +38,7 @@ def test_paper_defaults_resolved_per_algorithm(tmp_path):
     assert (r1["n_way"], r1["queries"], r5["queries"]) == (5, 19, 15)
     assert r1["lr_halve_every"] == 100000
     m = make_config("matching", "omniglot", tmp_path)
-    assert (m["n_way"], m["shots"], m["fce"], m["lr_halve_every"]) == (5, 1, True, 0)
+    assert (m["n_way"], m["shots"], m["fce"], m["lr_halve_every"]) == (5, 1, False, 0)
     assert make_config("siamese", "omniglot", tmp_path)["pairs"] == 128
     # the halving period: --lr-halve-every or --set halve_every, 0 = constant
     assert make_config("protonet", "omniglot", tmp_path, lr_halve_every=7)["halve_every"] == 7
@@ -184,7 +184,8 @@ def test_default_evaluation_has_no_bn_leak(tmp_path, algo):
 PAPER_SOURCED = {
     "protonet": {"n_way": 60, "queries": 5, "shots": 1, "outer_opt": "adam", "outer_lr": 1e-3,
                  "halve_every": 2000, "lr_halve_every": 2000, "channels": 64},
-    "matching": {"n_way": 5, "shots": 1, "channels": 64, "similarity": "support_cosine"},
+    "matching": {"n_way": 5, "shots": 1, "channels": 64, "fce": False,
+                 "similarity": "support_cosine"},
     "relation": {"n_way": 5, "queries": 19, "shots": 1, "outer_opt": "adam", "outer_lr": 1e-3,
                  "halve_every": 100000, "lr_halve_every": 100000, "channels": 64},
     "siamese": {"pairs": 128, "distort": True},
