@@ -389,7 +389,7 @@ def _eval_method(args, cfg):
     print(method.format_result(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(method.json_result(result), f, indent=1)
     return 0
 
 

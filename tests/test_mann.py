@@ -303,5 +303,10 @@ def test_evaluate_reports_instances_and_refuses_other_options(tmp_path):
     assert res["episodes"] == 3 and set(res["accuracy_by_instance"]) == {str(i) for i in
                                                                          range(1, 11)}
     assert "instance  2" in t.method.format_result(res)
+    js = t.method.json_result(res)          # `--json`: lists in percent, instance 1 first
+    assert len(js["accuracy_by_instance"]) == len(js["ci95_by_instance"]) == 10
+    assert js["accuracy_by_instance"][1] == 100 * res["accuracy_by_instance"]["2"]["mean"]
+    assert js["ci95_by_instance"][9] == 100 * res["accuracy_by_instance"]["10"]["ci95"]
+    assert js["tasks"] == 3
     with pytest.raises(ValueError, match="--shots does not apply to MANN"):
         t.method.evaluate(params, {**opts, "shots": 1})

@@ -119,9 +119,11 @@ def test_protonet_sigkill_and_resume_is_bit_identical(tmp_path):
     assert "BN: non-transductive" in out.stdout
     assert "5-way 1-shot (15 queries/class, 6 episodes)" in out.stdout
     assert "Lake" not in out.stdout and "20-way" not in out.stdout
-    r = json.load(open(tmp_path / "e.json"))
-    assert list(r["settings"]) == ["5way_1shot"] and r["bn"] == "running"
-    assert 0 <= r["settings"]["5way_1shot"]["accuracy"] <= 1
+    r = json.load(open(tmp_path / "e.json"))       # the zoo's fields, percent
+    assert (r["way"], r["shots"], r["tasks"], r["bn"]) == (5, 1, 6, "running")
+    printed = out.stdout.split("6 episodes): ")[1].split(" %")[0]          # "acc +- ci"
+    assert [f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}"] == printed.split(" +- ")
+    assert 0 <= r["accuracy"] <= 100
 
 
 def test_evaluate_protocol_and_bn_modes(tmp_path):
@@ -133,6 +135,10 @@ def test_evaluate_protocol_and_bn_modes(tmp_path):
     r = m.evaluate(t.params, dict(tasks=3, way=20, shots=1, seed=None, bn=None))
     s = r["settings"]["20way_1shot"]
     assert (s["way"], s["shots"], s["queries"], s["episodes"]) == (20, 1, 5, 3)
+    js = m.json_result(r)                     # `--json`: one object per setting, percent
+    assert [(j["protocol"], j["way"], j["shots"], j["tasks"]) for j in js] == \
+        [("episodes", 20, 1, 3), ("lake_20_runs_within_alphabet", 20, 1, 20)]
+    assert js[0]["accuracy"] == 100 * s["accuracy"] and js[0]["ci95"] == 100 * s["ci95"]
     assert r["lake"]["runs"] == 20 and r["bn"] == "running"
     assert "Lake's 20 runs" in m.format_result(r)
     # same seed, same episodes; transductive BN gives other numbers on the same episodes

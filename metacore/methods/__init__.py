@@ -114,6 +114,12 @@ class MethodBase:
     def format_result(self, result):
         return json.dumps(result, indent=1)
 
+    def json_result(self, result):
+        """What `metacore eval --json` writes: one object per evaluated setting with at least
+        way, shots, accuracy and ci95 (percent), tasks and bn where it applies (the fields
+        the model zoo reads). The default: evaluate()'s result as it is."""
+        return result
+
 
 def registry():
     """{name: method module} for every module in this package that defines NAMES."""

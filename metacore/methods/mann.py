@@ -266,6 +266,17 @@ class Method(MethodBase):
             out["accuracy_by_instance"][str(i)] = {"mean": m, "ci95": ci}
         return out
 
+    def json_result(self, result):
+        """The result with the issue's list fields: accuracy_by_instance and
+        ci95_by_instance, in percent, instance 1 first (the dict form stays as by_instance)."""
+        by = result["accuracy_by_instance"]
+        keys = sorted(by, key=int)
+        out = {k: v for k, v in result.items() if k != "accuracy_by_instance"}
+        out.update(tasks=result["episodes"], way=self.cfg["n_way"], by_instance=by,
+                   accuracy_by_instance=[100 * by[k]["mean"] for k in keys],
+                   ci95_by_instance=[100 * by[k]["ci95"] for k in keys])
+        return out
+
     def format_result(self, result):
         lines = [f"MANN on {result['episodes']} test episodes ({result['split']}, seed "
                  f"{result['seed']}), loss {result['loss']:.4f}; accuracy by instance:"]

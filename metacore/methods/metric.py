@@ -467,6 +467,21 @@ class Method(MethodBase):
                                   accuracy=r["accuracy"], ci95=r["ci95"])
         return result
 
+    def json_result(self, result):
+        """One object per setting (and one for Lake's runs), accuracy and ci95 in percent."""
+        common = {"method": result["algorithm"], "bn": result["bn"],
+                  "bn_text": result["bn_text"], "split": result["split"]}
+        out = [dict(common, protocol="episodes", way=s["way"], shots=s["shots"],
+                    queries=s["queries"], tasks=s["episodes"],
+                    accuracy=100 * s["accuracy"], ci95=100 * s["ci95"])
+               for s in result["settings"].values()]
+        if "lake" in result:
+            s = result["lake"]
+            out.append(dict(common, protocol="lake_20_runs_within_alphabet", way=s["way"],
+                            shots=s["shots"], tasks=s["runs"], accuracy=100 * s["accuracy"],
+                            ci95=100 * s["ci95"]))
+        return out[0] if len(out) == 1 else out
+
     def format_result(self, result):
         lines = [f"{result['algorithm']} on Omniglot, {result['split']}; BN: {result['bn_text']}"]
         for name, s in result["settings"].items():
