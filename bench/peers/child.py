@@ -17,7 +17,7 @@ import numpy as np
 def _framework(name):
     if name.startswith("torch"):
         from bench.peers import torch_impl as impl
-    elif name == "jax":
+    elif name.startswith("jax"):
         from bench.peers import jax_impl as impl
     else:
         impl = None
