@@ -294,15 +294,18 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "NumPy BLAS expansion) are compared rows like the peers. GFLOP/s = the stated FLOP count / the median. The minimum is shown "
          "beside each median because on a loaded machine it is the better estimate of "
          "the unloaded time; ratios use medians.", ""]
-    L += ["## Import time and installed size", "",
-          "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
-          "|---|---|---|"]
+    if imports:
+        L += ["## Import time and installed size", "",
+              "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
+              "|---|---|---|"]
     for name, v in imports.items():
         L.append(f"| {name} | " + ("not installed | - |" if v is None else
                                    f"{fmt_t(v[0])} | {v[1] / 2**20:.1f} MiB |"))
-    L.append("")
+    if imports:
+        L.append("")
     for wname, (w, rows) in results.items():
-        frameworks = list(w.metacore) + list(w.baselines) + list(w.peers)
+        frameworks = [f for f in list(w.metacore) + list(w.baselines) + list(w.peers)
+                      if any((f, t) in rows for t in args.threads)]
         tab, fl = table(w, rows, args.threads, frameworks)
         checks = ", ".join(f"{f} {r['check_rel_error']:.1e}" for (f, t), r in rows.items()
                            if t == args.threads[0] and "check_rel_error" in r)
@@ -334,6 +337,11 @@ def parse(argv):
                    help="interpreter for the peer frameworks (one with torch and jax)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--frameworks", nargs="+", default=None,
+                   help="only these rows (metacore variants, baselines, peer variants) of each "
+                        "workload")
+    p.add_argument("--no-imports", dest="imports", action="store_false",
+                   help="skip the import-time section")
     p.add_argument("--cpus", default=None,
                    help="taskset core list for every child (e.g. 1 on a machine whose core 0 "
                         "is busy); default core 0 for 1 thread, cores 0-1 for 2")
@@ -393,10 +401,10 @@ def main(argv=None):
     info = machine_info()
     info["peak"] = fma_peak()
     # imports first, so that a partial page (an interrupted run) has them too
-    imports = {"metacore": import_cost(sys.executable, "metacore",
-                                       ["metacore", "kernels", "reference"]),
-               "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
-               "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
+    imports = {} if not args.imports else {
+        "metacore": import_cost(sys.executable, "metacore", ["metacore", "kernels", "reference"]),
+        "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
+        "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
     results = {}
     with tempfile.TemporaryDirectory(prefix="metacore-bench-") as tmp:
         global JAX_CACHE
@@ -413,6 +421,8 @@ def main(argv=None):
             for t in args.threads:
                 present = []
                 for f in list(w.metacore) + list(w.baselines) + list(w.peers):
+                    if args.frameworks and f not in args.frameworks:
+                        continue
                     if is_peer(f) and not have["torch" if f.startswith("torch") else "jax"]:
                         rows[(f, t)] = dict(ok=False, error="not installed")
                     else:
