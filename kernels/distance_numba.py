@@ -461,6 +461,8 @@ def _gemm_grad_side(gt, trans, at, bt, ac, bc, P, r, ra, wb, an, kappa, kappa_ro
         ao = at[i]
         for j in range(B):
             w = gt[j, i] if trans else gt[i, j]
+            if w == 0:          # adds +-0 to a sum that starts at +0: skipping it is exact,
+                continue        # and after a softmax most of a row's weights are 0
             bj = bt[j]
             for k in range(D):
                 oi[k] += w * (ao[k] - bj[k])

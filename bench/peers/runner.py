@@ -44,7 +44,7 @@ def child_env(threads):
     flags = f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    if JAX_CACHE:                  # later rounds load the compiled program (never timed anyway)
+    if JAX_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # later rounds load the compiled program (never timed anyway)
         env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -92,7 +92,7 @@ def merge_rounds(parts):
     return row
 
 
-def measure_interleaved(frameworks, run, budget, rounds):
+def measure_interleaved(frameworks, run, budget, rounds, min_rounds=1):
     """Time each framework in up to `rounds` rounds of budget / rounds seconds each, every
     round a fresh process, round 1 of every framework, then round 2, and so on: a framework
     takes another round while its timed calls so far add up to less than `budget` seconds
@@ -100,14 +100,17 @@ def measure_interleaved(frameworks, run, budget, rounds):
     runs in phases of a few hundred milliseconds to seconds (one and the same process takes
     about 210 or about 320 us per sinusoid MAML call), so measuring each framework in one
     stretch of time can put them in different phases; interleaving spreads every framework
-    over the same stretch. run(framework, budget, max_calls) -> a child's result dict.
+    over the same stretch. min_rounds: every framework takes at least this many rounds (a
+    loaded machine makes even the fast ones fill the budget in one round).
+    run(framework, budget, max_calls) -> a child's result dict.
     -> {framework: merged row}."""
     parts = {f: [] for f in frameworks}
     for rnd in range(rounds):
         for f in frameworks:
             done = parts[f]
             if rnd > 0 and (not done or not all(r.get("ok") for r in done)
-                            or sum(sum(r["times"]) for r in done) >= budget):
+                            or (rnd >= min_rounds
+                                and sum(sum(r["times"]) for r in done) >= budget)):
                 continue
             done.append(run(f, budget / rounds, max(5, 2000 // rounds)))
     return {f: merge_rounds(p) for f, p in parts.items()}
@@ -293,7 +296,12 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "faster); baselines that are not metacore (`numpy-blas`, the distance tables' "
          "NumPy BLAS expansion) are compared rows like the peers. GFLOP/s = the stated FLOP count / the median. The minimum is shown "
          "beside each median because on a loaded machine it is the better estimate of "
-         "the unloaded time; ratios use medians.", ""]
+         "the unloaded time; ratios use medians."
+         + (" Clock: every call is timed by the child's CPU time (time.process_time, --clock "
+            "cpu), not wall time, because the core was shared with other work."
+            if os.environ.get("METACORE_BENCH_CLOCK") == "cpu" else "")
+         + (f" At least {args.min_rounds} rounds per framework (--min-rounds)."
+            if getattr(args, "min_rounds", 1) > 1 else ""), ""]
     if imports:
         L += ["## Import time and installed size", "",
               "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
@@ -340,6 +348,11 @@ def parse(argv):
     p.add_argument("--frameworks", nargs="+", default=None,
                    help="only these rows (metacore variants, baselines, peer variants) of each "
                         "workload")
+    p.add_argument("--min-rounds", type=int, default=1,
+                   help="every framework takes at least this many interleaved rounds")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time each call by the child's CPU time (time.process_time), for "
+                        "a core shared with other work")
     p.add_argument("--no-imports", dest="imports", action="store_false",
                    help="skip the import-time section")
     p.add_argument("--cpus", default=None,
@@ -376,6 +389,8 @@ def main(argv=None):
     args = parse(argv)
     global CPUS
     CPUS = args.cpus
+    if args.clock == "cpu":
+        os.environ["METACORE_BENCH_CLOCK"] = "cpu"
     if args.list:
         for w in W.WORKLOADS.values():
             print(f"{w.name:32s} {'quick ' if w.quick else '      '}{w.title}")
@@ -432,7 +447,8 @@ def main(argv=None):
                     py = sys.executable if not is_peer(f) else args.python
                     return run_child(py, f, name, data, t, budget, args.timeout, max_calls)
 
-                for f, r in measure_interleaved(present, run, args.budget, args.rounds).items():
+                for f, r in measure_interleaved(present, run, args.budget, args.rounds,
+                                                args.min_rounds).items():
                     rows[(f, t)] = r
                     msg = (f"{fmt_t(r['median_s'])} (check {r['check_rel_error']:.1e}, "
                            f"{r['rounds']} rounds)" if r.get("ok") else r.get("error"))
