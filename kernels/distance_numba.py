@@ -19,7 +19,9 @@ How the kernels differ from the reference (routing by size: see "public function
     row only if two a priori tests show its error within a constant of the direct
     formula's, and recomputes it directly otherwise (bounds and tests above _centre). The
     cosine's dot products and its backward's products are plain GEMMs there (their error
-    bound is relative to sum |q_k s_k| in any order).
+    bound is relative to sum |q_k s_k| in any order). From Q N D >= BLAS_TERMS the same
+    route calls its three GEMMs through NumPy's BLAS from Python and does the ProtoNet
+    loss's softmax in NumPy ("BLAS route", above all_finite).
   * Result sums are never reassociated (fastmath at most contracts a*b + c into one FMA),
     so the vectorized loops run over independent outputs: the queries (forward, reading q
     transposed) or the features k (backward), each output summed in order. Only the sums
