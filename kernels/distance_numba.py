@@ -19,7 +19,9 @@ How the kernels differ from the reference (routing by size: see "public function
     row only if two a priori tests show its error within a constant of the direct
     formula's, and recomputes it directly otherwise (bounds and tests above _centre). The
     cosine's dot products and its backward's products are plain GEMMs there (their error
-    bound is relative to sum |q_k s_k| in any order).
+    bound is relative to sum |q_k s_k| in any order). From Q N D >= BLAS_TERMS the same
+    route calls its three GEMMs through NumPy's BLAS from Python and does the ProtoNet
+    loss's softmax in NumPy ("BLAS route", above all_finite).
   * Result sums are never reassociated (fastmath at most contracts a*b + c into one FMA),
     so the vectorized loops run over independent outputs: the queries (forward, reading q
     transposed) or the features k (backward), each output summed in order. Only the sums
@@ -461,6 +463,8 @@ def _gemm_grad_side(gt, trans, at, bt, ac, bc, P, r, ra, wb, an, kappa, kappa_ro
         ao = at[i]
         for j in range(B):
             w = gt[j, i] if trans else gt[i, j]
+            if w == 0:          # adds +-0 to a sum that starts at +0: skipping it is exact,
+                continue        # and after a softmax most of a row's weights are 0
             bj = bt[j]
             for k in range(D):
                 oi[k] += w * (ao[k] - bj[k])
@@ -610,6 +614,93 @@ def _gemm_loss(q, s, y, w, sc_, tau, kappa, kappa_row, loss, dq, ds, pred):
         _gemm_grad_task(gd, q[t], s[t], qc, sc, kappa, kappa_row, dq[t], ds[t])
 
 
+# ---------------------------------------------------------------- BLAS route (large sizes)
+# From Q N D >= BLAS_TERMS the same centred GEMM route runs with its three GEMMs called from
+# Python through NumPy's BLAS (the library NumPy was built with) instead of np.dot inside
+# Numba (SciPy's BLAS), and the ProtoNet loss's softmax cross-entropy in NumPy (vectorized
+# exp; Numba's scalar exp loop cost about as much as a third GEMM at Q = N = 2000). The
+# arithmetic is the GEMM route's: with G = dL/dd (Q, N),
+#   d = |q'|^2 + |s'|^2 - 2 q' s'^T                 one GEMM (Q, D) x (D, N)
+#   dL/dq = 2 (rowsum(G) * q' - G s')               one GEMM (Q, N) x (N, D)
+#   dL/ds = 2 (colsum(G) * s' - G^T q')             one GEMM (N, Q) x (Q, D)
+# and the same a-priori tests and direct recomputation of failing pairs and rows (above
+# _centre), which are O(Q N + (Q + N) D): no pass over Q x N x D beyond the three GEMMs.
+BLAS_TERMS = 1 << 24
+
+
+@njit(fastmath=False, cache=True)
+def _expand_task(qt, st, G, nq, ns, tau):
+    """G (Q, N) = q' s'^T -> G overwritten by d = |q'|^2 + |s'|^2 - 2 G, pairs that cancel
+    more than log2(tau) bits recomputed by the direct formula from qt, st (as in
+    _gemm_fwd_task)."""
+    Q, D = qt.shape
+    N = st.shape[0]
+    nbad = 0
+    for i in range(Q):
+        gi = G[i]
+        for j in range(N):
+            big = nq[i] + ns[j]
+            v = big - (gi[j] + gi[j])
+            gi[j] = v
+            nbad += tau * v < big
+    if nbad:
+        for i in range(Q):
+            for j in range(N):
+                if tau * G[i, j] < nq[i] + ns[j]:
+                    v = G[i, j] * 0
+                    for k in range(D):
+                        dif = qt[i, k] - st[j, k]
+                        v += dif * dif
+                    G[i, j] = v
+
+
+def _blas_fwd_task(qt, st, tau):
+    """-> d (Q, N), qc, sc, the squared norms nq (Q,), ns (N,) of the centred sets."""
+    qc, sc = _centre(qt, st)
+    G = np.matmul(qc, sc.T)                               # (Q, N), NumPy's BLAS
+    nq, ns = _row_sq_norms(qc), _row_sq_norms(sc)
+    _expand_task(qt, st, G, nq, ns, tau)
+    return G, qc, sc, nq, ns
+
+
+def _blas_grad_task(gt, qt, st, qc, sc, nq2, ns2, kappa, kappa_row, dq_t, ds_t):
+    """gt: (Q, N) -> dq_t: (Q, D), ds_t: (N, D), overwritten (as _gemm_grad_task, the two
+    GEMMs through NumPy). nq2, ns2: squared norms of qc, sc."""
+    eps = np.finfo(qt.dtype).eps
+    nq, ns = np.sqrt(nq2), np.sqrt(ns2)
+    rq, rs, aq, as_, wq, ws = _row_col_sums(gt, nq, ns)
+    _gemm_grad_side(gt, False, qt, st, qc, sc, np.matmul(gt, sc), rq, aq, wq, nq, kappa,
+                    kappa_row, (st.shape[0] + 4) * eps, dq_t)
+    _gemm_grad_side(gt, True, st, qt, sc, qc, np.matmul(gt.T, qc), rs, as_, ws, ns, kappa,
+                    kappa_row, (qt.shape[0] + 4) * eps, ds_t)
+
+
+def _blas_loss(q, s, y, w, scale, loss, dq, ds, pred):
+    """The squared-Euclidean ProtoNet loss by the BLAS route (contract of _gemm_loss)."""
+    T, Q, _ = q.shape
+    dt = q.dtype.type
+    rows = np.arange(Q)
+    for t in range(T):
+        d, qc, sc, nq2, ns2 = _blas_fwd_task(q[t], s[t], dt(TAU))
+        dy = d[rows, y[t]]                                # (Q,) distance to the true class
+        z = d                                             # logits - max, in place of d
+        z *= dt(-scale)
+        m = z.max(axis=1)                                 # (Q,)
+        pred[t] = z.argmax(axis=1)                        # first index on ties
+        z -= m[:, None]
+        np.exp(z, out=z)                                  # e (Q, N)
+        zs = z.sum(axis=1)                                # (Q,)
+        loss[t] = (np.log(zs) + m + dt(scale) * dy).sum() / dt(Q)
+        c0 = dt(-scale) * w[t]                            # d loss / d d at p = 1
+        z *= (c0 / zs)[:, None]
+        z[rows, y[t]] -= c0                               # G = dL/dd (Q, N)
+        _blas_grad_task(z, q[t], s[t], qc, sc, nq2, ns2, dt(KAPPA), KAPPA_ROW, dq[t], ds[t])
+
+
+def _use_blas(q, s):
+    return _terms(q, s) >= BLAS_TERMS and q.shape[2] >= GEMM_MIN_D
+
+
 @njit(fastmath={"reassoc"}, cache=True)
 def _zero_sum(x):
     """x: (A, B, C) -> sum of x * 0: 0 if every value is finite, NaN otherwise (x * 0 is
@@ -702,6 +793,9 @@ def pairwise_sqeuclidean(q, s):
     """q: (T, Q, D), s: (T, N, D) -> d: (T, Q, N); direct formula, or at large sizes the
     centred GEMM route with direct recomputation of cancelling pairs."""
     q, s = _c(q), _c(s)
+    if _use_blas(q, s) and q.shape[1] and s.shape[1]:
+        return np.stack([_blas_fwd_task(q[t], s[t], q.dtype.type(TAU))[0]
+                         for t in range(q.shape[0])])
     if _use_gemm(q, s) and q.shape[1] and s.shape[1]:
         out = np.empty((q.shape[0], q.shape[1], s.shape[1]), dtype=q.dtype)
         _gemm_fwd(q, s, q.dtype.type(TAU), out)
@@ -741,7 +835,12 @@ def _grad_pair(g, q, s, mode):
         return np.matmul(g, s), np.matmul(g.transpose(0, 2, 1), q)
     dq = np.empty_like(q)
     ds = np.empty_like(s)
-    if mode == 0 and _use_gemm(q, s) and q.shape[1] and s.shape[1]:
+    if mode == 0 and _use_blas(q, s) and q.shape[1] and s.shape[1]:
+        for t in range(q.shape[0]):
+            qc, sc = _centre(q[t], s[t])
+            _blas_grad_task(g[t], q[t], s[t], qc, sc, _row_sq_norms(qc), _row_sq_norms(sc),
+                            q.dtype.type(KAPPA), KAPPA_ROW, dq[t], ds[t])
+    elif mode == 0 and _use_gemm(q, s) and q.shape[1] and s.shape[1]:
         _gemm_grad(g, q, s, q.dtype.type(KAPPA), KAPPA_ROW, dq, ds)
     elif _terms(q, s) < SMALL_TERMS:
         _small_grad(g, q, s, mode, dq, ds)
@@ -787,6 +886,11 @@ def protonet_loss(q, s, y, gloss=None, metric="sqeuclidean", scale=1.0):
     w = np.full(T, 1.0 / Q, q.dtype) if gloss is None else np.asarray(gloss, q.dtype) / dt(Q)
     y = _c(y).astype(np.int64, copy=False)
     pred = np.empty((T, Q), dtype=np.int64)
+    if metric == "sqeuclidean" and _use_blas(q, s) and s.shape[1]:
+        q, s = _c(q), _c(s)
+        loss, dq, ds = np.empty(T, q.dtype), np.empty_like(q), np.empty_like(s)
+        _blas_loss(q, s, y, w, scale, loss, dq, ds, pred)
+        return loss, dq, ds, pred
     if metric == "sqeuclidean" and _use_gemm(q, s):
         q, s = _c(q), _c(s)
         loss, dq, ds = np.empty(T, q.dtype), np.empty_like(q), np.empty_like(s)

@@ -48,3 +48,12 @@ def test_merge_of_one_round_is_that_round():
     r = dict(framework="x", ok=True, check_rel_error=0.0, times=[3.0, 1.0, 2.0])
     row = merge_rounds([r])
     assert (row["median_s"], row["min_s"], row["repeats"], row["rounds"]) == (2.0, 1.0, 3, 1)
+
+
+def test_min_rounds_interleave_even_slow_frameworks():
+    """On a loaded core every call can fill the budget in one round; --min-rounds keeps the
+    rounds interleaved anyway."""
+    run, log = _fake({"a": 1.0, "b": 1.0})
+    rows = measure_interleaved(["a", "b"], run, budget=1.0, rounds=3, min_rounds=3)
+    assert [f for f, _, _ in log] == ["a", "b"] * 3
+    assert rows["a"]["rounds"] == rows["b"]["rounds"] == 3

@@ -33,7 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # centred-GEMM squared Euclidean / GEMM cosine above GEMM_TERMS. The tests' shapes are tiny,
 # so the `route` fixture lowers the thresholds to run every route on them.
 ROUTES = {"serial": {}, "parallel": {"SMALL_TERMS": 0},
-          "gemm": {"SMALL_TERMS": 0, "GEMM_TERMS": 0, "GEMM_MIN_D": 1}}
+          "gemm": {"SMALL_TERMS": 0, "GEMM_TERMS": 0, "GEMM_MIN_D": 1},
+          # the same GEMM route with NumPy's BLAS and NumPy's softmax (from BLAS_TERMS)
+          "blas": {"SMALL_TERMS": 0, "GEMM_TERMS": 0, "GEMM_MIN_D": 1, "BLAS_TERMS": 0}}
 
 
 @pytest.fixture(params=list(ROUTES))
@@ -428,6 +430,40 @@ def test_protonet_gradient_matches_finite_differences(metric, backend):
     sign = 1.0 if metric == "cosine" else -1.0
     logits = sign * fwd(metric)(q, s, backend="reference")
     np.testing.assert_array_equal(pred, logits.argmax(-1))
+
+
+@needs_numba
+def test_protonet_blas_route_matches_finite_differences(monkeypatch):
+    """The BLAS route of the ProtoNet loss (distance_numba._blas_loss: three GEMMs through
+    NumPy, NumPy softmax) in float64 against central differences, with an upstream gloss,
+    a scale and several tasks; and against the reference and the Numba GEMM route."""
+    mod = K._backend("route", "numba")
+    T, Q, N, D = 2, 9, 4, 6
+    q, s, _ = data((T, Q, N, D), np.float64, seed=21)
+    rng = np.random.default_rng(22)
+    y = rng.integers(0, N, (T, Q))
+    gloss = rng.standard_normal(T)
+    scale = 0.7
+    for name, value in ROUTES["gemm"].items():
+        monkeypatch.setattr(mod, name, value)
+    gemm = K.protonet_loss(q, s, y, gloss, scale=scale, backend="numba")
+    monkeypatch.setattr(mod, "BLAS_TERMS", 0)
+    calls = []
+    real = mod._blas_loss
+    monkeypatch.setattr(mod, "_blas_loss", lambda *a: calls.append(1) or real(*a))
+    loss, dq, ds, pred = K.protonet_loss(q, s, y, gloss, scale=scale, backend="numba")
+    assert calls, "the BLAS route was not taken"
+
+    def f():
+        return float(K.protonet_loss(q, s, y, gloss, scale=scale, backend="numba")[0] @ gloss)
+
+    assert gradcheck.rel_error(dq, gradcheck.numerical_gradient(f, q)) <= 1e-7
+    assert gradcheck.rel_error(ds, gradcheck.numerical_gradient(f, s)) <= 1e-7
+    ref = R.protonet_loss(q, s, y, gloss, scale=scale)
+    for a, b, r in zip((loss, dq, ds), gemm[:3], ref[:3]):
+        assert gradcheck.rel_error(a, r) <= 1e-12
+        assert gradcheck.rel_error(a, b) <= 1e-12
+    np.testing.assert_array_equal(pred, ref[3])
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))

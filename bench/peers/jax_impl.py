@@ -133,52 +133,99 @@ def _conv4_maml(p, x):
     return x.mean((1, 2)) @ p[16] + p[17]
 
 
-def conv4_maml(cfg, inputs):
+# Variants (issue 17): `jax` vmaps the task loss over the T tasks inside one jit (XLA's CPU
+# convolution then runs batched-over-tasks weight gradients as grouped convolutions, which is
+# slow); `jax-unrolled` is the same jit with the task loop unrolled in Python (T separate
+# graphs in one program); `jax-map` a lax.map over the tasks (a loop XLA does not unroll).
+def conv4_maml(variant, cfg, inputs, first_order=False):
     from metacore.models import conv4_maml as model_fn
     alpha, k = cfg["alpha"], cfg["k"]
     params = _layout_params(model_fn(n_way=cfg["n_way"]), inputs["theta"])
     sx, qx = jnp.asarray(inputs["sx"]), jnp.asarray(inputs["qx"])
     sy, qy = (jnp.asarray(inputs[n].astype(np.int32)) for n in ("sy", "qy"))
+    T = sx.shape[0]
 
     def ce(p, x, y):
         return _ce_logits(_conv4_maml(p, x), y)
 
-    def task_loss(p, x, y, xq, yq):
+    def adapt(p, x, y):
         for _ in range(k):
             g = jax.grad(ce)(p, x, y)
+            if first_order:
+                g = jax.lax.stop_gradient(g)
             p = tuple(pi - alpha * gi for pi, gi in zip(p, g))
-        return ce(p, xq, yq)
+        return p
 
-    def meta(p, sx, sy, qx, qy):
-        losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy)
-        return losses.mean(), losses
+    def task_loss(p, x, y, xq, yq):
+        return ce(adapt(p, x, y), xq, yq)
 
-    @jax.jit
-    def fn(p, sx, sy, qx, qy):
-        g, losses = jax.grad(meta, has_aux=True)(p, sx, sy, qx, qy)
-        return losses, _flat(g)
+    if first_order:
+        def task(p, x, y, xq, yq):          # -> (grad at the adapted weights, query loss)
+            loss, g = jax.value_and_grad(ce)(adapt(p, x, y), xq, yq)
+            return g, loss
+    else:
+        def task(p, x, y, xq, yq):          # -> (meta-gradient of this task, query loss)
+            loss, g = jax.value_and_grad(task_loss)(p, x, y, xq, yq)
+            return g, loss
+
+    if variant == "jax-unrolled":
+        @jax.jit
+        def fn(p, sx, sy, qx, qy):
+            parts = [task(p, sx[t], sy[t], qx[t], qy[t]) for t in range(T)]
+            g = [sum(gs) / T for gs in zip(*[g for g, _ in parts])]
+            return jnp.stack([l for _, l in parts]), _flat(g)
+    elif variant == "jax-map":
+        @jax.jit
+        def fn(p, sx, sy, qx, qy):
+            g, losses = jax.lax.map(lambda a: task(p, *a), (sx, sy, qx, qy))
+            return losses, _flat([gi.mean(0) for gi in g])
+    elif first_order:
+        @jax.jit
+        def fn(p, sx, sy, qx, qy):
+            g, losses = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy)
+            return losses, _flat([gi.mean(0) for gi in g])
+    else:                                   # the original peer: grad of a vmapped meta-loss
+        def meta(p, sx, sy, qx, qy):
+            losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy)
+            return losses.mean(), losses
+
+        @jax.jit
+        def fn(p, sx, sy, qx, qy):
+            g, losses = jax.grad(meta, has_aux=True)(p, sx, sy, qx, qy)
+            return losses, _flat(g)
     return lambda: jax.block_until_ready(fn(params, sx, sy, qx, qy))
 
 
-def protonet(cfg, inputs):
+def protonet(variant, cfg, inputs):
+    """`jax`: max-pool as a reshape + max, distance as the (M, N, 64) difference; `jax-pool`:
+    lax.reduce_window max-pool and the BLAS expansion |q|^2 + |c|^2 - 2 q c^T."""
     from metacore.models import conv4_protonet
     params = _layout_params(conv4_protonet(), inputs["theta"])
     x = jnp.concatenate([jnp.asarray(inputs["sx"][0]), jnp.asarray(inputs["qx"][0])])
     A, qy = jnp.asarray(inputs["A"][0]), jnp.asarray(inputs["qy"][0].astype(np.int32))
     S = A.shape[1]
 
+    def pool(x):
+        B, H, W, C = x.shape
+        if variant == "jax-pool":
+            return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                         "VALID")
+        return x[:, :H // 2 * 2, :W // 2 * 2].reshape(B, H // 2, 2, W // 2, 2, C).max((2, 4))
+
     def embed(p, x):
         for l in range(4):
             w, b, g, be = p[4 * l:4 * l + 4]
-            x = jax.nn.relu(_bn(_conv(x, w, b, 1), g, be))
-            B, H, W, C = x.shape
-            x = x[:, :H // 2 * 2, :W // 2 * 2].reshape(B, H // 2, 2, W // 2, 2, C).max((2, 4))
+            x = pool(jax.nn.relu(_bn(_conv(x, w, b, 1), g, be)))
         return x.reshape(x.shape[0], -1)
 
     def loss_fn(p):
         emb = embed(p, x)
         protos, q = A @ emb[:S], emb[S:]
-        logits = -((q[:, None, :] - protos[None]) ** 2).sum(-1)
+        if variant == "jax-pool":
+            logits = -((q * q).sum(1)[:, None] + (protos * protos).sum(1)[None]
+                       - 2 * q @ protos.T)
+        else:
+            logits = -((q[:, None, :] - protos[None]) ** 2).sum(-1)
         return _ce_logits(logits, qy)
 
     @jax.jit
@@ -240,10 +287,10 @@ def build(variant, w, inputs):
         return sinusoid(w.kind, w.cfg["k"], inputs)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return distance(w.kind, inputs)
-    if w.kind == "conv4_maml":
-        return conv4_maml(w.cfg, inputs)
+    if w.kind in ("conv4_maml", "conv4_fomaml"):
+        return conv4_maml(variant, w.cfg, inputs, first_order=w.kind == "conv4_fomaml")
     if w.kind == "protonet":
-        return protonet(w.cfg, inputs)
+        return protonet(variant, w.cfg, inputs)
     if w.kind == "lrua":
         return lrua(w.cfg, inputs)
     raise KeyError(w.kind)

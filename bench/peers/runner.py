@@ -27,6 +27,13 @@ from bench.peers import workloads as W
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS = ("torch-eager", "torch-func", "jax")
+JAX_CACHE = None     # set in main: a persistent XLA compilation cache for the run
+CPUS = None          # --cpus: the cores every child is pinned to (default: 0, 0-1, ...)
+
+
+def is_peer(f):
+    """A PyTorch or JAX row (run with --python), whichever variant."""
+    return f.startswith(("torch", "jax"))
 
 
 def child_env(threads):
@@ -37,11 +44,17 @@ def child_env(threads):
     flags = f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    if JAX_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # later rounds load the compiled program (never timed anyway)
+        env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def cpus_for(threads):
+    if CPUS:
+        return CPUS
     n = os.cpu_count() or 1
     return ",".join(str(i) for i in range(min(threads, n)))
 
@@ -79,7 +92,7 @@ def merge_rounds(parts):
     return row
 
 
-def measure_interleaved(frameworks, run, budget, rounds):
+def measure_interleaved(frameworks, run, budget, rounds, min_rounds=1):
     """Time each framework in up to `rounds` rounds of budget / rounds seconds each, every
     round a fresh process, round 1 of every framework, then round 2, and so on: a framework
     takes another round while its timed calls so far add up to less than `budget` seconds
@@ -87,14 +100,17 @@ def measure_interleaved(frameworks, run, budget, rounds):
     runs in phases of a few hundred milliseconds to seconds (one and the same process takes
     about 210 or about 320 us per sinusoid MAML call), so measuring each framework in one
     stretch of time can put them in different phases; interleaving spreads every framework
-    over the same stretch. run(framework, budget, max_calls) -> a child's result dict.
+    over the same stretch. min_rounds: every framework takes at least this many rounds (a
+    loaded machine makes even the fast ones fill the budget in one round).
+    run(framework, budget, max_calls) -> a child's result dict.
     -> {framework: merged row}."""
     parts = {f: [] for f in frameworks}
     for rnd in range(rounds):
         for f in frameworks:
             done = parts[f]
             if rnd > 0 and (not done or not all(r.get("ok") for r in done)
-                            or sum(sum(r["times"]) for r in done) >= budget):
+                            or (rnd >= min_rounds
+                                and sum(sum(r["times"]) for r in done) >= budget)):
                 continue
             done.append(run(f, budget / rounds, max(5, 2000 // rounds)))
     return {f: merge_rounds(p) for f, p in parts.items()}
@@ -148,7 +164,7 @@ def import_cost(python, module, dist_dirs, repeats=5):
             f"print(time.perf_counter() - t)")
     times = []
     for _ in range(repeats):
-        r = subprocess.run(["taskset", "-c", "0", python, "-c", code], cwd=ROOT,
+        r = subprocess.run(["taskset", "-c", cpus_for(1), python, "-c", code], cwd=ROOT,
                            env=child_env(1), capture_output=True, text=True)
         times.append(float(r.stdout.strip().splitlines()[-1]))
     loc = subprocess.run([python, "-c", f"import importlib.util as u; "
@@ -166,7 +182,7 @@ def import_cost(python, module, dist_dirs, repeats=5):
 def fma_peak():
     """{"float32": GFLOP/s, "float64": GFLOP/s} of one core (bench/peers/roofline.py, in a
     child pinned to core 0), or None if it could not run."""
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "bench.peers.roofline"]
+    cmd = ["taskset", "-c", cpus_for(1), sys.executable, "-m", "bench.peers.roofline"]
     if shutil.which("taskset") is None:
         cmd = cmd[3:]
     try:
@@ -250,9 +266,10 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}. The "
          "machine is shared, so times are noisy; ratios are of medians measured in the same "
          "run, each framework in its own process pinned with taskset to the same cores "
-         "(core 0 for 1 thread, cores 0-1 for 2 threads).",
+         + (f"(core list {CPUS}, given by --cpus)." if CPUS else
+            "(core 0 for 1 thread, cores 0-1 for 2 threads)."),
          "- FMA peak of one core, measured (bench/peers/roofline.py: 12 independent "
-         "256-bit fused multiply-add chains, pinned to core 0): " + (
+         "256-bit fused multiply-add chains, pinned to core " + cpus_for(1) + "): " + (
              f"{info['peak']['float32']:.1f} GFLOP/s float32, "
              f"{info['peak']['float64']:.1f} GFLOP/s float64" if info.get("peak")
              else "not measured") + ". Each table's roofline is its FLOP count at this "
@@ -279,16 +296,24 @@ def write_report(path, args, argv, info, load_before, load_after, results, impor
          "faster); baselines that are not metacore (`numpy-blas`, the distance tables' "
          "NumPy BLAS expansion) are compared rows like the peers. GFLOP/s = the stated FLOP count / the median. The minimum is shown "
          "beside each median because on a loaded machine it is the better estimate of "
-         "the unloaded time; ratios use medians.", ""]
-    L += ["## Import time and installed size", "",
-          "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
-          "|---|---|---|"]
+         "the unloaded time; ratios use medians."
+         + (" Clock: every call is timed by the child's CPU time (time.process_time, --clock "
+            "cpu), not wall time, because the core was shared with other work."
+            if os.environ.get("METACORE_BENCH_CLOCK") == "cpu" else "")
+         + (f" At least {args.min_rounds} rounds per framework (--min-rounds)."
+            if getattr(args, "min_rounds", 1) > 1 else ""), ""]
+    if imports:
+        L += ["## Import time and installed size", "",
+              "| package | `import` (median of 5, fresh process, 1 core) | installed size |",
+              "|---|---|---|"]
     for name, v in imports.items():
         L.append(f"| {name} | " + ("not installed | - |" if v is None else
                                    f"{fmt_t(v[0])} | {v[1] / 2**20:.1f} MiB |"))
-    L.append("")
+    if imports:
+        L.append("")
     for wname, (w, rows) in results.items():
-        frameworks = list(w.metacore) + list(w.baselines) + list(w.peers)
+        frameworks = [f for f in list(w.metacore) + list(w.baselines) + list(w.peers)
+                      if any((f, t) in rows for t in args.threads)]
         tab, fl = table(w, rows, args.threads, frameworks)
         checks = ", ".join(f"{f} {r['check_rel_error']:.1e}" for (f, t), r in rows.items()
                            if t == args.threads[0] and "check_rel_error" in r)
@@ -320,6 +345,19 @@ def parse(argv):
                    help="interpreter for the peer frameworks (one with torch and jax)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--frameworks", nargs="+", default=None,
+                   help="only these rows (metacore variants, baselines, peer variants) of each "
+                        "workload")
+    p.add_argument("--min-rounds", type=int, default=1,
+                   help="every framework takes at least this many interleaved rounds")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time each call by the child's CPU time (time.process_time), for "
+                        "a core shared with other work")
+    p.add_argument("--no-imports", dest="imports", action="store_false",
+                   help="skip the import-time section")
+    p.add_argument("--cpus", default=None,
+                   help="taskset core list for every child (e.g. 1 on a machine whose core 0 "
+                        "is busy); default core 0 for 1 thread, cores 0-1 for 2")
     p.add_argument("--memory", action="store_true", default=None,
                    help="also measure the peak memory of second-order MAML against k "
                         "(bench/peers/memory.py); on by default in the full run, off with "
@@ -349,6 +387,10 @@ def parse(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    global CPUS
+    CPUS = args.cpus
+    if args.clock == "cpu":
+        os.environ["METACORE_BENCH_CLOCK"] = "cpu"
     if args.list:
         for w in W.WORKLOADS.values():
             print(f"{w.name:32s} {'quick ' if w.quick else '      '}{w.title}")
@@ -374,12 +416,14 @@ def main(argv=None):
     info = machine_info()
     info["peak"] = fma_peak()
     # imports first, so that a partial page (an interrupted run) has them too
-    imports = {"metacore": import_cost(sys.executable, "metacore",
-                                       ["metacore", "kernels", "reference"]),
-               "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
-               "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
+    imports = {} if not args.imports else {
+        "metacore": import_cost(sys.executable, "metacore", ["metacore", "kernels", "reference"]),
+        "torch": import_cost(args.python, "torch", ["torch"]) if have["torch"] else None,
+        "jax": import_cost(args.python, "jax", ["jax", "jaxlib"]) if have["jax"] else None}
     results = {}
     with tempfile.TemporaryDirectory(prefix="metacore-bench-") as tmp:
+        global JAX_CACHE
+        JAX_CACHE = os.path.join(tmp, "jax-cache")
         for name in names:
             w = W.WORKLOADS[name]
             data = os.path.join(tmp, name)
@@ -392,16 +436,19 @@ def main(argv=None):
             for t in args.threads:
                 present = []
                 for f in list(w.metacore) + list(w.baselines) + list(w.peers):
-                    if f in PEERS and not have["torch" if f.startswith("torch") else "jax"]:
+                    if args.frameworks and f not in args.frameworks:
+                        continue
+                    if is_peer(f) and not have["torch" if f.startswith("torch") else "jax"]:
                         rows[(f, t)] = dict(ok=False, error="not installed")
                     else:
                         present.append(f)
 
                 def run(f, budget, max_calls, t=t, name=name, data=data):
-                    py = sys.executable if f not in PEERS else args.python
+                    py = sys.executable if not is_peer(f) else args.python
                     return run_child(py, f, name, data, t, budget, args.timeout, max_calls)
 
-                for f, r in measure_interleaved(present, run, args.budget, args.rounds).items():
+                for f, r in measure_interleaved(present, run, args.budget, args.rounds,
+                                                args.min_rounds).items():
                     rows[(f, t)] = r
                     msg = (f"{fmt_t(r['median_s'])} (check {r['check_rel_error']:.1e}, "
                            f"{r['rounds']} rounds)" if r.get("ok") else r.get("error"))
@@ -416,7 +463,7 @@ def main(argv=None):
             data = os.path.join(tmp, "memory")
             os.makedirs(data)
             memory = MEM.run_all(
-                lambda f: sys.executable if f not in PEERS else args.python, data,
+                lambda f: sys.executable if not is_peer(f) else args.python, data,
                 child_env(1), cpus_for(1), args.memory_k, args.timeout)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     write_report(args.out, args, argv, info, load_before, load_after, results, imports,

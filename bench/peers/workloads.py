@@ -200,9 +200,9 @@ def make_conv4(cfg, seed=0):
             "qy": qy.astype(np.int64)}
 
 
-def metacore_conv4(inputs, dtype, k, alpha, n_way, workers=1):
-    """-> call returning (query_loss (T,), grad (P,)), second-order MAML; `workers` threads
-    over blocks of the tasks (metacore.taskpool)."""
+def metacore_conv4(inputs, dtype, k, alpha, n_way, workers=1, first_order=False):
+    """-> call returning (query_loss (T,), grad (P,)), second-order MAML (first-order with
+    first_order=True); `workers` threads over blocks of the tasks (metacore.taskpool)."""
     from metacore.algorithms.maml import maml_gradient
     from metacore.models import conv4_maml
     model = conv4_maml(n_way=n_way)
@@ -211,7 +211,7 @@ def metacore_conv4(inputs, dtype, k, alpha, n_way, workers=1):
 
     def call():
         r = maml_gradient(model, a["theta"], a["sx"], a["sy"], a["qx"], a["qy"], alpha,
-                          steps=k, workers=workers)
+                          steps=k, workers=workers, first_order=first_order)
         return r.query_loss, r.grad
     return call
 
@@ -345,13 +345,25 @@ def _distance(kind, Q, N, D, quick=True):
              "|q|^2 + |s|^2 - 2 q s^T through NumPy's BLAS.")
 
 
-def _conv4(T, k, quick=True):
+# The PyTorch and JAX variants tried on the Conv-4 workloads (issue 17): the original two
+# peers, and the forms a careful user would write (torch_impl.py / jax_impl.py say what each
+# changes). The table's speed-up is against metacore; the fastest peer row is the one to read.
+CONV4_TORCH = ("torch-eager", "torch-eager-fast", "torch-eager-fast-cl",
+               "torch-eager-nativebn", "torch-module", "torch-func", "torch-func-loop")
+CONV4_JAX = ("jax", "jax-unrolled", "jax-map")
+PROTO_TORCH = ("torch-eager", "torch-eager-fast", "torch-eager-fast-cl", "torch-module")
+PROTO_JAX = ("jax", "jax-pool")
+
+
+def _conv4(T, k, quick=True, first_order=False, peers=CONV4_TORCH + CONV4_JAX):
+    order = "first-order" if first_order else "second-order"
     return Workload(
-        name=f"conv4-maml-T{T}-k{k}", kind="conv4_maml",
-        title=f"Omniglot Conv-4 second-order MAML meta-gradient, 5-way 1-shot, 15 queries per "
+        name=f"conv4-{'fomaml' if first_order else 'maml'}-T{T}-k{k}",
+        kind="conv4_fomaml" if first_order else "conv4_maml",
+        title=f"Omniglot Conv-4 {order} MAML meta-gradient, 5-way 1-shot, 15 queries per "
               f"class, meta-batch {T}, k={k}",
         cfg=dict(T=T, k=k, n_way=5, shots=1, queries=15, alpha=0.4), outputs=("query_loss", "grad"),
-        quick=quick, tol=1e-3,
+        quick=quick, tol=1e-3, peers=peers,
         note="conv4_maml (4 x [3x3 conv 64 stride 2 'same', batch norm with the task's batch "
              "statistics, ReLU], spatial mean, linear 5-way head; P = 112,261), softmax "
              "cross-entropy, alpha = 0.4, real Omniglot episodes. Timed: the meta-gradient "
@@ -366,7 +378,7 @@ def _protonet(quick=True):
         title="ProtoNet training episode, Conv-4, 60-way 5-shot, 5 queries per class, "
               "forward + backward",
         cfg=dict(n_way=60, shots=5, queries=5), outputs=("loss", "grad"), quick=quick,
-        tol=5e-3, peers=("torch-eager", "jax"),
+        tol=5e-3, peers=PROTO_TORCH + PROTO_JAX,
         note="conv4_protonet (4 x [3x3 conv 64 'same', batch norm over the episode's 600 "
              "images, ReLU, 2x2 max-pool], 64-d embedding; P = 111,936), prototypes = class "
              "means of the support embeddings, logits = -squared distance, softmax "
@@ -412,7 +424,9 @@ for _w in [_sinusoid("maml", 1), _sinusoid("maml", 5), _sinusoid("fomaml", 1),
            _distance("sqeuclidean", 75, 5, 64), _distance("sqeuclidean", 300, 20, 64),
            _distance("sqeuclidean", 2000, 2000, 1600, quick=False),
            _distance("protonet_loss", 75, 5, 64), _distance("protonet_loss", 300, 20, 64),
-           _conv4(4, 1), _conv4(32, 1, quick=False), _protonet(), _lrua()]:
+           _conv4(4, 1), _conv4(32, 1, quick=False, peers=CONV4_TORCH + ("jax-map",)),
+           _conv4(4, 1, quick=False, first_order=True),
+           _protonet(), _lrua()]:
     WORKLOADS[_w.name] = _w
 
 
@@ -421,7 +435,7 @@ def make_inputs(w, seed=0):
         return make_sinusoid(w.cfg, seed)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return make_distance(w.cfg, seed)
-    if w.kind == "conv4_maml":
+    if w.kind in ("conv4_maml", "conv4_fomaml"):
         return make_conv4(w.cfg, seed)
     if w.kind == "protonet":
         return make_protonet(w.cfg, seed)
@@ -437,9 +451,9 @@ def metacore_call(w, variant, inputs, dtype=np.float32, threads=1):
         return metacore_sinusoid(w.kind, w.cfg["k"], inputs, dtype, variant)
     if w.kind in ("sqeuclidean", "protonet_loss"):
         return metacore_distance(w.kind, inputs, dtype, variant)
-    if w.kind == "conv4_maml":
+    if w.kind in ("conv4_maml", "conv4_fomaml"):
         return metacore_conv4(inputs, dtype, w.cfg["k"], w.cfg["alpha"], w.cfg["n_way"],
-                              workers=threads)
+                              workers=threads, first_order=w.kind == "conv4_fomaml")
     if w.kind == "protonet":
         return metacore_protonet(inputs, dtype)
     if w.kind == "lrua":
@@ -476,6 +490,12 @@ def flops(w):
                                c["queries"] * c["n_way"])
         k = c["k"]
         return c["T"] * (k * (fs + bs) + fq + bq + k * hs + (k - 1) * fs)
+    if w.kind == "conv4_fomaml":
+        from metacore.models import conv4_maml
+        fs, bs, _ = macs_flops(conv_macs(conv4_maml(n_way=c["n_way"])), c["shots"] * c["n_way"])
+        fq, bq, _ = macs_flops(conv_macs(conv4_maml(n_way=c["n_way"])),
+                               c["queries"] * c["n_way"])
+        return c["T"] * (c["k"] * (fs + bs) + fq + bq)
     if w.kind == "protonet":
         from metacore.models import conv4_protonet
         f, b, _ = macs_flops(conv_macs(conv4_protonet()), c["n_way"] * (c["shots"] + c["queries"]))
