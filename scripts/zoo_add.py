@@ -28,7 +28,8 @@ def main(argv=None):
     p.add_argument("--paper-value", required=True)
     p.add_argument("--paper-figure", required=True)
     p.add_argument("--paper-source", required=True)
-    p.add_argument("--paper-iterations", type=int, required=True)
+    p.add_argument("--paper-iterations", type=int, required=True,
+                   help="the paper's training budget; 0 where the paper does not state one")
     p.add_argument("--command", required=True, help="the exact training command")
     p.add_argument("--eval-json", required=True)
     p.add_argument("--eval-command", required=True)
@@ -46,8 +47,9 @@ def main(argv=None):
     with open(a.eval_json) as f:
         res = json.load(f)
     res = res if isinstance(res, list) else [res]
-    results = [{k: r[k] for k in ("bn", "way", "shots", "tasks", "accuracy", "ci95",
-                                  "mse", "mse_ci95", "protocol_steps", "steps", "seed") if k in r
+    results = [{k: r[k] for k in ("protocol", "bn", "way", "shots", "queries", "tasks",
+                                  "accuracy", "ci95", "mse", "mse_ci95", "protocol_steps",
+                                  "steps", "seed") if k in r
                 and not isinstance(r[k], list)} for r in res]
     entry = {
         "name": a.name, "method": cfg["algorithm"], "task": cfg["task"],

@@ -82,17 +82,29 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _label(entry, r):
+    """'bn ' and, where the result is not the entry's own way/shot, 'N-way K-shot '."""
+    parts = [r["bn"]] if r.get("bn") else []
+    if r.get("protocol", "").startswith("lake"):
+        parts.append("Lake's 20 runs")
+    elif (r.get("way", entry["way"]), r.get("shots", entry["shot"])) != (entry["way"],
+                                                                        entry["shot"]):
+        parts.append(f"{r['way']}-way {r['shots']}-shot")
+    return " ".join(parts) + " " if parts else ""
+
+
 def format_table(items):
     """One line per entry for `metacore zoo`."""
     lines = []
     for e in items:
         b, p, m = e["budget"], e["paper"], e.get("measured", {})
-        acc = "; ".join(f"{r['bn'] + ' ' if r.get('bn') else ''}{r['accuracy']:.2f} "
-                        f"+- {r['ci95']:.2f}%" if "accuracy" in r else
-                        f"MSE {r['mse']:.3f} +- {r['mse_ci95']:.3f}"
+        acc = "; ".join(f"{_label(e, r)}{r['accuracy']:.2f} +- {r['ci95']:.2f}%"
+                        if "accuracy" in r else f"MSE {r['mse']:.3f} +- {r['mse_ci95']:.3f}"
                         for r in m.get("results", []))
-        state = "full budget" if b.get("finished") else (
-            f"{b['iterations']:,} of {b['paper_iterations']:,} it.")
+        state = ("full budget" if b.get("finished") else
+                 f"{b['iterations']:,} of {b['paper_iterations']:,} it."
+                 if b.get("paper_iterations") else
+                 f"{b['iterations']:,} it. (the paper states no budget)")
         lines.append(f"{e['name']:28s} {e['method']} {e['task']} {e['way']}-way "
                      f"{e['shot']}-shot | measured {acc or '-'} | paper {p['value']} "
                      f"({p['figure']}) | {state}, {b['train_wall_s'] / 60:.0f} min of training")
