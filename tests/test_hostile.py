@@ -210,7 +210,7 @@ API = [
     ("log_every 0", _mc("maml", log_every=0), UserError, "log_every must be a positive int"),
     ("seed -1", _mc("maml", seed=-1), UserError, "seed must be an int >= 0"),
     ("dtype float16", _mc("maml", dtype="float16"), UserError, "dtype must be 'float32'"),
-    ("outer_opt rmsprop", _mc("maml", outer_opt="rmsprop"), UserError,
+    ("outer_opt lbfgs", _mc("maml", outer_opt="lbfgs"), UserError,
      "outer_opt must be one of"),
     ("unknown setting", _mc("maml", warp=3), UserError, "unknown settings ['warp']"),
     ("protonet inner_lr", _mc("protonet", "omniglot", inner_lr=0.1), UserError,
