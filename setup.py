@@ -55,7 +55,8 @@ setup(
     # distance kernels' GEMM route); without it those calls fail to compile
     install_requires=["numpy>=1.24", "numba>=0.59", "scipy>=1.10"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # pytest-xdist: the suite runs on every core (pytest.ini: -n auto --dist loadfile)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
         "cuda": ["numba-cuda[cu13]", "cupy-cuda13x"],
         "plot": ["matplotlib"],
         # mpi4py needs an MPI library from the system: apt-get install openmpi-bin libopenmpi-dev

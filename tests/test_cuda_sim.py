@@ -29,7 +29,8 @@ def _has(dist):
                            "simulator tests of the Numba CUDA kernels need it")
 def test_numba_cuda_kernels_under_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-n", "0", "--dist", "no",
+           "-p", "no:cacheprovider",
            "-p", "no:benchmark", os.path.join("tests", "cuda_sim_cases.py")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = (res.stdout + res.stderr)[-6000:]
