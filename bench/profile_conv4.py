@@ -162,19 +162,18 @@ def conv_pass_flops(model, T, rows):
 
 
 def fma_peak_cpu(n=2_000_000, repeats=7):
-    """bench/peers/roofline.py's FMA loop (12 independent 256-bit float32 FMA chains), timed
+    """bench/peers/roofline.py's FMA peak (12 independent 256-bit float32 FMA chains), timed
     by this thread's CPU time: GFLOP/s of one core."""
     from bench.peers import roofline
-    fma_loop = roofline._kernel()
-    x = np.full(64, 1e-3, np.float32)
-    fma_loop(x, 10)
-    best = float("inf")
-    for _ in range(repeats):
-        x[:] = 1e-3
-        t0 = CLOCK()
-        fma_loop(x, n)
-        best = min(best, CLOCK() - t0)
-    return 12 * 8 * 2 * n / best / 1e9
+    old = os.environ.get("METACORE_BENCH_CLOCK")
+    os.environ["METACORE_BENCH_CLOCK"] = "cpu"
+    try:
+        return roofline.fma_peak(np.float32, n, repeats)
+    finally:
+        if old is None:
+            del os.environ["METACORE_BENCH_CLOCK"]
+        else:
+            os.environ["METACORE_BENCH_CLOCK"] = old
 
 
 def main(argv=None):
