@@ -56,7 +56,7 @@ setup(
     install_requires=["numpy>=1.24", "numba>=0.59", "scipy>=1.10"],
     extras_require={
         # pytest-xdist: the suite runs on every core (pytest.ini: -n auto --dist loadfile)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3.6"],
         "cuda": ["numba-cuda[cu13]", "cupy-cuda13x"],
         "plot": ["matplotlib"],
         # mpi4py needs an MPI library from the system: apt-get install openmpi-bin libopenmpi-dev
