@@ -1,7 +1,7 @@
 """Numba CPU kernels of the Conv-4 layers: batch norm (batch statistics), ReLU, 2x2 max-pool,
-and im2col / col2im for the 3x3 convolution. Called by metacore.layers through
-metacore.kernels.convnet, which owns the switch; the NumPy code in metacore.layers is the
-ground truth (tests/test_conv_fast.py compares the two).
+im2col / col2im for the 3x3 convolution, and a direct 3x3 convolution for few input channels.
+Called by metacore.layers through metacore.kernels.convnet, which owns the switch; the NumPy
+code in metacore.layers is the ground truth (tests/test_conv_fast.py compares the two).
 
 Shape letters (this module):
     T tasks, M entries per (task, channel) that batch norm averages over (M = B*H*W for
@@ -22,9 +22,15 @@ How they differ from the NumPy code (results equal up to float rounding):
   * im2col writes R rows of the (M, K*K*C) patch matrix for a few images, padding on the fly
     (no padded copy of x); col2im is its adjoint for the same images. The layer then runs the
     GEMM on that chunk while it is still in cache.
+  * The direct convolution (forward, and dw with db) loops over the 3x3 window per output
+    pixel, vectorised over the F filters: for the image layer (C = 1) the im2col GEMM has an
+    inner dimension of 9 and runs at a few GFLOP/s. Its sums run in another order than the
+    GEMM's (dw: per image in the data dtype, over images in float64).
 """
 import numpy as np
 from numba import njit
+
+from .simd import brow, vfma, vload, vload2, vsplat, vstore2, vzero
 
 # nogil: metacore.taskpool runs tasks of one meta-batch in threads side by side
 _JIT = dict(cache=True, error_model="numpy", fastmath=False, nogil=True)
@@ -358,3 +364,204 @@ def col2im(dcols, b0, b1, stride, pt, pl, Ho, Wo, dx):
                         for c in range(C):
                             dx[n, ii, jj, c] += dcols[r, o + c]
                 r += 1
+
+
+# ---------------------------------------------------------------- 3x3 convolution, direct (few C)
+# For few input channels (the image layer, C = 1) im2col + BLAS does not pay: the GEMM's inner
+# dimension is K*K*C = 9 (a few GFLOP/s) and the im2col matrix is 9 times the images. These
+# kernels gather each output pixel's window into a K*K*C vector and keep vectors of
+# L = 32 / itemsize filters in registers (kernels/simd.py): in the forward 4 vectors of one
+# pixel across the window, in dw 4 window entries x 2 vectors across an image's pixels.
+@njit(inline="always")
+def _copy_entries(xf, a, out, o, k, C):
+    """out[o, k : k + C] <- xf[a : a + C]; C = 1 without a loop (a loop over C would be
+    vectorised with an overlap test at each entry: most of the gather's time for C = 1)."""
+    if C == 1:
+        out[o, k] = xf[a]
+    else:
+        for c in range(C):
+            out[o, k + c] = xf[a + c]
+
+
+@njit(inline="always")
+def _window(xf, H, W, C, g, i, j, stride, pt, pl, out, o):
+    """out[o, :K*K*C] <- the (p, q, c) window of output pixel (i, j) of image g of the images
+    x: (TB, H, W, C) given flat as xf (TB*H*W*C,), zeros in the padding (windows inside the
+    image skip the per-entry test)."""
+    i0, j0 = stride * i - pt, stride * j - pl
+    if i0 >= 0 and j0 >= 0 and i0 + 3 <= H and j0 + 3 <= W:
+        base = ((g * H + i0) * W + j0) * C
+        if C == 1:                       # the image layer: nine loads, no loop to set up
+            a1, a2 = base + W, base + 2 * W
+            out[o, 0], out[o, 1], out[o, 2] = xf[base], xf[base + 1], xf[base + 2]
+            out[o, 3], out[o, 4], out[o, 5] = xf[a1], xf[a1 + 1], xf[a1 + 2]
+            out[o, 6], out[o, 7], out[o, 8] = xf[a2], xf[a2 + 1], xf[a2 + 2]
+            return
+        for p in range(3):
+            for q in range(3):
+                _copy_entries(xf, base + (p * W + q) * C, out, o, (p * 3 + q) * C, C)
+        return
+    for p in range(3):
+        ii = i0 + p
+        for q in range(3):
+            jj = j0 + q
+            k = (p * 3 + q) * C
+            if 0 <= ii < H and 0 <= jj < W:
+                _copy_entries(xf, ((g * H + ii) * W + jj) * C, out, o, k, C)
+            else:
+                for c in range(C):
+                    out[o, k + c] = 0.0
+
+
+@njit(**_JIT)
+def conv_direct_forward(x, w, b, stride, pt, pl, Ho, Wo, y):
+    """x: (T*B, H, W, C) the images of T tasks, B each, w: (T, K*K*C, F) in (p, q, c) row order,
+    b: (T, F) -> y: (T*B, Ho*Wo, F) = b + window(x) w per output pixel. Padding entries are
+    zeros multiplied like any other (an inf weight gives NaN there, as the GEMM on zero-padded
+    columns). Each output: the bias, then the K*K*C products in (p, q, c) order, one fused
+    multiply-add each (plain multiply and add on the F mod L last filters)."""
+    TB, H, W, C = x.shape
+    T, kkc, F = w.shape
+    B = TB // T
+    L = 32 // y.itemsize
+    xf = x.reshape(x.size)
+    win = np.empty((1, kkc), x.dtype)                              # (1, K*K*C) one pixel
+    for g in range(TB):
+        wt, bt, yg = brow(w, g // B), brow(b, g // B), brow(y, g)  # (KKC, F), (F,), (R, F)
+        for i in range(Ho):
+            for j in range(Wo):
+                r = i * Wo + j
+                _window(xf, H, W, C, g, i, j, stride, pt, pl, win, 0)
+                f = 0
+                while f + 8 * L <= F:        # 8 chains: enough to hide the FMA latency
+                    a0, a1 = vload(bt, f), vload(bt, f + L)
+                    a2, a3 = vload(bt, f + 2 * L), vload(bt, f + 3 * L)
+                    a4, a5 = vload(bt, f + 4 * L), vload(bt, f + 5 * L)
+                    a6, a7 = vload(bt, f + 6 * L), vload(bt, f + 7 * L)
+                    for k in range(kkc):
+                        s = vsplat(win[0, k])
+                        a0 = vfma(s, vload2(wt, k, f), a0)
+                        a1 = vfma(s, vload2(wt, k, f + L), a1)
+                        a2 = vfma(s, vload2(wt, k, f + 2 * L), a2)
+                        a3 = vfma(s, vload2(wt, k, f + 3 * L), a3)
+                        a4 = vfma(s, vload2(wt, k, f + 4 * L), a4)
+                        a5 = vfma(s, vload2(wt, k, f + 5 * L), a5)
+                        a6 = vfma(s, vload2(wt, k, f + 6 * L), a6)
+                        a7 = vfma(s, vload2(wt, k, f + 7 * L), a7)
+                    vstore2(yg, r, f, a0)
+                    vstore2(yg, r, f + L, a1)
+                    vstore2(yg, r, f + 2 * L, a2)
+                    vstore2(yg, r, f + 3 * L, a3)
+                    vstore2(yg, r, f + 4 * L, a4)
+                    vstore2(yg, r, f + 5 * L, a5)
+                    vstore2(yg, r, f + 6 * L, a6)
+                    vstore2(yg, r, f + 7 * L, a7)
+                    f += 8 * L
+                while f + L <= F:
+                    a0 = vload(bt, f)
+                    for k in range(kkc):
+                        a0 = vfma(vsplat(win[0, k]), vload2(wt, k, f), a0)
+                    vstore2(yg, r, f, a0)
+                    f += L
+                for f in range(f, F):
+                    a = bt[f]
+                    for k in range(kkc):
+                        a += win[0, k] * wt[k, f]
+                    yg[r, f] = a
+
+
+@njit(**_JIT)
+def conv_direct_dw(x, dy, stride, pt, pl, Ho, Wo, dw, db):
+    """x: (T*B, H, W, C), dy: (T*B, Ho*Wo, F) -> dw: (T, K*K*C, F) = sum over the task's output
+    pixels of window(x)^T dy (padding entries zeros, multiplied like the GEMM's), db: (T, F) =
+    dy summed over the task's pixels. Per image, the windows are gathered into (Ho*Wo, K*K*C
+    + 1) rows with a last column of ones (so db is the last row of the same product), summed
+    over the image's pixels in order in the data dtype (fused multiply-adds; plain on the
+    F mod L last filters); the images' sums are added in float64 (the BLAS GEMM it replaces
+    sums all B*Ho*Wo rows in the data dtype)."""
+    TB, R, F = dy.shape
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    T, kkc = dw.shape[0], dw.shape[1]
+    B = TB // T
+    L = 32 // dy.itemsize
+    xf = x.reshape(x.size)
+    n = kkc + 1                                                    # window entries and the 1
+    win = np.empty((R, n), x.dtype)                                # (R, KKC + 1) one image
+    part = np.empty((n, F), dy.dtype)                              # (KKC + 1, F) one image
+    acc = np.empty((n, F), np.float64)                             # (KKC + 1, F) one task
+    for t in range(T):
+        acc[:] = 0.0
+        for g in range(t * B, (t + 1) * B):
+            for i in range(Ho):
+                for j in range(Wo):
+                    r = i * Wo + j
+                    _window(xf, H, W, C, g, i, j, stride, pt, pl, win, r)
+                    win[r, kkc] = 1.0
+            _window_t_dy(win, brow(dy, g), L, part)
+            for k in range(n):
+                for f in range(F):
+                    acc[k, f] += part[k, f]
+        for k in range(kkc):
+            for f in range(F):
+                dw[t, k, f] = acc[k, f]
+        for f in range(F):
+            db[t, f] = acc[kkc, f]
+
+
+@njit(inline="always")
+def _window_t_dy(win, dyg, L, part):
+    """part (N, F) <- win^T dyg: win (R, N), dyg (R, F); tiles of 5 rows of part x 2 vectors
+    (10 vector accumulators over the R pixels), then 1 row x 2 vectors, 1 x 1, scalar lanes."""
+    R, n = win.shape
+    F = dyg.shape[1]
+    f = 0
+    while f + 2 * L <= F:
+        k = 0
+        while k + 5 <= n:
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = vzero(part[0])
+            for r in range(R):
+                d0, d1 = vload2(dyg, r, f), vload2(dyg, r, f + L)
+                s = vsplat(win[r, k])
+                a0, a1 = vfma(s, d0, a0), vfma(s, d1, a1)
+                s = vsplat(win[r, k + 1])
+                a2, a3 = vfma(s, d0, a2), vfma(s, d1, a3)
+                s = vsplat(win[r, k + 2])
+                a4, a5 = vfma(s, d0, a4), vfma(s, d1, a5)
+                s = vsplat(win[r, k + 3])
+                a6, a7 = vfma(s, d0, a6), vfma(s, d1, a7)
+                s = vsplat(win[r, k + 4])
+                a8, a9 = vfma(s, d0, a8), vfma(s, d1, a9)
+            vstore2(part, k, f, a0)
+            vstore2(part, k, f + L, a1)
+            vstore2(part, k + 1, f, a2)
+            vstore2(part, k + 1, f + L, a3)
+            vstore2(part, k + 2, f, a4)
+            vstore2(part, k + 2, f + L, a5)
+            vstore2(part, k + 3, f, a6)
+            vstore2(part, k + 3, f + L, a7)
+            vstore2(part, k + 4, f, a8)
+            vstore2(part, k + 4, f + L, a9)
+            k += 5
+        for k in range(k, n):
+            a0 = a1 = vzero(part[0])
+            for r in range(R):
+                s0 = vsplat(win[r, k])
+                a0 = vfma(s0, vload2(dyg, r, f), a0)
+                a1 = vfma(s0, vload2(dyg, r, f + L), a1)
+            vstore2(part, k, f, a0)
+            vstore2(part, k, f + L, a1)
+        f += 2 * L
+    while f + L <= F:
+        for k in range(n):
+            a0 = vzero(part[0])
+            for r in range(R):
+                a0 = vfma(vsplat(win[r, k]), vload2(dyg, r, f), a0)
+            vstore2(part, k, f, a0)
+        f += L
+    zero = np.zeros(1, part.dtype)[0]
+    for f in range(f, F):
+        for k in range(n):
+            a = zero
+            for r in range(R):
+                a += win[r, k] * dyg[r, f]
+            part[k, f] = a

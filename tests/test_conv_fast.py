@@ -363,3 +363,99 @@ def test_conv2d_kernels_pass_the_finite_difference_check(monkeypatch):
     lines = []
     assert check.run(["conv2d"], ("float64",), out=lines.append) == 0, "\n".join(lines)
     assert calls
+
+
+# ---------------------------------------------------------------- conv2d, direct kernels (few C)
+def _spy(monkeypatch, k, name):
+    """Count the calls of kernel `name` of module k."""
+    calls = []
+    monkeypatch.setattr(k, name, lambda *a, _f=getattr(k, name): calls.append(1) or _f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("geom", [(1, "same"), (2, "same"), (1, "valid"), (2, "valid")],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_conv2d_direct_matches_numpy(geom, dtype, monkeypatch):
+    """Every case on the direct kernels (MIN_FAST_KKC above every K*K*C here): forward,
+    backward with and without dx, R-forward with R{x} and without, R-backward."""
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 1 << 30)
+    k = convnet.numba_kernels()
+    fwd, dw = _spy(monkeypatch, k, "conv_direct_forward"), _spy(monkeypatch, k, "conv_direct_dw")
+    stride, padding = geom
+    for case in CONV_CASES:
+        a = _conv_inputs(case, stride, padding, dtype)
+        assert_close(*both(lambda: _conv_all(a, stride, padding)), dtype,
+                     f"direct conv2d {case} {geom}")
+    assert fwd and dw
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("geom", [(1, "same"), (2, "same"), (2, "valid")], ids=str)
+@pytest.mark.parametrize("case", [(2, 3, 7, 6, 1, 4), (1, 2, 5, 8, 3, 64), (2, 1, 1, 1, 2, 3)],
+                         ids=str)
+def test_conv2d_direct_matches_reference(case, geom, dtype, monkeypatch):
+    """Against reference/conv2d.py (float64 loops), per task: float64 to 1e-12, float32 to
+    its tolerance; the data-input R-passes (R{x} = 0) too."""
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 1 << 30)
+    stride, padding = geom
+    if padding == "valid" and min(case[2:4]) < 3:
+        pytest.skip("'valid' needs H, W >= 3")
+    a = _conv_inputs(case, stride, padding, dtype, seed=2)
+    out = _conv_all(a, stride, padding)
+    y, dx, dw, db, _, ry, rdx, rdw, rdb, _, ry0, rdx0, rdw0, rdb0 = out[:14]
+    tol = TOL[dtype]
+    for t in range(case[0]):
+        x, w, rx, rw, dy, rdy = (a[k][t].astype(np.float64)
+                                 for k in ("x", "w", "rx", "rw", "dy", "rdy"))
+        b, rb = a["b"][t].astype(np.float64), a["rb"][t].astype(np.float64)
+        ref = [rcv.conv2d_forward(x, w, b, stride, padding),
+               *rcv.conv2d_backward(dy, x, w, stride, padding),
+               rcv.conv2d_rforward(x, w, rx, rw, rb, stride, padding),
+               *rcv.conv2d_rbackward(dy, rdy, x, w, rx, rw, stride, padding),
+               rcv.conv2d_rforward(x, w, 0 * rx, rw, rb, stride, padding),
+               *rcv.conv2d_rbackward(dy, rdy, x, w, 0 * rx, rw, stride, padding)]
+        got = [y, dx, dw, db, ry, rdx, rdw, rdb, ry0, rdx0, rdw0, rdb0]
+        for i, (o, r) in enumerate(zip(got, ref)):
+            assert o.dtype == dtype
+            err = rel_error(o[t].astype(np.float64), r)
+            assert err <= tol, f"output {i} task {t}: rel_error {err:.2e} > {tol}"
+
+
+def test_conv2d_direct_nonfinite_weights_like_the_gemm(monkeypatch):
+    """An inf weight makes NaN where its tap reads the zero padding, as 0 * inf in the
+    GEMM on zero-padded columns; a NaN in x stays in the windows that read it."""
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 1 << 30)
+    a = _conv_inputs((1, 2, 5, 4, 1, 3), 2, "same", np.float64, seed=4)
+    a["w"][0, 2, 2, 0, 1] = np.inf
+    a["x"][0, 1, 0, 0, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        fast, slow = both(lambda: _conv_all(a, 2, "same"))
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        np.testing.assert_array_equal(np.isnan(f), np.isnan(s), err_msg=f"output {i}")
+        ok = np.isfinite(s)
+        assert rel_error(f[ok], s[ok]) <= 1e-12, i
+
+
+def test_conv2d_image_layer_takes_the_direct_kernels():
+    """At the default threshold the 1-channel layer (conv4_maml's first) runs on the direct
+    kernels, forward and backward, and 8 channels on im2col."""
+    k = convnet.numba_kernels()
+    import unittest.mock as um
+    for C, used in ((1, True), (7, True), (8, False)):
+        a = _conv_inputs((1, 2, 5, 5, C, 3), 2, "same", np.float32)
+        with um.patch.object(k, "conv_direct_forward", wraps=k.conv_direct_forward) as f, \
+                um.patch.object(k, "conv_direct_dw", wraps=k.conv_direct_dw) as d:
+            y, c = cv.conv2d_forward(a["x"], a["w"], a["b"], 2, "same")
+            cv.conv2d_backward(a["dy"], c, need_dx=False)
+        assert f.called == used and d.called == used, C
+
+
+def test_conv2d_direct_passes_the_finite_difference_check(monkeypatch):
+    """`metacore check conv2d` (float64 gradient, HVP, symmetry rows) on the direct kernels."""
+    from metacore import check
+    monkeypatch.setattr(cv, "MIN_FAST_KKC", 1 << 30)
+    calls = _spy(monkeypatch, convnet.numba_kernels(), "conv_direct_dw")
+    lines = []
+    assert check.run(["conv2d"], ("float64",), out=lines.append) == 0, "\n".join(lines)
+    assert calls

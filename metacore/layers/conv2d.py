@@ -23,6 +23,9 @@ images at a time (metacore.kernels.convnet_numba, padding on the fly) into a buf
 CHUNK_ELEMS entries that stays in cache, the GEMM on it at once, and for dx the adjoint
 col2im of that chunk. A product-rule sum of two GEMMs (R-passes) becomes one GEMM on
 stacked operands. Only the order of the sums changes (dw and db are summed chunk by chunk).
+Below MIN_FAST_KKC (few input channels: the image layer) a direct kernel computes y and
+(dw, db) from x without an im2col matrix; dx there (never needed for a data input) keeps
+the NumPy GEMM and col2im.
 The NumPy code below is the fallback and the ground truth.
 """
 import numpy as np
@@ -33,9 +36,9 @@ from metacore.validate import check_float_array, check_same
 
 KSIZE = 3
 CHUNK_ELEMS = 1 << 17      # entries of one im2col chunk (512 KiB in float32), whole images
-# Below this K*K*C (the image layer, C = 1) the NumPy code is kept: OpenBLAS runs a GEMM with
-# an inner dimension of 9 much slower in chunks (measured 107 vs 65 ms CPU for the ProtoNet
-# episode's first layer, 20 chunks vs one call) and NumPy's strided copy beats im2col there.
+# Below this K*K*C (the image layer, C = 1) the im2col route does not pay: OpenBLAS runs a
+# GEMM with an inner dimension of 9 much slower in chunks (measured 107 vs 65 ms CPU for the
+# ProtoNet episode's first layer, 20 chunks vs one call), so the direct kernels take it.
 MIN_FAST_KKC = 64
 
 
@@ -197,6 +200,69 @@ def _fast_back(k, c, dw_terms, dx_terms, need_dx):
     return dx, dw.reshape((T, KSIZE, KSIZE, C, F)), db
 
 
+# ---------------------------------------------------------------- direct path (few channels)
+def _direct_kernels(C, *arrays):
+    """The Numba kernel module for the direct conv (K*K*C below MIN_FAST_KKC), or None."""
+    if KSIZE * KSIZE * C >= MIN_FAST_KKC or any(a.size == 0 for a in arrays):
+        return None
+    return kernels_for(*arrays)
+
+
+def _w_rows(w):
+    """w: (T, K, K, C, F) -> (T, K*K*C, F), C-contiguous (a copy only for a strided view)."""
+    return np.ascontiguousarray(w).reshape(w.shape[0], -1, w.shape[-1])
+
+
+def _images(x):
+    """x: (T, B, H, W, C) -> (T*B, H, W, C), C-contiguous (a copy only for a strided view)."""
+    return np.ascontiguousarray(x).reshape((-1,) + x.shape[2:])
+
+
+def _direct_out(k, c, terms, bias):
+    """sum over terms (x, w) of conv(x, w), plus bias (T, F): y (T, B, Ho, Wo, F); each term
+    one direct kernel call (the second one, R{x} w in the R-forward, with a zero bias)."""
+    y = None
+    for x, w in terms:
+        T, B = x.shape[:2]
+        F = w.shape[-1]
+        part = np.empty((T, B, c.Ho, c.Wo, F), x.dtype)
+        k.conv_direct_forward(_images(x), _w_rows(w), np.ascontiguousarray(bias), c.stride,
+                              c.pads_h[0], c.pads_w[0], c.Ho, c.Wo,
+                              part.reshape(T * B, c.Ho * c.Wo, F))
+        if y is None:
+            y, bias = part, np.zeros_like(bias)
+        else:
+            y += part
+    return y
+
+
+def _direct_back(k, c, dw_terms, dx_terms, need_dx):
+    """As _fast_back: dw = sum over dw_terms (x, g) of cols(x)^T g by the direct kernel, db =
+    the sum of the first term's g, dx = col2im(sum over dx_terms (g, w) of g w^T) by the NumPy
+    code when need_dx (else None)."""
+    T, B, H, W, C = dw_terms[0][0].shape
+    F = dw_terms[0][1].shape[-1]
+    dw = db = None
+    for x, g in dw_terms:
+        dwi = np.empty((T, KSIZE * KSIZE * C, F), x.dtype)
+        dbi = np.empty((T, F), x.dtype)
+        g3 = np.ascontiguousarray(g).reshape(T * B, c.Ho * c.Wo, F)   # (T*B, Ho*Wo, F)
+        k.conv_direct_dw(_images(x), g3, c.stride, c.pads_h[0], c.pads_w[0], c.Ho, c.Wo,
+                         dwi, dbi)
+        if dw is None:
+            dw, db = dwi, dbi
+        else:
+            dw += dwi
+    dx = None
+    if need_dx:
+        for g, w in dx_terms:
+            dcols = np.matmul(g.reshape(T, -1, F),
+                              w.reshape(T, -1, F).transpose(0, 2, 1))   # (T, M, KKC)
+            dxi = _col2im(dcols, c.x.shape, c.Ho, c.Wo, c.stride, c.pads_h, c.pads_w)
+            dx = dxi if dx is None else dx + dxi
+    return dx, dw.reshape((T, KSIZE, KSIZE, C, F)), db
+
+
 def _gemm_out(cols, w, c):
     """cols: (T, M, KKC) @ w: (T, K, K, C, F) -> (T, B, Ho, Wo, F)."""
     T, F = w.shape[0], w.shape[-1]
@@ -216,6 +282,9 @@ def conv2d_forward(x, w, b, stride=1, padding="same"):
     k = _fast_kernels(C, x, w, b)
     if k is not None:
         return _fast_out(k, cache, [(x, w)], b), cache
+    k = _direct_kernels(C, x, w, b)
+    if k is not None:
+        return _direct_out(k, cache, [(x, w)], b), cache
     y = _gemm_out(cache.cols(x), w, cache)
     y += b[:, None, None, None, :]
     return y, cache
@@ -243,6 +312,9 @@ def conv2d_backward(dy, cache, need_dx=True):
     k = _fast_kernels(x.shape[-1], dy, x, cache.w)
     if k is not None:
         return _fast_back(k, cache, [(x, dy)], [(dy, cache.w)], need_dx)
+    k = _direct_kernels(x.shape[-1], dy, x, cache.w)
+    if k is not None:
+        return _direct_back(k, cache, [(x, dy)], [(dy, cache.w)], need_dx)
     dx, dw = _conv_backward_parts(dy, cache.cols(cache.x), cache.w, cache, need_dx)
     db = dy.sum(axis=(1, 2, 3))                                 # (T, F)
     return dx, dw, db
@@ -254,10 +326,13 @@ def conv2d_rforward(rx, rw, rb, cache):
     check_same("conv2d rforward", "rw", rw, "w", cache.w)
     if rx is not None:
         check_same("conv2d rforward", "rx", rx, "x", cache.x)
+    terms = [(cache.x, rw)] + ([(rx, cache.w)] if rx is not None else [])
     k = _fast_kernels(cache.x.shape[-1], cache.x, cache.w, rw, rb)
     if k is not None:
-        terms = [(cache.x, rw)] + ([(rx, cache.w)] if rx is not None else [])
         return _fast_out(k, cache, terms, rb), (rx, rw)
+    k = _direct_kernels(cache.x.shape[-1], cache.x, cache.w, rw, rb)
+    if k is not None:
+        return _direct_out(k, cache, terms, rb), (rx, rw)
     ry = _gemm_out(cache.cols(cache.x), rw, cache)
     if rx is not None:
         ry += _gemm_out(cache.cols(rx), cache.w, cache)
@@ -273,10 +348,14 @@ def conv2d_rbackward(dy, rdy, cache, rcache, need_dx=True):
     -> rdx (T, B, H, W, C) or None, rdw (T, K, K, C, F), rdb (T, F)."""
     rx, rw = rcache
     check_same("conv2d rbackward", "rdy", rdy, "dy", dy)
+    dw_terms = [(cache.x, rdy)] + ([(rx, dy)] if rx is not None else [])
+    dx_terms = [(rdy, cache.w), (dy, rw)]
     k = _fast_kernels(cache.x.shape[-1], dy, cache.x, cache.w, rw)
     if k is not None:
-        dw_terms = [(cache.x, rdy)] + ([(rx, dy)] if rx is not None else [])
-        return _fast_back(k, cache, dw_terms, [(rdy, cache.w), (dy, rw)], need_dx)
+        return _fast_back(k, cache, dw_terms, dx_terms, need_dx)
+    k = _direct_kernels(cache.x.shape[-1], dy, cache.x, cache.w, rw)
+    if k is not None:
+        return _direct_back(k, cache, dw_terms, dx_terms, need_dx)
     rdx, rdw = _conv_backward_parts(rdy, cache.cols(cache.x), cache.w, cache, need_dx)
     if need_dx:
         T, F = rw.shape[0], rw.shape[-1]
