@@ -37,9 +37,11 @@ _JIT = dict(cache=True, error_model="numpy", fastmath=False, nogil=True)
 
 
 # ---------------------------------------------------------------- batch norm (batch statistics)
-@njit(**_JIT)
-def bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd):
-    """x: (T, M, C), gamma, beta: (T, C) -> xhat, y: (T, M, C); mu, var, rstd: (T, C).
+@njit(inline="always")
+def _bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd, relu, mask):
+    """bn_forward; with relu True, y is then ReLU'd in the same pass and mask (T, M, C) bool
+    written (bn_relu_forward).
+    x: (T, M, C), gamma, beta: (T, C) -> xhat, y: (T, M, C); mu, var, rstd: (T, C).
     var is biased (divides by M). One pass sums d = x - s and d^2 with the shift s = the first
     entry of each channel, var = (sum d^2 - (sum d)^2 / M) / M: the shift keeps the
     cancellation small (|mean - s| is a few standard deviations). Where it still cancels more
@@ -88,11 +90,41 @@ def bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd):
                 xh = (np.float64(x[t, m, c]) - mu64[c]) * r64[c]
                 xhat[t, m, c] = xh
                 y[t, m, c] = g64[c] * xh + b64[c]
+                if relu:                 # relu_forward on the rounded y: the same bits
+                    yv = y[t, m, c]
+                    p = yv > 0
+                    mask[t, m, c] = p
+                    y[t, m, c] = yv * (1.0 if p else 0.0)
 
 
 @njit(**_JIT)
-def bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta):
-    """dy, xhat: (T, M, C), rstd, gamma: (T, C) -> dx: (T, M, C), dgamma, dbeta: (T, C).
+def bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd):
+    """x: (T, M, C), gamma, beta: (T, C) -> xhat, y: (T, M, C); mu, var, rstd: (T, C).
+    var is biased (divides by M); how the sums run: _bn_forward."""
+    _bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd, False,
+                np.empty((0, 0, 0), np.bool_))
+
+
+@njit(**_JIT)
+def bn_relu_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd, mask):
+    """bn_forward then relu_forward in one pass over the outputs (batch norm followed by a
+    ReLU: y and mask as relu_forward would give on bn_forward's y, bit for bit)."""
+    _bn_forward(x, gamma, beta, eps, xhat, y, mu, var, rstd, True, mask)
+
+
+@njit(inline="always")
+def _gated(dy, mask, t, m, c, relu):
+    """dy[t, m, c], times the ReLU's 0/1 mask when relu (relu_gate's product: NaN kept)."""
+    if relu:
+        return dy[t, m, c] * (1.0 if mask[t, m, c] else 0.0)
+    return dy[t, m, c]
+
+
+@njit(inline="always")
+def _bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta, relu, mask):
+    """bn_backward; with relu True, dy is first gated by mask (T, M, C) bool as relu_backward
+    does (bn_relu_backward), without writing the gated array.
+    dy, xhat: (T, M, C), rstd, gamma: (T, C) -> dx: (T, M, C), dgamma, dbeta: (T, C).
     With g = gamma dy: dx = rstd (g - mean(g) - xhat mean(g xhat)), written per channel as
     dx = a ((dy - mean(dy)) - k xhat), a = rstd gamma, k = mean(dy xhat): centred first, as
     the NumPy code, so that a constant dy gives exactly zero (M = 1, for one)."""
@@ -107,7 +139,7 @@ def bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta):
         s2[:] = 0.0
         for m in range(M):
             for c in range(C):
-                d = np.float64(dy[t, m, c])
+                d = np.float64(_gated(dy, mask, t, m, c, relu))
                 s1[c] += d
                 s2[c] += d * np.float64(xhat[t, m, c])
         for c in range(C):
@@ -118,8 +150,24 @@ def bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta):
             ck[c] = s2[c] / M
         for m in range(M):
             for c in range(C):
-                dx[t, m, c] = ca[c] * ((np.float64(dy[t, m, c]) - cm[c])
+                dx[t, m, c] = ca[c] * ((np.float64(_gated(dy, mask, t, m, c, relu)) - cm[c])
                                        - ck[c] * np.float64(xhat[t, m, c]))
+
+
+@njit(**_JIT)
+def bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta):
+    """dy, xhat: (T, M, C), rstd, gamma: (T, C) -> dx: (T, M, C), dgamma, dbeta: (T, C)
+    (formula: _bn_backward)."""
+    _bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta, False,
+                 np.empty((0, 0, 0), np.bool_))
+
+
+@njit(**_JIT)
+def bn_relu_backward(dy, mask, xhat, rstd, gamma, dx, dgamma, dbeta):
+    """relu_backward then bn_backward without the gated array in between: dy, xhat: (T, M, C),
+    mask: (T, M, C) bool, rstd, gamma: (T, C) -> dx: (T, M, C), dgamma, dbeta: (T, C), the
+    same bits as the two kernels in turn."""
+    _bn_backward(dy, xhat, rstd, gamma, dx, dgamma, dbeta, True, mask)
 
 
 @njit(**_JIT)

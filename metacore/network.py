@@ -142,6 +142,16 @@ class BatchNorm:
         dx, dg, db = f(dy, cache)
         return dx, {"gamma": dg, "beta": db}
 
+    def forward_relu(self, x, p):
+        """This layer then a ReLU (batch mode only): -> y, this layer's cache, the ReLU's."""
+        return bn.batchnorm_relu_forward(x, p["gamma"], p["beta"], self.eps)
+
+    def backward_relu(self, dy, relu_cache, cache):
+        """The ReLU after this layer (its cache relu_cache) then this layer, backward (batch
+        mode only): -> dx, {param: grad}."""
+        dx, dg, db = bn.batchnorm_relu_backward(dy, relu_cache, cache)
+        return dx, {"gamma": dg, "beta": db}
+
     def rforward(self, rx, rp, cache):
         f = bn.batchnorm_rforward if self.mode == "batch" else bn.batchnorm_running_rforward
         return f(rx, rp["gamma"], rp["beta"], cache)
@@ -385,14 +395,29 @@ class Model:
                                      f"[{target.min()}, {target.max()}]")
 
     # ------------------------------------------------------------------ passes
+    def _bn_relu_pairs(self):
+        """Indices i of the batch-statistics BatchNorm layers followed by a ReLU: forward and
+        backward run each such pair as one op (one pass over the activations less, the same
+        bits and caches as layer by layer); the R-passes stay per layer."""
+        return {i for i in range(len(self.layers) - 1)
+                if isinstance(self.layers[i], BatchNorm) and self.layers[i].mode == "batch"
+                and isinstance(self.layers[i + 1], ReLU)}
+
     def forward(self, theta, x, _checked=False):
         """-> out (T, N, *out_shape), caches (one per layer)."""
         if not _checked:
             theta, x = self._check(theta, x)
         caches, h = [], x
-        for layer, p in zip(self.layers, self._split(theta)):
-            h, c = layer.forward(h, p)
+        pairs, params, i = self._bn_relu_pairs(), self._split(theta), 0
+        while i < len(self.layers):
+            if i in pairs:                       # BatchNorm + ReLU: one op, two caches
+                h, c, mask = self.layers[i].forward_relu(h, params[i])
+                caches += [c, mask]
+                i += 2
+                continue
+            h, c = self.layers[i].forward(h, params[i])
             caches.append(c)
+            i += 1
         return h, caches
 
     def backward(self, dout, caches, T, return_dx=False):
@@ -400,8 +425,15 @@ class Model:
         gradient with respect to the input x, (grad, dx (T, N, *in_shape)), for a model
         whose input is another model's output (Relation Networks)."""
         grads, g = [None] * len(self.layers), dout
-        for i in range(len(self.layers) - 1, -1, -1):
+        pairs, i = self._bn_relu_pairs(), len(self.layers) - 1
+        while i >= 0:
+            if i - 1 in pairs:                   # ReLU then its BatchNorm: one op
+                g, grads[i - 1] = self.layers[i - 1].backward_relu(g, caches[i], caches[i - 1])
+                grads[i] = {}
+                i -= 2
+                continue
             g, grads[i] = self.layers[i].backward(g, caches[i], need_dx=i > 0 or return_dx)
+            i -= 1
         grad = self._join(grads, T, dout.dtype)
         return (grad, g) if return_dx else grad
 

@@ -459,3 +459,89 @@ def test_conv2d_direct_passes_the_finite_difference_check(monkeypatch):
     lines = []
     assert check.run(["conv2d"], ("float64",), out=lines.append) == 0, "\n".join(lines)
     assert calls
+
+
+# ---------------------------------------------------------------- batch norm + ReLU, fused
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_bn_relu_fused_equals_the_two_layers(shape, dtype):
+    """batchnorm_relu_forward / _backward give the bits of batchnorm then relu (and back),
+    on the kernels and on the NumPy code; a NaN and ReLU's x = 0 boundary included."""
+    a = _bn_inputs(shape, dtype)
+    x, gamma, beta, dy = a["x"], a["g"], a["b"], a["dy"]
+    x.reshape(-1)[0] = np.nan
+    beta = beta.copy()
+    beta[:, 0] = 0.0                        # gamma * xhat + 0: some y exactly 0 for M = 1
+
+    def run():
+        y, c, mask = bn.batchnorm_relu_forward(x, gamma, beta)
+        z, c2 = bn.batchnorm_forward(x, gamma, beta)
+        y2, mask2 = rl.relu_forward(z)
+        back = bn.batchnorm_relu_backward(dy, mask, c)
+        back2 = bn.batchnorm_backward(rl.relu_backward(dy, mask2), c2)
+        return [y, mask, *c[:2], *c[3:], *back], [y2, mask2, *c2[:2], *c2[3:], *back2]
+
+    for fused, apart in both(run):
+        for i, (a, b) in enumerate(zip(fused, apart)):
+            assert a.dtype == b.dtype and a.shape == b.shape, i
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i}")
+
+
+def test_bn_relu_fused_takes_strided_input():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 5, 3)).transpose(0, 2, 1, 3)          # (2, 5, 6, 3) view
+    g, b = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    dy = rng.standard_normal((2, 5, 6, 3))
+    y, c, mask = bn.batchnorm_relu_forward(x, g, b)
+    with convnet.numpy_only():
+        y2, c2, mask2 = bn.batchnorm_relu_forward(x, g, b)
+        back2 = bn.batchnorm_relu_backward(dy, mask2, c2)
+    assert_close([y, *bn.batchnorm_relu_backward(dy, mask, c)], [y2, *back2], np.float64,
+                 "strided bn+relu")
+    np.testing.assert_array_equal(mask, mask2)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("build", ["conv4_maml", "conv4_protonet", "bn_mlp"])
+def test_model_fuses_bn_relu_with_the_same_bits(build, dtype, monkeypatch):
+    """Model.forward / backward run BatchNorm + ReLU pairs fused: the output, caches and
+    gradient equal the layer-by-layer passes bit for bit, and the HVP sweep (per layer) takes
+    the fused forward's caches."""
+    from metacore import models
+    from metacore.network import Model
+    kw = dict(channels=8, depth=2) if build != "bn_mlp" else dict(hidden=(16, 8))
+    if build == "conv4_protonet":
+        kw["image_shape"] = (12, 12, 1)
+    elif build == "conv4_maml":
+        kw["image_shape"] = (12, 12, 1)
+    else:
+        kw["in_features"] = 10
+    model = getattr(models, build)(**kw)
+    assert model._bn_relu_pairs()
+    rng = np.random.default_rng(0)
+    T = 2
+    theta = np.stack([model.init_params(rng, dtype) for _ in range(T)])
+    x = rng.standard_normal((T, 5) + model.in_shape).astype(dtype)
+    dout_shape = (T, 5) + model.out_shape
+    dout = rng.standard_normal(dout_shape).astype(dtype)
+
+    def passes():
+        out, caches = model.forward(theta, x)
+        grad, dx = model.backward(dout, caches, T, return_dx=True)
+        return out, caches, grad, dx
+
+    fused = passes()
+    monkeypatch.setattr(Model, "_bn_relu_pairs", lambda self: set())
+    apart = passes()
+    for a, b in [(fused[0], apart[0]), (fused[2], apart[2]), (fused[3], apart[3])]:
+        np.testing.assert_array_equal(a, b)
+    for ca, cb in zip(fused[1], apart[1]):
+        for a, b in zip(ca if isinstance(ca, tuple) else (ca,),
+                        cb if isinstance(cb, tuple) else (cb,)):
+            if isinstance(a, np.ndarray):
+                np.testing.assert_array_equal(a, b)
+    if model.loss_name is not None:
+        v = rng.standard_normal(theta.shape).astype(dtype)
+        rout, rc = model.rforward(v, fused[1])
+        rout2, _ = model.rforward(v, apart[1])
+        np.testing.assert_array_equal(rout, rout2)
