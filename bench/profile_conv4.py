@@ -13,7 +13,9 @@ How: every layer instance's forward / backward / rforward / rbackward is wrapped
 (time.thread_time: this thread's CPU time, so that other processes on a shared core do not
 land in the timers), and inside the conv layers the GEMMs (np.matmul, counted in FLOPs from the
 operand shapes: 2 m k n each), the im2col / col2im copies (the Numba kernels and the NumPy
-fallback used for the 1-channel image layer) and the zero padding are timed separately;
+fallback) and the zero padding are timed separately, the 1-channel image layer's direct
+kernels (no im2col) as its "GEMM"; the fused BatchNorm + ReLU of Model.forward / backward
+counts as the batch norm's forward / backward (the ReLU rows keep their R-passes);
 "other" is the rest of the layer's time (checks, chunk bookkeeping, bias, db). Timers cost
 about a microsecond each: the total with timers is printed beside the plain step's median
 (plain and instrumented calls are interleaved, `rounds` rounds of `calls` calls each).
@@ -52,18 +54,20 @@ class _Prof:
 P = _Prof()
 
 
-def _wrap_method(layer, label, name):
+def _wrap_method(layer, label, name, key=None):
+    """Time layer.name under (label, key or name)."""
     fn = getattr(layer, name)
+    key = key or name
 
     def timed(*a, **k):
         if not P.on:
             return fn(*a, **k)
-        P.stack.append((label, name))
+        P.stack.append((label, key))
         t0 = CLOCK()
         try:
             return fn(*a, **k)
         finally:
-            P.t[(label, name, "total")] += CLOCK() - t0
+            P.t[(label, key, "total")] += CLOCK() - t0
             P.stack.pop()
     setattr(layer, name, timed)
 
@@ -131,9 +135,18 @@ def instrument(model):
         labels.append(label)
         for name in PASSES:
             _wrap_method(layer, label, name)
+        if isinstance(layer, BatchNorm):        # the fused BatchNorm + ReLU of Model.forward
+            _wrap_method(layer, label, "forward_relu", "forward")     # and .backward: counted
+            _wrap_method(layer, label, "backward_relu", "backward")   # as the BN's passes
     cv.np = _NumpyProxy()
     ln.np = _NumpyProxy()
     _wrap_part(KN, "im2col", "im2col")
+    # the direct kernels of the 1-channel layer do the GEMM's arithmetic (and its packing):
+    # counted as "gemm", with the FLOPs of the GEMM they replace, 2 (B Ho Wo) (K K C) F
+    _wrap_part(KN, "conv_direct_forward", "gemm",
+               lambda x, w, b, *r: 2.0 * r[-1].shape[0] * r[-1].shape[1] * w.shape[1] * w.shape[2])
+    _wrap_part(KN, "conv_direct_dw", "gemm",
+               lambda x, dy, *r: 2.0 * dy.shape[0] * dy.shape[1] * dy.shape[2] * r[-2].shape[1])
     _wrap_part(KN, "col2im", "col2im")
     _wrap_part(cv, "_im2col", "im2col")
     _wrap_part(cv, "_col2im", "col2im")
@@ -300,7 +313,7 @@ def main(argv=None):
     rest_layers = grand - conv_tot["total"] - bn - relu
     conv_other = conv_tot["total"] - conv_tot["gemm"] - conv_tot["im2col"] - \
         conv_tot["col2im"] - conv_tot["pad"]
-    for what, v in [("conv GEMMs", conv_tot["gemm"]), ("conv im2col (packing)", conv_tot["im2col"]),
+    for what, v in [("conv GEMMs (layer 1: the direct kernels)", conv_tot["gemm"]), ("conv im2col (packing)", conv_tot["im2col"]),
                     ("conv col2im (adjoint of packing)", conv_tot["col2im"]),
                     ("conv zero padding (NumPy path, layer 1)", conv_tot["pad"]),
                     ("conv other (checks, bias, db, chunk copies)", conv_other),

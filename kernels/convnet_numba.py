@@ -22,10 +22,14 @@ How they differ from the NumPy code (results equal up to float rounding):
   * im2col writes R rows of the (M, K*K*C) patch matrix for a few images, padding on the fly
     (no padded copy of x); col2im is its adjoint for the same images. The layer then runs the
     GEMM on that chunk while it is still in cache.
-  * The direct convolution (forward, and dw with db) loops over the 3x3 window per output
-    pixel, vectorised over the F filters: for the image layer (C = 1) the im2col GEMM has an
-    inner dimension of 9 and runs at a few GFLOP/s. Its sums run in another order than the
-    GEMM's (dw: per image in the data dtype, over images in float64).
+  * The direct convolution (forward, and dw with db) gathers each output pixel's 3x3 window
+    and keeps vectors of filters in registers: for the image layer (C = 1) the im2col GEMM
+    has an inner dimension of 9 and runs at a few GFLOP/s. Its sums run in another order
+    than the GEMM's (fused multiply-adds; dw per image in the data dtype, over images in
+    float64).
+  * bn_relu_forward / bn_relu_backward are batch norm with the ReLU that follows it in the
+    same passes (Model.forward / backward pair them): the same bits as the kernels one after
+    the other, without the intermediate array.
 """
 import numpy as np
 from numba import njit
