@@ -87,10 +87,14 @@ def _add_blas(p):
 
 
 def _set_blas(args):
+    """The process settings of `train` and `eval`: BLAS threads, and freed memory kept in
+    the process (metacore.malloc: no page faults on every step's buffers)."""
     from metacore.blas import set_blas_threads
+    from metacore.malloc import keep_freed_memory
     if args.blas_threads < 1:
         raise UserError(f"--blas-threads must be >= 1, got {args.blas_threads}")
     set_blas_threads(args.blas_threads)
+    keep_freed_memory()
 
 
 MAML_FLAGS = ("shots", "queries", "n_way", "meta_batch", "inner_steps", "test_steps",

@@ -48,6 +48,11 @@ def child_env(threads):
         env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # the same allocator settings for every framework: freed memory stays in the process
+    # (what metacore's CLI does through metacore.malloc), unless the caller set them
+    for var, value in (("MALLOC_MMAP_THRESHOLD_", "33554432"),
+                       ("MALLOC_TRIM_THRESHOLD_", "268435456")):
+        env.setdefault(var, value)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
