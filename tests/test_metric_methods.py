@@ -146,6 +146,15 @@ def test_evaluate_protocol_and_bn_modes(tmp_path):
     assert again["settings"] == r["settings"]
     tr = m.evaluate(t.params, dict(tasks=3, way=5, shots=1, bn="transductive"))
     assert tr["bn"] == "batch" and "transductive" in m.format_result(tr)
+    # a Relation Net is evaluated at its training shot unless --shots says otherwise
+    # (its class map sums the K support maps); another shot is evaluated, with a note
+    assert m._default_shots() == (cfg["shots"],) == (1,)
+    d = m.evaluate(t.params, dict(tasks=2, way=5, bn=None))
+    assert list(d["settings"]) == ["5way_1shot"] and "note" not in d
+    five = m.evaluate(t.params, dict(tasks=2, way=5, shots=5, bn=None))
+    assert list(five["settings"]) == ["5way_5shot"]
+    assert "trained at 1-shot" in five["note"] and "note: this Relation Net" in \
+        m.format_result(five)
     with pytest.raises(ValueError, match="bn must be one of"):
         m.evaluate(t.params, dict(bn="both"))
     with pytest.raises(ValueError, match="tasks must be >= 2"):

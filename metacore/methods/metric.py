@@ -18,7 +18,8 @@ normalises each episode with its own batch statistics and moves the running stat
 every checkpoint and a resumed run is bit-identical.
 
 Evaluation (`metacore eval RUN`): the Vinyals test characters, >= 1000 episodes per setting
-(--tasks), 5-way and 20-way x 1-shot and 5-shot (--way / --shots restrict), and Lake et al.'s
+(--tasks), 5-way and 20-way x 1-shot and 5-shot (--way / --shots restrict; a Relation Net
+at its training shot only, unless --shots says otherwise), and Lake et al.'s
 20 one-shot runs (20-way, within one alphabet, no rotation; included whenever 20-way 1-shot
 is), mean accuracy with a 95% confidence interval (1.96 std / sqrt(n)). Batch norm at test:
 the running statistics by default ("non-transductive": every image is embedded alone, so no
@@ -435,7 +436,7 @@ class Method(MethodBase):
         # None means "not given"; 0 is refused below, never read as "the default"
         n = EVAL_EPISODES if opts.get("tasks") is None else opts["tasks"]
         ways = EVAL_WAYS if opts.get("way") is None else (opts["way"],)
-        shots = EVAL_SHOTS if opts.get("shots") is None else (opts["shots"],)
+        shots = self._default_shots() if opts.get("shots") is None else (opts["shots"],)
         seed = opts.get("seed")
         seed = 2017 if seed is None else seed
         for name, vals, low in (("way", ways, 2), ("shots", shots, 1)):
@@ -453,6 +454,11 @@ class Method(MethodBase):
                                     f"and 20 drawings per character")
         result = {"algorithm": self.cfg["algorithm"], "bn": bn, "bn_text": BN_TEXT[bn],
                   "split": "vinyals test (423 characters x 4 rotations)", "settings": {}}
+        if self.cfg["algorithm"] == "relation" and any(k != self.cfg["shots"] for k in shots):
+            result["note"] = (f"this Relation Net was trained at {self.cfg['shots']}-shot; its "
+                              f"class map sums the K support maps, so other shots are outside "
+                              f"what its relation module saw (Sung et al. train one model per "
+                              f"shot)")
         for way in ways:
             for k in shots:
                 q = EVAL_QUERIES.get(way, 5)
@@ -466,6 +472,14 @@ class Method(MethodBase):
             result["lake"] = dict(runs=int(r["per_run"].size), way=20, shots=1,
                                   accuracy=r["accuracy"], ci95=r["ci95"])
         return result
+
+    def _default_shots(self):
+        """The shots evaluated when --shots is not given: both (1, 5), except for Relation
+        Nets, whose class map is the sum of the K support maps, so a model is evaluated at
+        the shot it was trained with (Sung et al. 2018, sec. 4.1, train one model per shot)."""
+        if self.cfg["algorithm"] == "relation":
+            return (self.cfg["shots"],)
+        return EVAL_SHOTS
 
     def json_result(self, result):
         """One object per setting (and one for Lake's runs), accuracy and ci95 in percent."""
@@ -492,6 +506,8 @@ class Method(MethodBase):
             s = result["lake"]
             lines.append(f"  Lake's {s['runs']} runs, 20-way 1-shot within alphabet: "
                          f"{100 * s['accuracy']:.2f} +- {100 * s['ci95']:.2f} %")
+        if "note" in result:
+            lines.append(f"  note: {result['note']}")
         return "\n".join(lines)
 
 
