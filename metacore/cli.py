@@ -86,7 +86,7 @@ def _add_blas(p):
                         "threads spin against other processes; see metacore.blas)")
 
 
-def _set_blas(args):
+def _set_up_process(args):
     """The process settings of `train` and `eval`: BLAS threads, and freed memory kept in
     the process (metacore.malloc: no page faults on every step's buffers)."""
     from metacore.blas import set_blas_threads
@@ -188,7 +188,7 @@ def _add_eval(sub):
 
 def _train(args):
     from metacore.training import Trainer, make_config, read_config
-    _set_blas(args)
+    _set_up_process(args)
     if args.resume and args.resume_or_start:
         raise UserError("give --resume or --resume-or-start, not both")
     resume = "auto" if args.resume_or_start else args.resume
@@ -336,7 +336,7 @@ def _check_maml_eval_args(args, cfg):
 def _eval(args):
     from metacore import evaluation as ev
     from metacore.training import read_config
-    _set_blas(args)
+    _set_up_process(args)
     cfg = read_config(args.run)
     _check_eval_args(args, cfg)
     from metacore.methods import maml_family

@@ -62,12 +62,12 @@ def test_the_users_malloc_environment_wins():
 
 
 def test_cli_train_and_eval_apply_it(monkeypatch):
-    """`train` and `eval` both set up the process through cli._set_blas."""
+    """`train` and `eval` both set up the process through cli._set_up_process."""
     import types
     from metacore import cli, malloc
     calls = []
     monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(1) or True)
-    cli._set_blas(types.SimpleNamespace(blas_threads=1))
+    cli._set_up_process(types.SimpleNamespace(blas_threads=1))
     assert calls == [1]
     for command in (cli._train, cli._eval):
-        assert "_set_blas(args)" in inspect.getsource(command)
+        assert "_set_up_process(args)" in inspect.getsource(command)
